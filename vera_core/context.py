@@ -1,0 +1,49 @@
+"""Per-forward batch metadata read by every VeRA layer of one model.
+
+The caller sets the adapter slot of each row (or each token) before a forward; layers read it
+here, so model code keeps its signatures. The context also caches ``x @ A.T`` for the current
+input tensor: layers reading the same input (q/k/v, gate/up) compute the projection once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+class AdapterContext:
+    def __init__(self) -> None:
+        self.slots: torch.Tensor | None = None  # [batch] or [batch, seq] adapter slot per row/token
+        self.share_projection: bool = True
+        self._x: torch.Tensor | None = None
+        self._u: dict[int, torch.Tensor] = {}
+
+    @contextmanager
+    def use(self, slots: torch.Tensor | None) -> Iterator[None]:
+        """Run a forward with ``slots``; ``None`` (or all-zero slots) means base model only."""
+        previous = self.slots
+        self.slots = slots
+        try:
+            yield
+        finally:
+            self.slots = previous
+            self.clear_cache()
+
+    def clear_cache(self) -> None:
+        self._x = None
+        self._u = {}
+
+    def project(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``x @ a.T`` with a: [r, in]; reused while the same input tensor comes back."""
+        if not self.share_projection:
+            return torch.nn.functional.linear(x, a)
+        if x is not self._x:
+            self._x, self._u = x, {}
+        key = a.shape[1]
+        u = self._u.get(key)
+        if u is None:
+            u = torch.nn.functional.linear(x, a)  # [..., r]
+            self._u[key] = u
+        return u

@@ -1,0 +1,136 @@
+"""Put batched VeRA layers into a Hugging Face causal LM.
+
+``inject_vera`` swaps each targeted linear layer for a ``VeraLinear`` that shares the model's one
+``Projections`` pair, one ``VeraBank`` and one ``AdapterContext``. The returned ``VeraModel``
+is the handle the rest of the system uses: run a forward with per-row slots, load vectors into
+slots, merge one user into the weights.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from vera_core.bank import VeraBank
+from vera_core.config import ALL_LINEAR, VeraConfig
+from vera_core.context import AdapterContext
+from vera_core.errors import TargetModuleError
+from vera_core.layer import VeraLinear, linear_shape
+from vera_core.layout import LayerSpec, Layout
+from vera_core.projections import Projections
+
+_LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def _matches(name: str, targets: tuple[str, ...]) -> bool:
+    if len(targets) == 1 and targets[0] == ALL_LINEAR:
+        return True
+    if len(targets) == 1 and not targets[0].isidentifier():
+        return re.fullmatch(targets[0], name) is not None  # PEFT: a str is a regex
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_targets(model: nn.Module, config: VeraConfig) -> list[tuple[str, nn.Module]]:
+    """Targeted linear layers, in module order; a clear error if a target names nothing."""
+    targets = config.resolved_targets(getattr(model.config, "model_type", ""))
+    output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, _LINEAR_TYPES) or module is output_head:
+            continue
+        if isinstance(module, VeraLinear) or not _matches(name, targets):
+            continue
+        found.append((name, module))
+    linear_names = sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, _LINEAR_TYPES)}
+    )
+    if targets != (ALL_LINEAR,) and all(t.isidentifier() for t in targets):
+        missing = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t for n, _ in found)]
+        if missing:
+            raise TargetModuleError(
+                f"target modules {missing} not found among the model's linear layers; "
+                f"available: {linear_names}"
+            )
+    if not found:
+        raise TargetModuleError(
+            f"target modules {list(targets)} match no linear layer; available: {linear_names}"
+        )
+    return found
+
+
+def layout_for(model: nn.Module, config: VeraConfig) -> Layout:
+    specs = []
+    for name, module in find_targets(model, config):
+        fin, fout = linear_shape(module)
+        specs.append(LayerSpec(name, fin, fout))
+    return Layout(config.r, tuple(specs))
+
+
+class VeraModel:
+    """A causal LM with batched VeRA layers and the state they share."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: VeraConfig,
+        layout: Layout,
+        projections: Projections,
+        bank: VeraBank,
+        context: AdapterContext,
+        layers: dict[str, VeraLinear],
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.layout = layout
+        self.projections = projections
+        self.bank = bank
+        self.context = context
+        self.layers = layers
+        self.merged_vectors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @contextmanager
+    def slots(self, slots: torch.Tensor | None) -> Iterator[None]:
+        """``with vm.slots(s): vm.model(...)`` runs each row with its slot's adapter."""
+        if slots is not None and self.merged_vectors is not None:
+            raise RuntimeError("unmerge the merged adapter before running per-row adapters")
+        with self.context.use(slots):
+            yield
+
+    def replace_bank(self, bank: VeraBank) -> None:
+        """Point every layer at another bank with the same layout (e.g. a training bank)."""
+        if bank.layout != self.layout:
+            raise ValueError("bank layout differs from the model's")
+        self.bank = bank
+        for layer in self.layers.values():
+            layer._bank = bank
+
+
+def inject_vera(
+    model: nn.Module,
+    config: VeraConfig,
+    num_slots: int = 2,
+    bank_dtype: torch.dtype | None = None,
+) -> VeraModel:
+    """Wrap the targeted layers of ``model`` in place and return the handle."""
+    targets = find_targets(model, config)
+    layout = layout_for(model, config)
+    param = next(model.parameters())
+    dtype = bank_dtype or param.dtype
+    projections = Projections.generate(
+        config.r, layout.max_in, layout.max_out, config.projection_prng_key
+    ).to(param.device, dtype)
+    bank = VeraBank(layout, num_slots, device=param.device, dtype=dtype)
+    context = AdapterContext()
+    layers: dict[str, VeraLinear] = {}
+    for name, module in targets:
+        layer = VeraLinear(name, module, projections, bank, context)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
+        layers[name] = layer
+    return VeraModel(model, config, layout, projections, bank, context, layers)

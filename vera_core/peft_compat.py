@@ -1,0 +1,130 @@
+"""Read and write Hugging Face PEFT VeRA adapter directories.
+
+PEFT saves ``adapter_config.json`` (peft_type "VERA", r, projection_prng_key, save_projection,
+target_modules, ...) and ``adapter_model.safetensors`` with keys
+``base_model.model.<layer>.vera_lambda_{d,b}`` and, with save_projection, ``base_model.vera_A``
+[r, max_in] and ``base_model.vera_B`` [max_out, r].
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from vera_core.adapter import Adapter, AdapterHeader
+from vera_core.adapter_file import load_tensors, split_vectors
+from vera_core.errors import AdapterFormatError, AdapterMismatchError
+from vera_core.inject import VeraModel
+from vera_core.projections import Projections
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_KEY_A, _KEY_B = "base_model.vera_A", "base_model.vera_B"
+
+
+def parse_peft_config(raw: bytes) -> dict[str, Any]:
+    try:
+        cfg = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFormatError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise AdapterFormatError(f"{CONFIG_NAME} is not a JSON object")
+    if str(cfg.get("peft_type", "")).upper() != "VERA":
+        raise AdapterMismatchError(
+            f"{CONFIG_NAME} has peft_type={cfg.get('peft_type')!r}; only VERA adapters are served"
+        )
+    for key in ("r", "projection_prng_key"):
+        if not isinstance(cfg.get(key), int):
+            raise AdapterFormatError(f"{CONFIG_NAME} lacks an integer {key!r}")
+    return cfg
+
+
+def _check_projection(name: str, saved: torch.Tensor, ours: torch.Tensor) -> None:
+    if tuple(saved.shape) != tuple(ours.shape):
+        raise AdapterMismatchError(
+            f"saved {name} has shape {tuple(saved.shape)}, this server's is {tuple(ours.shape)}"
+        )
+    if not torch.equal(saved, ours.to(saved.dtype)):
+        raise AdapterMismatchError(
+            f"saved {name} differs from this server's shared projection (other seed or model)"
+        )
+
+
+def adapter_from_peft(
+    config_bytes: bytes, weights_bytes: bytes, projections: Projections | None = None
+) -> Adapter:
+    """Build an Adapter from the two files of a PEFT directory; check saved A/B against ours."""
+    cfg = parse_peft_config(config_bytes)
+    tensors = load_tensors(weights_bytes)
+    saved_a, saved_b = tensors.pop(_KEY_A, None), tensors.pop(_KEY_B, None)
+    if projections is not None:
+        ours = projections.to("cpu", torch.float32)
+        if saved_a is not None:
+            _check_projection("vera_A", saved_a, ours.A)
+        if saved_b is not None:
+            _check_projection("vera_B", saved_b, ours.B)
+    targets = cfg.get("target_modules") or ()
+    header = AdapterHeader(
+        r=cfg["r"],
+        projection_prng_key=cfg["projection_prng_key"],
+        target_modules=(targets,) if isinstance(targets, str) else tuple(targets),
+        base_fingerprint="",
+        dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else "",
+    )
+    adapter = Adapter(header, split_vectors(tensors, prefix=_PREFIX))
+    adapter.check_values()
+    return adapter
+
+
+def load_peft_dir(path: str | Path, projections: Projections | None = None) -> Adapter:
+    path = Path(path)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (path / name).is_file():
+            raise AdapterFormatError(f"PEFT adapter directory {path} lacks {name}")
+    return adapter_from_peft(
+        (path / CONFIG_NAME).read_bytes(), (path / WEIGHTS_NAME).read_bytes(), projections
+    )
+
+
+def save_peft_dir(
+    adapter: Adapter,
+    vm: VeraModel,
+    path: str | Path,
+    save_projection: bool = True,
+    base_model_name_or_path: str | None = None,
+) -> None:
+    """Write a directory that ``peft.PeftModel.from_pretrained(base, path)`` loads."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model_type = getattr(vm.model.config, "model_type", "")
+    config = {
+        "peft_type": "VERA",
+        "task_type": "CAUSAL_LM",
+        "r": vm.config.r,
+        "target_modules": list(vm.config.resolved_targets(model_type)),
+        "projection_prng_key": vm.config.projection_prng_key,
+        "save_projection": save_projection,
+        "vera_dropout": 0.0,
+        "d_initial": vm.config.d_initial,
+        "fan_in_fan_out": model_type == "gpt2",
+        "bias": "none",
+        "modules_to_save": None,
+        "init_weights": True,
+        "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path
+        or getattr(vm.model.config, "_name_or_path", None),
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (d, b) in adapter.vectors.items():
+        tensors[f"{_PREFIX}{name}.vera_lambda_d"] = d.detach().float().contiguous()
+        tensors[f"{_PREFIX}{name}.vera_lambda_b"] = b.detach().float().contiguous()
+    if save_projection:
+        cpu = vm.projections.to("cpu", torch.float32)
+        tensors[_KEY_A], tensors[_KEY_B] = cpu.A.contiguous(), cpu.B.contiguous()
+    (path / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})

@@ -1,0 +1,244 @@
+"""Residency tiers: device slots (a VeraBank) over a host LRU cache over the store (disk).
+
+* Device: ``bank.rows`` [num_slots, num_params]; slot s > 0 holds one ``(user_id, version)``.
+  A slot is refcounted by in-flight requests (``acquire``/``release``) and only a slot with
+  refcount 0 is ever evicted, least recently released first.
+* Host: up to ``host_capacity`` flat float32 vectors (pinned when the bank is on CUDA), LRU.
+  A ticket keeps a reference to its own host copy, so evicting it from the cache never breaks
+  a request that is waiting for a slot.
+* Disk: ``AdapterStore.load_flat``, called only from loader threads, never the engine thread.
+
+Threads: ``request``/``invalidate``/``stats`` from any thread; ``acquire``/``release`` from the
+engine thread between steps (``acquire`` is the only place the bank is written, so a copy into
+a slot never races a forward pass). One lock, ``self._lock``, guards all bookkeeping; it is
+never held during disk I/O or a store call (lock order: none nested, store calls outside).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from threading import Lock
+
+from adapters_store.errors import AdapterLoadTimeout, SlotsExhausted
+from adapters_store.ids import validate_user_id
+from adapters_store.residency_types import HostEntry, Key, LatencyWindow, SlotTicket
+from adapters_store.store import AdapterStore
+from vera_core.bank import NO_ADAPTER, VeraBank
+
+__all__ = ["SlotPool", "SlotTicket"]
+
+
+class SlotPool:
+    """device tier over a VeraBank + host LRU cache + the store as the disk tier."""
+
+    def __init__(
+        self,
+        bank: VeraBank,
+        store: AdapterStore,
+        host_capacity: int,
+        acquire_timeout_s: float = 30.0,
+        loader_threads: int = 2,
+    ) -> None:
+        if host_capacity < 1:
+            raise ValueError("host_capacity must be >= 1")
+        self.bank, self.store = bank, store
+        self.host_capacity, self.acquire_timeout_s = host_capacity, acquire_timeout_s
+        self._pin = bank.rows.is_cuda  # page-locked host copies only make sense for CUDA
+        self._lock = Lock()
+        slots = range(NO_ADAPTER + 1, bank.num_slots)  # slot 0 = base model, never allocated
+        self._free: list[int] = list(reversed(slots))
+        self._slot_key: dict[int, Key] = {}
+        self._by_key: dict[Key, int] = {}
+        self._refs: dict[int, int] = dict.fromkeys(slots, 0)
+        self._idle: OrderedDict[int, None] = OrderedDict()  # refcount-0 resident slots, LRU first
+        self._stale: set[int] = set()  # pinned slots of invalidated versions: free on release
+        self._host: OrderedDict[Key, HostEntry] = OrderedDict()
+        self._counts = {"hits": 0, "misses": 0, "evictions": 0, "host_evictions": 0}
+        self._latency = LatencyWindow()
+        self._loader = ThreadPoolExecutor(loader_threads, thread_name_prefix="adapter-loader")
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=True, cancel_futures=True)
+
+    def request(self, user_id: str) -> SlotTicket:
+        """Resolve the user's current version and start loading it to host memory if needed.
+
+        Non-blocking apart from one index lookup; AdapterNotFound if the user has no adapter.
+        """
+        version = self.store.meta(validate_user_id(user_id)).version
+        ticket = SlotTicket(user_id, version, time.monotonic())
+        with self._lock:
+            ticket._entry = self._host_entry(ticket.key)
+            hit = ticket.key in self._by_key or ticket._entry is not None
+            self._counts["hits" if hit else "misses"] += 1
+            if ticket.key in self._by_key:
+                ticket._on_device = True
+            elif ticket._entry is None:
+                ticket._entry = self._start_load(ticket.key)
+        return ticket
+
+    def acquire(self, ticket: SlotTicket) -> int | None:
+        """Engine thread, between steps: pin and return the ticket's slot, or None to retry.
+
+        Already resident: refcount + 1. Else, once the host copy is ready, take a free slot or
+        evict the least recently used idle one and copy the adapter in (one row copy). Raises
+        the load's error, SlotsExhausted when all slots stay pinned past the timeout, or
+        AdapterLoadTimeout when the host copy does not arrive in time.
+        """
+        with self._lock:
+            slot = self._by_key.get(ticket.key)
+            if slot is None:
+                slot = self._place(ticket)
+                if slot is None:
+                    return None
+            elif self._refs[slot] == 0:
+                del self._idle[slot]
+            self._refs[slot] += 1
+            ticket.slot = slot
+            return slot
+
+    def release(self, slot: int) -> None:
+        """Unpin ``slot``; at refcount 0 it stays resident (LRU) unless its version is stale."""
+        with self._lock:
+            if self._refs.get(slot, 0) <= 0:
+                raise ValueError(f"slot {slot} is not acquired")
+            self._refs[slot] -= 1
+            if self._refs[slot] == 0:
+                if slot in self._stale:
+                    self._free_slot(slot)
+                else:
+                    self._idle[slot] = None
+
+    def invalidate(self, user_id: str) -> None:
+        """After delete/re-upload: forget every version but the current one.
+
+        Host copies go at once; idle device slots are freed; pinned slots stay until their
+        last release (running requests keep the version they started with).
+        """
+        current = self.store.backend.meta(validate_user_id(user_id))
+        keep = current.version if current is not None else None
+        with self._lock:
+            for key in [k for k in self._host if k[0] == user_id and k[1] != keep]:
+                del self._host[key]
+            for key, slot in list(self._by_key.items()):
+                if key[0] != user_id or key[1] == keep:
+                    continue
+                if self._refs[slot] == 0:
+                    del self._idle[slot]
+                    self._free_slot(slot)
+                else:
+                    self._stale.add(slot)
+
+    def stats(self) -> dict:
+        """Adapters/bytes per tier, slot usage, hits/misses/evictions, load latency (ms)."""
+        row_bytes = self.bank.layout.num_params * self.bank.rows.element_size()
+        with self._lock:
+            host_bytes = sum(e.nbytes for e in self._host.values())
+            host_n = sum(1 for e in self._host.values() if e.flat is not None)
+            used = len(self._slot_key)
+            pinned = sum(1 for r in self._refs.values() if r > 0)
+            counts = dict(self._counts)
+            latency = self._latency.percentiles()
+        return {
+            "device": {"adapters": used, "bytes": used * row_bytes},
+            "host": {"adapters": host_n, "bytes": host_bytes, "capacity": self.host_capacity},
+            "disk": {"adapters": len(self.store.list())},
+            "bytes_per_adapter": row_bytes,
+            "slots_total": self.bank.num_slots - 1,
+            "slots_used": used,
+            "slots_free": self.bank.num_slots - 1 - used,
+            "slots_pinned": pinned,
+            **counts,
+            "load_latency_ms": latency,
+        }
+
+    # --- internals; callers hold self._lock ---------------------------------------------
+
+    def _host_entry(self, key: Key) -> HostEntry | None:
+        entry = self._host.get(key)
+        if entry is not None:
+            self._host.move_to_end(key)
+        return entry
+
+    def _start_load(self, key: Key) -> HostEntry:
+        entry = HostEntry()
+        self._host[key] = entry
+        self._loader.submit(self._load, key, entry)
+        return entry
+
+    def _load(self, key: Key, entry: HostEntry) -> None:
+        """Loader thread: disk -> host memory, no lock held during I/O."""
+        start = time.perf_counter()
+        try:
+            flat = self.store.load_flat(*key)
+            if self._pin:
+                flat = flat.pin_memory()
+        except Exception as e:  # delivered to every ticket holding this entry
+            with self._lock:
+                entry.error = e
+                if self._host.get(key) is entry:
+                    del self._host[key]
+            entry.done.set()
+            return
+        with self._lock:
+            self._latency.add((time.perf_counter() - start) * 1e3)
+            entry.flat = flat  # visible to acquire() under the lock before the event fires
+            self._trim_host()
+        entry.done.set()
+
+    def _trim_host(self) -> None:
+        loaded = [k for k, e in self._host.items() if e.flat is not None]
+        for key in loaded[: max(0, len(loaded) - self.host_capacity)]:
+            del self._host[key]
+            self._counts["host_evictions"] += 1
+
+    def _place(self, ticket: SlotTicket) -> int | None:
+        """Copy the ticket's host copy into a free or evicted slot; None if not possible yet."""
+        entry = ticket._entry
+        if entry is None:  # was on a device slot at request time, evicted since: reload
+            ticket._on_device = False
+            entry = self._host_entry(ticket.key) or self._start_load(ticket.key)
+            ticket._entry = entry
+        if entry.error is not None:
+            raise entry.error
+        if entry.flat is None:
+            return self._wait_or_raise(ticket, loading=True)
+        slot = self._take_slot()
+        if slot is None:
+            return self._wait_or_raise(ticket, loading=False)
+        self.bank.load(slot, entry.flat)
+        self._slot_key[slot], self._by_key[ticket.key] = ticket.key, slot
+        return slot
+
+    def _take_slot(self) -> int | None:
+        if self._free:
+            return self._free.pop()
+        if not self._idle:
+            return None
+        slot, _ = self._idle.popitem(last=False)
+        del self._by_key[self._slot_key.pop(slot)]
+        self._counts["evictions"] += 1
+        return slot
+
+    def _free_slot(self, slot: int) -> None:
+        key = self._slot_key.pop(slot)
+        del self._by_key[key]
+        self._stale.discard(slot)
+        self._free.append(slot)
+
+    def _wait_or_raise(self, ticket: SlotTicket, loading: bool) -> None:
+        waited = time.monotonic() - ticket.created
+        if waited <= self.acquire_timeout_s:
+            return None
+        if loading:
+            raise AdapterLoadTimeout(
+                f"adapter {ticket.user_id!r} v{ticket.version} did not reach host memory in "
+                f"{waited:.1f} s (acquire_timeout_s={self.acquire_timeout_s})"
+            )
+        n = self.bank.num_slots - 1
+        raise SlotsExhausted(
+            f"all {n} adapter slots stayed pinned by in-flight requests for {waited:.1f} s; "
+            f"could not place {ticket.user_id!r} (raise num_slots or retry later)"
+        )

@@ -1,0 +1,341 @@
+"""The engine: one background thread owns the model and runs continuous batching.
+
+Each step: admit waiting sequences whose adapter is resident (prefill, one forward per
+prompt), then one decode forward for every running sequence, each row with its own adapter
+slot. Sequences join at the next step and leave as soon as they finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from server.detokenizer import StopChecker
+from server.kv_cache import KVStep, SlotKVCache
+from server.sampler import sample
+from server.scheduler import Scheduler, SchedulerConfig
+from server.sequence import Channel, Event, SamplingParams, Sequence, Status
+from server.stats import EngineStats
+from vera_core.inject import VeraModel
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(Exception):
+    """Base of errors the engine raises to callers of ``submit``."""
+
+
+class QueueFull(EngineError):
+    pass
+
+
+class ContextTooLong(EngineError):
+    pass
+
+
+class EngineStopped(EngineError):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    scheduler: SchedulerConfig = SchedulerConfig()
+    max_seq_len: int = 2048  # prompt + new tokens of one sequence (KV positions)
+
+
+class Engine:
+    def __init__(
+        self, vm: VeraModel, tokenizer: Any, pool: Any | None, config: EngineConfig
+    ) -> None:
+        self.vm = vm
+        self.model = vm.model
+        self.tokenizer = tokenizer
+        self.pool = pool
+        self.config = config
+        self.scheduler = Scheduler(config.scheduler)
+        self.device = next(self.model.parameters()).device
+        dtype = next(self.model.parameters()).dtype
+        cfg = self.model.config
+        self.context_limit = min(
+            config.max_seq_len, getattr(cfg, "max_position_embeddings", None) or 10**9
+        )
+        num_layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+        self.kv = SlotKVCache(
+            num_layers, config.scheduler.max_batch, self.context_limit, self.device, dtype
+        )
+        self.eos_ids = _eos_ids(self.model, tokenizer)
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self.stats = EngineStats()
+        self._ids = itertools.count(1)
+        self._inbox: deque[Sequence] = deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._stop_checkers: dict[Sequence, StopChecker] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="vera-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Finish what is in flight (drain), then stop the loop."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- API ------------------------------------------------------------------------------
+    def submit(
+        self,
+        user_id: str | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Sequence:
+        """Queue a request. Raises QueueFull, ContextTooLong, EngineStopped, or the store's
+        AdapterNotFound when ``user_id`` has no adapter."""
+        if not prompt_ids:
+            raise ContextTooLong("the prompt is empty")
+        total = len(prompt_ids) + params.max_new_tokens
+        if total > self.context_limit:
+            raise ContextTooLong(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                f"= {total} exceeds the context limit of {self.context_limit} tokens"
+            )
+        seq = Sequence(f"req-{next(self._ids)}", user_id, list(prompt_ids), params, Channel(loop))
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        with self._cv:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            if len(self._inbox) + len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
+                raise QueueFull(f"{self.config.scheduler.max_waiting} requests already queued")
+            if user_id is not None and self.pool is not None:
+                seq.ticket = self.pool.request(user_id)
+                seq.adapter_version = seq.ticket.version
+            self._inbox.append(seq)
+            self.stats.submitted += 1
+            self._cv.notify()
+        return seq
+
+    def generate(self, requests: list[tuple[str | None, list[int], SamplingParams]]) -> list[dict]:
+        """Offline: submit all, block until all finish; returns ids, text and finish reason."""
+        seqs = [self.submit(u, ids, p) for u, ids, p in requests]
+        results = []
+        for seq in seqs:
+            while True:
+                ev = seq.channel.get_sync(timeout=600)
+                if ev.finish_reason is not None:
+                    results.append(
+                        {"token_ids": list(seq.output_ids), "text": seq.text,
+                         "finish_reason": ev.finish_reason, "error": ev.error}
+                    )
+                    break
+        return results
+
+    def queue_depth(self) -> int:
+        return len(self._inbox) + len(self.scheduler.waiting)
+
+    def running(self) -> int:
+        return len(self.scheduler.running)
+
+    # -- loop -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not self._inbox and not len(self.scheduler) and not self._stopping:
+                    self._cv.wait(timeout=1.0)
+                while self._inbox:
+                    self.scheduler.add(self._inbox.popleft())
+                if self._stopping and not len(self.scheduler):
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a bug must not leave clients hanging
+                log.exception("engine step failed")
+                self._fail_all(f"internal engine error: {type(e).__name__}: {e}")
+
+    def step(self) -> None:
+        plan = self.scheduler.schedule(self._try_start)
+        for seq in plan.dropped:
+            self._end(seq, "cancelled")
+        if not self.scheduler.running:
+            self.kv.release_all()
+            if self.scheduler.waiting:
+                time.sleep(0.002)  # adapters still loading: don't spin
+            return
+        need = max(s.num_tokens + 1 for s in self.scheduler.running)
+        self.kv.reserve(len(self.scheduler.running), min(need, self.context_limit))
+        produced: list[tuple[Sequence, torch.Tensor]] = []
+        for seq in plan.prefill:
+            produced.append((seq, self._extend(seq)))
+        decode = [s for s in plan.decode if not s.cancelled.is_set()]
+        if decode and len(decode) == len(plan.decode):
+            logits = self._decode(decode)
+            produced += list(zip(decode, logits))
+        elif decode:  # cancelled rows in the middle: still decode all rows, drop theirs
+            logits = self._decode(plan.decode)
+            produced += [(s, lg) for s, lg in zip(plan.decode, logits) if s in decode]
+        self._emit(produced)
+        for seq in list(self.scheduler.running):
+            if seq.cancelled.is_set():
+                self._end(seq, "cancelled")
+
+    def _try_start(self, seq: Sequence) -> bool:
+        if seq.cancelled.is_set():
+            return False
+        if seq.ticket is None:
+            seq.adapter_slot = 0
+            return True
+        try:
+            if seq.ticket.error is not None:
+                raise seq.ticket.error
+            slot = self.pool.acquire(seq.ticket)
+        except Exception as e:  # adapter vanished, slots exhausted: fail this one only
+            self._fail(seq, str(e))
+            return False
+        if slot is None:
+            return False
+        seq.adapter_slot = slot
+        return True
+
+    # -- forwards -------------------------------------------------------------------------
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, slots, step):
+        self.kv.step = step
+        use = None if slots is None or not any(slots) else torch.tensor(slots, device=self.device)
+        with self.vm.slots(use):
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                logits_to_keep=1, **{self._cache_kw: self.kv},
+            )
+        self.kv.step = None
+        return out.logits[:, -1]  # [batch, vocab]
+
+    def _extend(self, seq: Sequence) -> torch.Tensor:
+        n = len(seq.prompt_ids)
+        ids = torch.tensor([seq.prompt_ids], device=self.device)
+        mask = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()[None, None]
+        pos = torch.arange(n, device=self.device)[None]
+        step = KVStep(rows=0, kv_len=n, extend_row=seq.kv_row, start=0)
+        logits = self._forward(ids, mask, pos, [seq.adapter_slot], step)
+        seq.num_cached = n
+        return logits[0]
+
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
+        positions = torch.tensor([s.num_cached for s in seqs], device=self.device)
+        kv_len = int(positions.max()) + 1
+        cols = torch.arange(kv_len, device=self.device)
+        mask = (cols[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, kv_len]
+        step = KVStep(rows=len(seqs), positions=positions, kv_len=kv_len)
+        logits = self._forward(ids, mask, positions[:, None], [s.adapter_slot for s in seqs], step)
+        for s in seqs:
+            s.num_cached += 1
+        return logits
+
+    # -- outputs --------------------------------------------------------------------------
+    def _emit(self, produced: list[tuple[Sequence, torch.Tensor]]) -> None:
+        if not produced:
+            return
+        seqs = [s for s, _ in produced]
+        logits = torch.stack([lg for _, lg in produced]).float()
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        now = time.perf_counter()
+        for seq, tok in zip(seqs, tokens):
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+                self.stats.ttft.add(now - seq.arrival)
+            self.stats.tokens_out(1)
+            if tok in self.eos_ids:
+                self._end(seq, "stop")
+                continue
+            seq.output_ids.append(tok)
+            checker = self._stop_checkers.setdefault(
+                seq, StopChecker(self.tokenizer, seq.params.stop)
+            )
+            delta = checker.update(seq.output_ids)
+            seq.text = checker.text
+            if delta:
+                seq.channel.push(Event(text=delta, token_id=tok))
+            if checker.stopped:
+                self._end(seq, "stop")
+            elif len(seq.output_ids) >= seq.params.max_new_tokens:
+                self._end(seq, "length")
+            elif seq.num_tokens >= self.context_limit:
+                self._end(seq, "length")
+
+    def _end(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if seq.finished_at is not None:
+            return
+        checker = self._stop_checkers.pop(seq, None)
+        if checker is not None and reason != "cancelled":
+            tail = checker.flush()
+            seq.text = checker.text
+            if tail:
+                seq.channel.push(Event(text=tail))
+        if seq.status is Status.RUNNING:
+            move = self.scheduler.finish(seq)
+            if move is not None:
+                self.kv.move_row(*move, length=self.scheduler.running[move[1]].num_cached)
+        seq.status = Status.FINISHED
+        if seq.ticket is not None and seq.adapter_slot:
+            self.pool.release(seq.adapter_slot)
+            seq.adapter_slot = 0
+        seq.finished_at = time.perf_counter()
+        self.stats.finished(seq, reason)
+        seq.channel.push(
+            Event(
+                finish_reason=reason,
+                error=error,
+                usage={"prompt_tokens": len(seq.prompt_ids),
+                       "completion_tokens": len(seq.output_ids)},
+                timing=_timing(seq),
+            )
+        )
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        seq.cancelled.set()
+        self._end(seq, "error", message)
+
+    def _fail_all(self, message: str) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._fail(seq, message)
+        self.scheduler.waiting.clear()
+        self.kv.release_all()
+
+
+def _timing(seq: Sequence) -> dict[str, float]:
+    end = seq.finished_at or time.perf_counter()
+    ttft = (seq.first_token_at - seq.arrival) if seq.first_token_at else None
+    out = {"total_ms": round((end - seq.arrival) * 1e3, 2)}
+    if ttft is not None:
+        out["ttft_ms"] = round(ttft * 1e3, 2)
+        n = len(seq.output_ids)
+        if n > 1:
+            out["decode_tokens_per_s"] = round((n - 1) / max(1e-9, end - seq.first_token_at), 2)
+    return out
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.update(int(e) for e in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids

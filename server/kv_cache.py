@@ -1,0 +1,121 @@
+"""A slot-based KV cache the Hugging Face attention layers write into and read from.
+
+Each running sequence owns one row. Rows of running sequences are kept compact (0..n-1): a
+decode step reads ``keys[:n, :, :L]`` as a view, with no gather and no copy. Buffers grow by
+doubling (rows and positions) only as far as the live batch needs, and are freed when idle, so
+memory follows the batch instead of a worst case.
+
+The object is passed to the model as its cache; ``update`` follows the transformers Cache
+contract (``update(key, value, layer_idx, ...) -> (keys, values)``), reading where to write from
+the ``KVStep`` set by the engine before each forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KVStep:
+    """Where the current forward writes. Decode: one token for each of rows 0..n-1.
+    Extend: ``num_tokens`` tokens of one row starting at position ``start``."""
+
+    rows: int  # decode: rows 0..rows-1 take part
+    positions: torch.Tensor | None = None  # decode: [rows] write position per row
+    kv_len: int = 0  # columns to read back
+    extend_row: int = -1  # extend: the row
+    start: int = 0  # extend: first position
+
+
+class SlotKVCache:
+    is_compileable = False
+
+    def __init__(self, num_layers: int, max_rows: int, max_len: int, device, dtype) -> None:
+        self.num_layers = num_layers
+        self.max_rows = max_rows
+        self.max_len = max_len
+        self.device = device
+        self.dtype = dtype
+        self.keys: list[torch.Tensor | None] = [None] * num_layers  # [rows, kv_heads, len, hd]
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self._rows_cap = 0
+        self._len_cap = 0
+        self.step: KVStep | None = None
+
+    # -- capacity -------------------------------------------------------------------------
+    def reserve(self, rows: int, length: int) -> None:
+        """Make room for ``rows`` rows of ``length`` positions (grows by doubling)."""
+        if rows > self.max_rows or length > self.max_len:
+            raise ValueError(f"KV request {rows}x{length} exceeds {self.max_rows}x{self.max_len}")
+        new_rows = self._rows_cap
+        while new_rows < rows:
+            new_rows = min(self.max_rows, max(4, new_rows * 2))
+        new_len = self._len_cap
+        while new_len < length:
+            new_len = min(self.max_len, max(128, new_len * 2))
+        if (new_rows, new_len) == (self._rows_cap, self._len_cap):
+            return
+        for i in range(self.num_layers):
+            self.keys[i] = self._grow(self.keys[i], new_rows, new_len)
+            self.values[i] = self._grow(self.values[i], new_rows, new_len)
+        self._rows_cap, self._len_cap = new_rows, new_len
+
+    def _grow(self, old: torch.Tensor | None, rows: int, length: int) -> torch.Tensor | None:
+        if old is None:
+            return None  # allocated on the first write, when head shapes are known
+        new = old.new_empty(rows, old.shape[1], length, old.shape[3])
+        new[: old.shape[0], :, : old.shape[2]].copy_(old)
+        return new
+
+    def release_all(self) -> None:
+        """Free every buffer (called when no sequence is running)."""
+        self.keys = [None] * self.num_layers
+        self.values = [None] * self.num_layers
+        self._rows_cap = self._len_cap = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+    def bytes_per_token(self) -> int:
+        k = next((t for t in self.keys if t is not None), None)
+        if k is None:
+            return 0
+        return 2 * self.num_layers * k.shape[1] * k.shape[3] * k.element_size()
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy row ``src`` (first ``length`` positions) into row ``dst`` (compaction)."""
+        for buf in self.keys + self.values:
+            if buf is not None:
+                buf[dst, :, :length].copy_(buf[src, :, :length])
+
+    # -- transformers Cache contract ------------------------------------------------------
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """key/value: [batch, kv_heads, new_tokens, head_dim] -> all keys/values to attend to."""
+        step = self.step
+        assert step is not None, "KVStep not set before the forward"
+        if self.keys[layer_idx] is None:
+            shape = (self._rows_cap, key.shape[1], self._len_cap, key.shape[3])
+            self.keys[layer_idx] = torch.empty(shape, device=key.device, dtype=key.dtype)
+            self.values[layer_idx] = torch.empty(shape, device=key.device, dtype=key.dtype)
+        kbuf, vbuf = self.keys[layer_idx], self.values[layer_idx]
+        if step.extend_row >= 0:
+            row, s, n = step.extend_row, step.start, key.shape[2]
+            kbuf[row, :, s : s + n].copy_(key[0])
+            vbuf[row, :, s : s + n].copy_(value[0])
+            return kbuf[row : row + 1, :, : s + n], vbuf[row : row + 1, :, : s + n]
+        rows = torch.arange(step.rows, device=key.device)
+        kbuf[rows, :, step.positions] = key[:, :, 0]
+        vbuf[rows, :, step.positions] = value[:, :, 0]
+        return kbuf[: step.rows, :, : step.kv_len], vbuf[: step.rows, :, : step.kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.step.kv_len if self.step is not None else 0
+
+    def get_mask_sizes(self, *args, **kwargs):  # pragma: no cover - masks are passed in 4D
+        raise NotImplementedError("SlotKVCache is always used with an explicit 4D mask")
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * self.num_layers

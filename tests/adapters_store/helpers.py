@@ -31,3 +31,12 @@ def random_adapter(seed: int, layout: Layout = LAYOUT) -> Adapter:
 def filled_adapter(value: float, layout: Layout = LAYOUT) -> Adapter:
     """Every number equals ``value``: a torn or mixed file cannot pass for a written one."""
     return Adapter.from_flat(header(layout.r), layout, torch.full((layout.num_params,), value))
+
+
+def stamped_bytes(adapter: Adapter) -> bytes:
+    """The exact file ``AdapterStore.put`` would write for ``adapter``."""
+    from dataclasses import replace
+
+    from vera_core.adapter_file import adapter_to_bytes
+
+    return adapter_to_bytes(Adapter(replace(adapter.header, base_fingerprint=FP), adapter.vectors))

@@ -73,7 +73,11 @@ class Engine:
             num_layers, config.scheduler.max_batch, self.context_limit, self.device, dtype
         )
         self.eos_ids = _eos_ids(self.model, tokenizer)
-        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._cache_kw = (
+            "cache"
+            if "cache" in inspect.signature(self.model.forward).parameters
+            else "past_key_values"
+        )
         self.stats = EngineStats()
         self._ids = itertools.count(1)
         self._inbox: deque[Sequence] = deque()
@@ -138,8 +142,12 @@ class Engine:
                 ev = seq.channel.get_sync(timeout=600)
                 if ev.finish_reason is not None:
                     results.append(
-                        {"token_ids": list(seq.output_ids), "text": seq.text,
-                         "finish_reason": ev.finish_reason, "error": ev.error}
+                        {
+                            "token_ids": list(seq.output_ids),
+                            "text": seq.text,
+                            "finish_reason": ev.finish_reason,
+                            "error": ev.error,
+                        }
                     )
                     break
         return results
@@ -192,6 +200,8 @@ class Engine:
         for seq in list(self.scheduler.running):
             if seq.cancelled.is_set():
                 self._end(seq, "cancelled")
+        if not self.scheduler.running:
+            self.kv.release_all()  # idle: give the KV memory back
 
     def _try_start(self, seq: Sequence) -> bool:
         if seq.cancelled.is_set():
@@ -217,8 +227,12 @@ class Engine:
         use = None if slots is None or not any(slots) else torch.tensor(slots, device=self.device)
         with self.vm.slots(use):
             out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                logits_to_keep=1, **{self._cache_kw: self.kv},
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kw: self.kv},
             )
         self.kv.step = None
         return out.logits[:, -1]  # [batch, vocab]
@@ -271,9 +285,10 @@ class Engine:
                 seq.channel.push(Event(text=delta, token_id=tok))
             if checker.stopped:
                 self._end(seq, "stop")
-            elif len(seq.output_ids) >= seq.params.max_new_tokens:
-                self._end(seq, "length")
-            elif seq.num_tokens >= self.context_limit:
+            elif (
+                len(seq.output_ids) >= seq.params.max_new_tokens
+                or seq.num_tokens >= self.context_limit
+            ):
                 self._end(seq, "length")
 
     def _end(self, seq: Sequence, reason: str, error: str | None = None) -> None:
@@ -299,8 +314,10 @@ class Engine:
             Event(
                 finish_reason=reason,
                 error=error,
-                usage={"prompt_tokens": len(seq.prompt_ids),
-                       "completion_tokens": len(seq.output_ids)},
+                usage={
+                    "prompt_tokens": len(seq.prompt_ids),
+                    "completion_tokens": len(seq.output_ids),
+                },
                 timing=_timing(seq),
             )
         )

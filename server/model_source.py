@@ -17,8 +17,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers import PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +92,7 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(
-        f"vera-serve: converted in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True
-    )
+    print(f"vera-serve: converted in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 def resolve_model_path(model: str | None) -> Path:

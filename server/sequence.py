@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import queue
 import threading
@@ -63,10 +64,9 @@ class Channel:
 
     def push(self, event: Event) -> None:
         if self._loop is not None and self._aq is not None:
-            try:
+            # RuntimeError: the consumer's loop is gone, nobody is listening
+            with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._aq.put_nowait, event)
-            except RuntimeError:  # the consumer's loop is gone: nobody is listening
-                pass
         else:
             self._q.put(event)
 

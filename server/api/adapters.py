@@ -1,0 +1,60 @@
+"""PUT/GET/DELETE /users/{user_id}/adapter: a user's vectors, servable at once."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from adapters_store import validate_user_id
+from server.api.auth import Principal, principal, require_access
+from server.api.schemas import AdapterInfo, AdapterUploaded, ErrorBody
+from server.api.uploads import parse_upload
+
+router = APIRouter()
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 415, 422)}
+
+
+@router.put(
+    "/users/{user_id}/adapter", status_code=201, response_model=AdapterUploaded, responses=_ERRORS
+)
+async def put_adapter(user_id: str, request: Request, who: Principal = Depends(principal)):
+    """Body: a vera-serve adapter file (``application/octet-stream``) or a PEFT VeRA adapter
+    directory as a zip (``application/zip``). Validated before anything is stored."""
+    validate_user_id(user_id)
+    require_access(who, user_id)
+    rt = request.app.state.runtime
+    data = await request.body()
+    content_type = request.headers.get("content-type", "")
+
+    def work():
+        adapter = parse_upload(content_type, data, rt.vm.projections, rt.config.max_body_bytes)
+        meta = rt.store.put(user_id, adapter)
+        rt.pool.invalidate(user_id)
+        return meta
+
+    meta = await asyncio.to_thread(work)
+    return AdapterUploaded(
+        user_id=user_id, version=meta.version, num_params=meta.num_params, bytes=meta.bytes
+    )
+
+
+@router.get("/users/{user_id}/adapter", response_model=AdapterInfo, responses=_ERRORS)
+async def get_adapter(user_id: str, request: Request, who: Principal = Depends(principal)):
+    validate_user_id(user_id)
+    require_access(who, user_id)
+    meta = request.app.state.runtime.store.meta(user_id)
+    return AdapterInfo(**meta.to_dict())
+
+
+@router.delete("/users/{user_id}/adapter", status_code=204, responses=_ERRORS)
+async def delete_adapter(user_id: str, request: Request, who: Principal = Depends(principal)):
+    validate_user_id(user_id)
+    require_access(who, user_id)
+    rt = request.app.state.runtime
+    if not await asyncio.to_thread(rt.store.delete, user_id):
+        from adapters_store import AdapterNotFound
+
+        raise AdapterNotFound(f"user {user_id!r} has no adapter")
+    rt.pool.invalidate(user_id)
+    return Response(status_code=204)

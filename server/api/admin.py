@@ -1,0 +1,72 @@
+"""Admin endpoints (admin token only) and the open health check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from adapters_store import validate_user_id
+from server.api.auth import Principal, principal, require_admin
+from server.api.errors import ApiError
+from server.api.schemas import CreateUserRequest, CreateUserResponse, ErrorBody
+from server.users import UserExists
+
+router = APIRouter()
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 409, 422)}
+
+
+@router.post("/admin/users", status_code=201, response_model=CreateUserResponse, responses=_ERRORS)
+async def create_user(
+    body: CreateUserRequest, request: Request, who: Principal = Depends(principal)
+):
+    """Register a user and return its API key (shown once; only a hash is kept)."""
+    require_admin(who)
+    validate_user_id(body.user_id)
+    try:
+        key = request.app.state.runtime.users.create(body.user_id, rotate=body.rotate)
+    except UserExists as e:
+        raise ApiError(409, str(e), "conflict") from None
+    return CreateUserResponse(user_id=body.user_id, api_key=key)
+
+
+@router.get("/admin/stats", responses=_ERRORS)
+async def stats(request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+    """Memory, adapter tiers and slots, queue, batch, throughput and latency percentiles."""
+    require_admin(who)
+    return collect_stats(request.app.state.runtime)
+
+
+def collect_stats(rt: Any) -> dict[str, Any]:
+    engine = rt.engine
+    pool = rt.pool.stats()
+    return {
+        "model": rt.model_name,
+        "memory": rt.memory(),
+        "adapters": {
+            "stored": len(rt.store.list()),
+            "bytes_per_adapter": rt.vm.layout.num_params * rt.vm.bank.rows.element_size(),
+            "num_params_per_adapter": rt.vm.layout.num_params,
+            **pool,
+        },
+        "engine": {
+            "queue_depth": engine.queue_depth(),
+            "running_batch": engine.running(),
+            "kv_cache_bytes": engine.kv.nbytes(),
+            "tokens_per_s": engine.stats.tokens_per_s(),
+            "requests_submitted": engine.stats.submitted,
+            "completion_tokens": engine.stats.completion_tokens,
+            "finish_reasons": dict(engine.stats.finish_reasons),
+            "ttft_ms": engine.stats.ttft.percentiles(),
+            "latency_ms": engine.stats.latency.percentiles(),
+        },
+    }
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    rt = request.app.state.runtime
+    alive = rt.engine._thread is not None and rt.engine._thread.is_alive()
+    if not alive:
+        raise ApiError(503, "engine is not running", "unavailable")
+    return {"status": "ok", "model": rt.model_name}

@@ -1,0 +1,75 @@
+"""The FastAPI application: routes, error bodies, body-size limit, engine lifecycle."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from server.api import adapters, admin, errors, generate, metrics, openai_routes
+from server.api.errors import error_response
+
+
+class BodyLimit:
+    """Pure ASGI middleware: refuse bodies over ``limit`` bytes with 413, declared or not."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._reject(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: dict, receive: Any, send: Any) -> None:
+        response = error_response(
+            413, f"request body exceeds the {self.limit} byte limit", "payload_too_large"
+        )
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(runtime: Any) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime.start()
+        try:
+            yield
+        finally:
+            runtime.shutdown()  # drains in-flight sequences first
+
+    app = FastAPI(
+        title="vera-serve",
+        version="0.1.0",
+        description="Multi-tenant personalized LLM serving with VeRA adapters.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.state.metrics_registry = metrics.make_registry(runtime)
+    errors.install(app)
+    for module in (generate, adapters, admin, openai_routes, metrics):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimit, limit=runtime.config.max_body_bytes)
+    return app

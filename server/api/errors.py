@@ -1,0 +1,82 @@
+"""Every error leaves as ``{"error": {"message", "type", "code"}}`` with a 4xx/5xx status."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from adapters_store import AdapterNotFound, InvalidUserId, SlotsExhausted, StoreError
+from server.engine import ContextTooLong, EngineStopped, QueueFull
+from vera_core.errors import VeraError
+
+log = logging.getLogger("vera-serve")
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.headers = status, message, kind, headers
+
+
+def error_response(status: int, message: str, kind: str, headers=None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+_MAPPING: list[tuple[type[BaseException], int, str]] = [
+    (InvalidUserId, 400, "invalid_user_id"),
+    (AdapterNotFound, 404, "adapter_not_found"),
+    (SlotsExhausted, 503, "slots_exhausted"),
+    (StoreError, 500, "store_error"),
+    (VeraError, 400, "invalid_adapter"),
+    (ContextTooLong, 400, "context_length_exceeded"),
+    (QueueFull, 429, "queue_full"),
+    (EngineStopped, 503, "shutting_down"),
+]
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        parts.append(f"{loc or 'body'}: {err.get('msg')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.kind, exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), "http_error", exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, _validation_message(exc), "validation_error")
+
+    for exc_type, status, kind in _MAPPING:
+        app.add_exception_handler(exc_type, _make_handler(status, kind))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
+
+
+def _make_handler(status: int, kind: str):
+    async def handler(_: Request, exc: Exception) -> JSONResponse:
+        headers = {"Retry-After": "1"} if status in (429, 503) else None
+        return error_response(status, str(exc), kind, headers)
+
+    return handler

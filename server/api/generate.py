@@ -1,0 +1,62 @@
+"""POST /generate: one user's adapter, batched with everyone else's."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from server.api.auth import Principal, principal, require_access
+from server.api.runner import collect, encode_prompt, raise_for_error, sampling, sse_stream, submit
+from server.api.schemas import ErrorBody, GenerateRequest, GenerateResponse
+from server.sequence import Event
+
+router = APIRouter()
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 503)}
+
+
+@router.post("/generate", response_model=GenerateResponse, responses=_ERRORS)
+async def generate(body: GenerateRequest, request: Request, who: Principal = Depends(principal)):
+    """Generate with ``user_id``'s adapter (or the base model). ``stream`` -> Server-Sent Events:
+    one ``{"type": "token", "text", "token_id"}`` event per token, then a ``{"type": "done"}``
+    event with finish_reason, usage and timing."""
+    rt = request.app.state.runtime
+    if body.user_id is not None:
+        require_access(who, body.user_id)
+    messages = [m.model_dump() for m in body.messages] if body.messages else None
+    ids = encode_prompt(rt, body.prompt, messages)
+    params = sampling(
+        body.max_new_tokens, body.temperature, body.top_p, body.top_k, body.stop, body.seed
+    )
+    seq = submit(rt, body.user_id, ids, params)
+    version = seq.adapter_version if seq.user_id is not None else None
+
+    def done(ev: Event) -> dict:
+        return {
+            "type": "done",
+            "user_id": body.user_id,
+            "finish_reason": ev.finish_reason,
+            "adapter_version": version,
+            "usage": ev.usage,
+            "timing": ev.timing,
+            **({"error": ev.error} if ev.error else {}),
+        }
+
+    if body.stream:
+        stream = sse_stream(
+            seq,
+            lambda ev: {"type": "token", "text": ev.text, "token_id": ev.token_id},
+            lambda ev: [done(ev)],
+        )
+        return StreamingResponse(
+            stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+    out = await collect(seq, request)
+    raise_for_error(out.final)
+    return GenerateResponse(
+        user_id=body.user_id,
+        text=out.text,
+        finish_reason=out.final.finish_reason or "stop",
+        adapter_version=version,
+        usage=out.final.usage,
+        timing=out.final.timing or {},
+    )

@@ -1,0 +1,75 @@
+"""GET /metrics: Prometheus text format, read from the engine and store at scrape time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+router = APIRouter()
+
+_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class _RuntimeCollector:
+    def __init__(self, rt: Any) -> None:
+        self.rt = rt
+
+    def collect(self):
+        rt, eng = self.rt, self.rt.engine
+        pool = rt.pool.stats()
+        yield GaugeMetricFamily("vera_queue_depth", "requests waiting", value=eng.queue_depth())
+        yield GaugeMetricFamily("vera_running_batch", "sequences decoding", value=eng.running())
+        yield GaugeMetricFamily("vera_kv_cache_bytes", "KV cache bytes", value=eng.kv.nbytes())
+        yield GaugeMetricFamily(
+            "vera_tokens_per_second", "recent output tokens/s", value=eng.stats.tokens_per_s()
+        )
+        yield CounterMetricFamily("vera_requests", "requests submitted", value=eng.stats.submitted)
+        yield CounterMetricFamily(
+            "vera_completion_tokens", "tokens generated", value=eng.stats.completion_tokens
+        )
+        fin = CounterMetricFamily("vera_finished_requests", "finished requests", labels=["reason"])
+        for reason, n in eng.stats.finish_reasons.items():
+            fin.add_metric([reason], n)
+        yield fin
+        for key in ("slots_total", "slots_used", "slots_free", "slots_pinned"):
+            if key in pool:
+                yield GaugeMetricFamily(
+                    f"vera_adapter_{key}", key.replace("_", " "), value=pool[key]
+                )
+        for key in ("hits", "misses", "evictions"):
+            if key in pool:
+                yield CounterMetricFamily(
+                    f"vera_adapter_{key}", f"adapter slot {key}", value=pool[key]
+                )
+        for key, value in rt.memory().items():
+            yield GaugeMetricFamily(f"vera_{key}", key.replace("_", " "), value=value)
+
+
+def make_registry(rt: Any) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(_RuntimeCollector(rt))
+    ttft = Histogram(
+        "vera_ttft_seconds", "time to first token", buckets=_BUCKETS, registry=registry
+    )
+    latency = Histogram(
+        "vera_request_seconds", "request latency", buckets=_BUCKETS, registry=registry
+    )
+
+    def observe(seq: Any, reason: str) -> None:
+        if seq.first_token_at is not None:
+            ttft.observe(seq.first_token_at - seq.arrival)
+        if seq.finished_at is not None:
+            latency.observe(seq.finished_at - seq.arrival)
+
+    rt.engine.stats.listeners.append(observe)
+    return registry
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    data = generate_latest(request.app.state.metrics_registry)
+    return Response(data, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,185 @@
+"""OpenAI-compatible /v1 endpoints: ``model`` is a user id, or the base model's name."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from server.api.auth import Principal, principal, require_access
+from server.api.openai_schemas import ChatCompletionRequest, CompletionRequest
+from server.api.runner import collect, encode_prompt, raise_for_error, sampling, sse_stream, submit
+from server.api.schemas import ErrorBody
+from server.sequence import Event
+
+router = APIRouter(prefix="/v1")
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 503)}
+_CHAT_DEFAULT_MAX = 512
+
+
+def _user_for_model(rt: Any, model: str, who: Principal) -> str | None:
+    if model in (rt.model_name, "base"):
+        return None
+    require_access(who, model)
+    return model
+
+
+def _usage(ev: Event) -> dict[str, int]:
+    u = ev.usage or {"prompt_tokens": 0, "completion_tokens": 0}
+    return {**u, "total_tokens": u["prompt_tokens"] + u["completion_tokens"]}
+
+
+def _finish(ev: Event) -> str:
+    return "length" if ev.finish_reason == "length" else "stop"
+
+
+@router.get("/models", responses=_ERRORS)
+async def list_models(request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+    """The base model and the adapters the caller may use."""
+    rt = request.app.state.runtime
+    now = int(rt.engine.stats.started)
+    data = [{"id": rt.model_name, "object": "model", "created": now, "owned_by": "vera-serve"}]
+    if who.is_admin:
+        metas = rt.store.list()
+    else:
+        metas = [m for m in rt.store.list() if m.user_id == who.user_id]
+    data += [
+        {
+            "id": m.user_id,
+            "object": "model",
+            "created": int(m.created_at),
+            "owned_by": m.user_id,
+            "parent": rt.model_name,
+        }
+        for m in metas
+    ]
+    return {"object": "list", "data": data}
+
+
+@router.post("/completions", responses=_ERRORS)
+async def completions(
+    body: CompletionRequest, request: Request, who: Principal = Depends(principal)
+):
+    rt = request.app.state.runtime
+    user_id = _user_for_model(rt, body.model, who)
+    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    ids = encode_prompt(rt, prompt, None)
+    params = sampling(
+        body.max_tokens or 16, _temp(body.temperature), body.top_p or 1.0, 0, body.stop, body.seed
+    )
+    seq = submit(rt, user_id, ids, params)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chunk(text: str, finish: str | None) -> dict:
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": body.model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        }
+
+    if body.stream:
+
+        def final(ev: Event) -> list[dict | str]:
+            if (err := _stream_error(ev)) is not None:
+                return [err, "[DONE]"]
+            last = chunk("", _finish(ev))
+            if _include_usage(body):
+                last["usage"] = _usage(ev)
+            return [last, "[DONE]"]
+
+        return StreamingResponse(
+            sse_stream(seq, lambda ev: chunk(ev.text, None), final), media_type="text/event-stream"
+        )
+    out = await collect(seq, request)
+    raise_for_error(out.final)
+    return {**chunk(out.text, _finish(out.final)), "usage": _usage(out.final)}
+
+
+@router.post("/chat/completions", responses=_ERRORS)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, who: Principal = Depends(principal)
+):
+    rt = request.app.state.runtime
+    user_id = _user_for_model(rt, body.model, who)
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        for m in body.messages
+    ]
+    ids = encode_prompt(rt, None, messages)
+    limit = body.max_completion_tokens or body.max_tokens
+    if limit is None:
+        limit = max(1, min(_CHAT_DEFAULT_MAX, rt.engine.context_limit - len(ids)))
+    params = sampling(limit, _temp(body.temperature), body.top_p or 1.0, 0, body.stop, body.seed)
+    seq = submit(rt, user_id, ids, params)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chunk(delta: dict, finish: str | None) -> dict:
+        return {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": body.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+
+    if body.stream:
+        first = [True]
+
+        def token(ev: Event) -> dict:
+            delta = {"content": ev.text}
+            if first[0]:
+                delta["role"], first[0] = "assistant", False
+            return chunk(delta, None)
+
+        def final(ev: Event) -> list[dict | str]:
+            if (err := _stream_error(ev)) is not None:
+                return [err, "[DONE]"]
+            last = chunk({} if not first[0] else {"role": "assistant", "content": ""}, _finish(ev))
+            if _include_usage(body):
+                last["usage"] = _usage(ev)
+            return [last, "[DONE]"]
+
+        return StreamingResponse(sse_stream(seq, token, final), media_type="text/event-stream")
+    out = await collect(seq, request)
+    raise_for_error(out.final)
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": body.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": out.text},
+                "finish_reason": _finish(out.final),
+                "logprobs": None,
+            }
+        ],
+        "usage": _usage(out.final),
+    }
+
+
+def _temp(t: float | None) -> float:
+    return 1.0 if t is None else t  # OpenAI's default
+
+
+def _include_usage(body: Any) -> bool:
+    return bool(body.stream_options and body.stream_options.get("include_usage"))
+
+
+def _stream_error(ev: Event) -> dict | None:
+    """Headers are already sent: report a failure as an error event before [DONE]."""
+    if ev.finish_reason != "error":
+        return None
+    return {
+        "error": {
+            "message": ev.error or "generation failed",
+            "type": "generation_error",
+            "code": 503,
+        }
+    }

@@ -1,0 +1,123 @@
+"""Turn an HTTP request into an engine sequence, then wait for it or stream it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from adapters_store import AdapterNotFound
+from server.api.errors import ApiError
+from server.sequence import Event, SamplingParams, Sequence
+
+_DISCONNECT_POLL_S = 0.5
+
+
+def encode_prompt(rt: Any, prompt: str | None, messages: list[dict] | None) -> list[int]:
+    tok = rt.tokenizer
+    if messages is not None:
+        if not getattr(tok, "chat_template", None):
+            raise ApiError(400, "this model has no chat template: send 'prompt' instead")
+        return list(
+            tok.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
+    return list(tok(prompt, add_special_tokens=True)["input_ids"])
+
+
+def sampling(
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    stop: list[str] | str | None,
+    seed: int | None,
+) -> SamplingParams:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 8 or any(len(s) > 128 for s in stops):
+        raise ApiError(400, "at most 8 stop strings of at most 128 characters")
+    try:
+        return SamplingParams(max_new_tokens, temperature, top_p, top_k, tuple(stops), seed)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+
+
+def submit(rt: Any, user_id: str | None, ids: list[int], params: SamplingParams) -> Sequence:
+    """Queue on the engine; unknown adapter -> 404, or base model with --fallback-to-base."""
+    loop = asyncio.get_running_loop()
+    try:
+        return rt.engine.submit(user_id, ids, params, loop=loop)
+    except AdapterNotFound:
+        if not rt.config.fallback_to_base or user_id is None:
+            raise
+        return rt.engine.submit(None, ids, params, loop=loop)
+
+
+@dataclass
+class Outcome:
+    text: str
+    final: Event
+
+
+async def collect(seq: Sequence, request: Request) -> Outcome:
+    """Wait for the end; a client that goes away cancels the sequence (frees its KV)."""
+    pieces: list[str] = []
+    try:
+        while True:
+            try:
+                ev = await asyncio.wait_for(seq.channel.get(), timeout=_DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    seq.cancel()
+                continue
+            if ev.finish_reason is not None:
+                return Outcome("".join(pieces), ev)
+            pieces.append(ev.text)
+    except asyncio.CancelledError:
+        seq.cancel()
+        raise
+
+
+def raise_for_error(ev: Event) -> None:
+    if ev.finish_reason == "error":
+        raise ApiError(
+            503, ev.error or "generation failed", "generation_error", {"Retry-After": "1"}
+        )
+
+
+async def events(seq: Sequence) -> AsyncIterator[Event]:
+    """Every event of ``seq``; cancels it if the consumer stops early (client disconnect)."""
+    done = False
+    try:
+        while True:
+            ev = await seq.channel.get()
+            yield ev
+            if ev.finish_reason is not None:
+                done = True
+                return
+    finally:
+        if not done:
+            seq.cancel()
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+async def sse_stream(
+    seq: Sequence, token: Callable[[Event], dict | None], final: Callable[[Event], list[dict | str]]
+) -> AsyncIterator[str]:
+    async for ev in events(seq):
+        if ev.finish_reason is None:
+            body = token(ev)
+            if body is not None:
+                yield sse(body)
+        else:
+            for body in final(ev):
+                yield sse(body)

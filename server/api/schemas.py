@@ -1,0 +1,87 @@
+"""Request and response bodies of the native API (OpenAI ones live in openai_schemas.py)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_STOP = 8
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=200_000)
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: str | None = Field(None, description="whose adapter to use; omit for the base model")
+    prompt: str | None = Field(None, max_length=200_000, description="raw text prompt")
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, max_length=256, description="chat turns, rendered by the chat template"
+    )
+    max_new_tokens: int = Field(128, ge=1, le=8192)
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, le=100_000, description="0 = off")
+    stop: list[str] | str | None = Field(None, description=f"up to {MAX_STOP} stop strings")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.prompt is not None and not self.prompt:
+            raise ValueError("'prompt' is empty")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    user_id: str | None
+    text: str
+    finish_reason: str
+    adapter_version: int | None
+    usage: Usage
+    timing: dict[str, float]
+
+
+class CreateUserRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: str = Field(min_length=1, max_length=128)
+    rotate: bool = Field(False, description="issue a new key if the user exists")
+
+
+class CreateUserResponse(BaseModel):
+    user_id: str
+    api_key: str
+
+
+class AdapterUploaded(BaseModel):
+    user_id: str
+    version: int
+    num_params: int
+    bytes: int
+
+
+class AdapterInfo(AdapterUploaded):
+    sha256: str
+    created_at: float
+    base_fingerprint: str
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: int
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

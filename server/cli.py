@@ -1,0 +1,159 @@
+"""``vera-serve``: serve, train an adapter, convert adapters, export a merged model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from server import config as server_config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.api.app import create_app
+    from server.runtime import Runtime
+
+    cfg = server_config.from_args(args)
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    runtime = Runtime.build(cfg)
+    app = create_app(runtime)
+    uvicorn.run(
+        app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=120
+    )
+    return 0
+
+
+def _load_vm(args: argparse.Namespace):
+    from server.model_source import load_model
+    from vera_core import VeraConfig, inject_vera
+
+    model, tok, _ = load_model(args.model)
+    targets = tuple(t for t in args.target_modules.split(",") if t)
+    cfg = VeraConfig(r=args.r, projection_prng_key=args.projection_prng_key, target_modules=targets)
+    return inject_vera(model, cfg, num_slots=2), tok
+
+
+def _train(args: argparse.Namespace) -> int:
+    from vera_core.adapter_file import save_adapter
+    from vera_core.train import TrainConfig, read_jsonl, train_adapter
+
+    vm, tok = _load_vm(args)
+    rows = read_jsonl(args.data)
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
+    adapter, losses = train_adapter(vm, tok, rows, cfg)
+    save_adapter(adapter, args.out)
+    print(f"epoch losses: {', '.join(f'{x:.4f}' for x in losses)}")
+    print(f"wrote {args.out} ({adapter.num_params} params)")
+    return 0
+
+
+def _export_peft(args: argparse.Namespace) -> int:
+    from vera_core.adapter_file import load_adapter
+    from vera_core.peft_compat import save_peft_dir
+
+    vm, _ = _load_vm(args)
+    adapter = load_adapter(args.adapter)
+    adapter.check_fits(vm.layout, vm.config.projection_prng_key)
+    save_peft_dir(adapter, vm, args.out, save_projection=not args.no_projection)
+    print(f"wrote PEFT adapter directory {args.out}")
+    return 0
+
+
+def _import_peft(args: argparse.Namespace) -> int:
+    from vera_core import model_fingerprint
+    from vera_core.adapter_file import save_adapter
+    from vera_core.peft_compat import load_peft_dir
+
+    vm, _ = _load_vm(args)
+    adapter = load_peft_dir(args.peft_dir, vm.projections)
+    adapter.check_fits(vm.layout, vm.config.projection_prng_key)
+    from dataclasses import replace
+
+    from vera_core.adapter import Adapter
+
+    header = replace(adapter.header, base_fingerprint=model_fingerprint(vm.model))
+    save_adapter(Adapter(header, adapter.vectors), args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from vera_core.adapter_file import load_adapter
+    from vera_core.merge import export_merged
+
+    vm, tok = _load_vm(args)
+    export_merged(vm, load_adapter(args.adapter), args.out, tokenizer=tok)
+    print(f"wrote merged model directory {args.out}")
+    return 0
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="HF causal-LM dir, or 'default'")
+    p.add_argument("--r", type=int, default=256)
+    p.add_argument("--projection-prng-key", type=int, default=0)
+    p.add_argument("--target-modules", default="", help="comma-separated; empty = PEFT default")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vera-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP server")
+    server_config.add_arguments(serve)
+    serve.set_defaults(func=_serve)
+
+    train = sub.add_parser("train", help="fine-tune one user's adapter from a JSONL file")
+    _model_flags(train)
+    train.add_argument(
+        "--data",
+        required=True,
+        help="JSONL: {'messages': [...]} or {'prompt': ..., 'completion': ...} per line",
+    )
+    train.add_argument("--out", required=True, type=Path, help="adapter file to write")
+    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--lr", type=float, default=2e-2)
+    train.add_argument("--max-length", type=int, default=512)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=_train)
+
+    exp = sub.add_parser("export-peft", help="adapter file -> PEFT VeRA directory")
+    _model_flags(exp)
+    exp.add_argument("adapter", type=Path)
+    exp.add_argument("--out", required=True, type=Path)
+    exp.add_argument("--no-projection", action="store_true", help="save_projection=false")
+    exp.set_defaults(func=_export_peft)
+
+    imp = sub.add_parser("import-peft", help="PEFT VeRA directory -> adapter file")
+    _model_flags(imp)
+    imp.add_argument("peft_dir", type=Path)
+    imp.add_argument("--out", required=True, type=Path)
+    imp.set_defaults(func=_import_peft)
+
+    merge = sub.add_parser("merge", help="write an HF model directory with an adapter merged")
+    _model_flags(merge)
+    merge.add_argument("adapter", type=Path)
+    merge.add_argument("--out", required=True, type=Path)
+    merge.set_defaults(func=_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as e:
+        print(f"vera-serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Server configuration: one frozen dataclass, filled from CLI flags or ``VERA_*`` env vars."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str = field(
+        default="default",
+        metadata={"help": "HF causal-LM directory, or 'default' (embedded SmolLM2-135M-Instruct)"},
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "bind address"})
+    port: int = field(default=8000, metadata={"help": "bind port"})
+    store: str = field(
+        default="", metadata={"help": "adapter store directory (default $VERA_HOME/store)"}
+    )
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16"},
+    )
+    r: int = field(default=256, metadata={"help": "VeRA rank of the shared projections"})
+    projection_prng_key: int = field(default=0, metadata={"help": "seed of the shared projections"})
+    target_modules: str = field(
+        default="", metadata={"help": "comma-separated targets; empty = PEFT default for the model"}
+    )
+    max_batch: int = field(default=64, metadata={"help": "max sequences decoded together"})
+    max_waiting: int = field(default=512, metadata={"help": "queue bound; beyond it 429"})
+    max_prefill_tokens: int = field(
+        default=2048, metadata={"help": "prompt tokens admitted per step"}
+    )
+    max_seq_len: int = field(default=2048, metadata={"help": "max prompt + generated tokens"})
+    device_slots: int = field(default=256, metadata={"help": "adapters resident on the device"})
+    host_slots: int = field(default=4096, metadata={"help": "adapters cached in host memory"})
+    slot_wait_s: float = field(
+        default=30.0, metadata={"help": "how long a request waits for a free slot"}
+    )
+    max_body_mb: float = field(default=64.0, metadata={"help": "request body limit (MB)"})
+    fallback_to_base: bool = field(
+        default=False, metadata={"help": "unknown adapter -> base model instead of 404"}
+    )
+    admin_token: str = field(
+        default="",
+        metadata={"help": "admin bearer token (env VERA_ADMIN_TOKEN); empty = dev mode, no auth"},
+    )
+    log_level: str = field(default="info", metadata={"help": "debug | info | warning"})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", *_DTYPES):
+            raise ValueError(f"--dtype must be auto or one of {sorted(_DTYPES)}")
+        for name in ("max_batch", "max_waiting", "max_seq_len", "device_slots", "host_slots", "r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if not self.admin_token and self.host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(
+                "refusing to bind a non-loopback address without VERA_ADMIN_TOKEN "
+                "(dev mode has no auth)"
+            )
+
+    @property
+    def dev_mode(self) -> bool:
+        return not self.admin_token
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]
+
+    @property
+    def store_path(self) -> Path:
+        if self.store:
+            return Path(self.store).expanduser()
+        home = os.environ.get("VERA_HOME", str(Path.home() / ".cache" / "vera-serve"))
+        return Path(home).expanduser() / "store"
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+def _env_default(f: Any) -> Any:
+    raw = os.environ.get(f"VERA_{f.name.upper()}")
+    default = f.default if f.default is not MISSING else None
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        return raw.lower() in ("1", "true", "yes", "on")
+    return type(default)(raw)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; each defaults to its ``VERA_<NAME>`` env var, then the field default."""
+    for f in fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = _env_default(f)
+        if isinstance(f.default, bool):
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=f.metadata.get("help"),
+            )
+        elif f.name == "admin_token":
+            continue  # a secret: env only, never on the command line
+        else:
+            parser.add_argument(
+                flag,
+                type=type(f.default),
+                default=default,
+                help=f"{f.metadata.get('help')} (env VERA_{f.name.upper()})",
+            )
+
+
+def from_args(args: argparse.Namespace) -> ServerConfig:
+    values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
+    values["admin_token"] = os.environ.get("VERA_ADMIN_TOKEN", "")
+    return ServerConfig(**values)

@@ -1,0 +1,122 @@
+"""Everything one server process holds: model, shared VeRA state, store, slots, engine."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from adapters_store import AdapterStore, SlotPool
+from server.config import ServerConfig
+from server.engine import Engine, EngineConfig
+from server.model_source import load_model
+from server.scheduler import SchedulerConfig
+from server.users import UserRegistry
+from vera_core import VeraConfig, VeraModel, inject_vera, model_fingerprint
+
+log = logging.getLogger("vera-serve")
+
+
+@dataclass
+class Runtime:
+    config: ServerConfig
+    vm: VeraModel
+    tokenizer: Any
+    model_name: str
+    fingerprint: str
+    store: AdapterStore
+    pool: SlotPool
+    engine: Engine
+    users: UserRegistry
+    base_model_bytes: int
+
+    @classmethod
+    def build(cls, config: ServerConfig) -> Runtime:
+        t0 = time.perf_counter()
+        device, dtype = config.torch_device, config.torch_dtype
+        model, tokenizer, path = load_model(config.model, dtype=dtype, device=str(device))
+        base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        vera_config = VeraConfig(
+            r=config.r,
+            projection_prng_key=config.projection_prng_key,
+            target_modules=config.targets,
+        )
+        vm = inject_vera(model, vera_config, num_slots=config.device_slots + 1)
+        fingerprint = model_fingerprint(model)
+        store = AdapterStore(config.store_path, vm.layout, config.projection_prng_key, fingerprint)
+        pool = SlotPool(vm.bank, store, config.host_slots, acquire_timeout_s=config.slot_wait_s)
+        engine_config = EngineConfig(
+            scheduler=SchedulerConfig(
+                max_batch=config.max_batch,
+                max_prefill_tokens=config.max_prefill_tokens,
+                max_waiting=config.max_waiting,
+            ),
+            max_seq_len=config.max_seq_len,
+        )
+        engine = Engine(vm, tokenizer, pool, engine_config)
+        users = UserRegistry(config.store_path / "users.sqlite")
+        rt = cls(
+            config, vm, tokenizer, path.name, fingerprint, store, pool, engine, users, base_bytes
+        )
+        rt._log_startup(path, time.perf_counter() - t0)
+        return rt
+
+    def _log_startup(self, path: Any, seconds: float) -> None:
+        mib = 1024 * 1024
+        vm = self.vm
+        log.info(
+            "loaded %s from %s on %s (%s) in %.1f s: base model %.1f MiB, shared A/B %.2f MiB, "
+            "%d adapted layers (%s), r=%d, %d params/adapter (%.1f KiB), device slots %d "
+            "(%.1f MiB), adapters in store: %d",
+            self.model_name,
+            path,
+            self.config.torch_device,
+            str(self.config.torch_dtype),
+            seconds,
+            self.base_model_bytes / mib,
+            vm.projections.nbytes() / mib,
+            len(vm.layers),
+            ",".join(vm.config.resolved_targets(vm.model.config.model_type)),
+            vm.layout.r,
+            vm.layout.num_params,
+            vm.layout.num_params * vm.bank.rows.element_size() / 1024,
+            self.config.device_slots,
+            vm.bank.nbytes() / mib,
+            len(self.store.list()),
+        )
+        if self.config.dev_mode:
+            banner = "!" * 78
+            log.warning(
+                "\n%s\n  DEV MODE: VERA_ADMIN_TOKEN is not set, so there is NO AUTHENTICATION.\n"
+                "  Anyone who can reach %s:%d can read, upload and delete every adapter.\n"
+                "  Bound to loopback only. Set VERA_ADMIN_TOKEN for any shared use.\n%s",
+                banner,
+                self.config.host,
+                self.config.port,
+                banner,
+            )
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def shutdown(self) -> None:
+        self.engine.stop()
+        self.pool.close()
+        self.store.close()
+        self.users.close()
+
+    def memory(self) -> dict[str, Any]:
+        import psutil
+
+        out: dict[str, Any] = {"host_rss_bytes": psutil.Process().memory_info().rss}
+        if self.config.torch_device.type == "cuda":
+            out["device_allocated_bytes"] = torch.cuda.memory_allocated()
+            out["device_reserved_bytes"] = torch.cuda.memory_reserved()
+        out["base_model_bytes"] = self.base_model_bytes
+        out["shared_projection_bytes"] = self.vm.projections.nbytes()
+        out["adapter_bank_bytes"] = self.vm.bank.nbytes()
+        out["kv_cache_bytes"] = self.engine.kv.nbytes()
+        return out

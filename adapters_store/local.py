@@ -43,8 +43,19 @@ def failpoint(name: str) -> None:
     """No-op in production; crash tests replace it to stop a writer at a named step."""
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_durably(path: Path, data: bytes) -> None:
     """temp file + fsync + rename + directory fsync: ``path`` appears complete or not at all."""
+    if not path.parent.is_dir():
+        path.parent.mkdir(exist_ok=True)
+        _fsync_dir(path.parent.parent)  # the new user directory's entry must survive too
     tmp = path.with_name(f"{_TMP_PREFIX}{path.stem}-{uuid.uuid4().hex}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
@@ -53,15 +64,14 @@ def _write_durably(path: Path, data: bytes) -> None:
             view = view[os.write(fd, view) :]
         failpoint("tmp_written")
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        tmp.unlink(missing_ok=True)  # e.g. disk full: leave nothing behind
+        raise
+    os.close(fd)
     failpoint("tmp_synced")
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(path.parent)
     failpoint("renamed")
 
 
@@ -82,9 +92,7 @@ class LocalBackend(AdapterBackend):
         self, user_id: str, data: bytes, sha256: str, num_params: int, base_fingerprint: str
     ) -> AdapterMeta:
         version = self._index.reserve_version(validate_user_id(user_id))
-        path = self.path(user_id, version)
-        path.parent.mkdir(exist_ok=True)
-        _write_durably(path, data)
+        _write_durably(self.path(user_id, version), data)
         now = time.time()
         meta = AdapterMeta(user_id, version, len(data), num_params, sha256, now, base_fingerprint)
         self._index.commit_version(meta, now)

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from threading import Lock
 
-from adapters_store.errors import AdapterLoadTimeout, SlotsExhausted
+from adapters_store.errors import AdapterLoadTimeout, AdapterNotFound, SlotsExhausted
 from adapters_store.ids import validate_user_id
 from adapters_store.residency_types import HostEntry, Key, LatencyWindow, SlotTicket
 from adapters_store.store import AdapterStore
@@ -117,8 +117,10 @@ class SlotPool:
         Host copies go at once; idle device slots are freed; pinned slots stay until their
         last release (running requests keep the version they started with).
         """
-        current = self.store.backend.meta(validate_user_id(user_id))
-        keep = current.version if current is not None else None
+        try:
+            keep: int | None = self.store.meta(user_id).version
+        except AdapterNotFound:
+            keep = None
         with self._lock:
             for key in [k for k in self._host if k[0] == user_id and k[1] != keep]:
                 del self._host[key]

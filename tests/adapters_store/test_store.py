@@ -182,3 +182,18 @@ def test_reopen_keeps_everything(open_store, tmp_path: Path) -> None:
     second = open_store()
     assert second.recovery.clean and second.list() == metas
     assert second.put("user0", random_adapter(99)).version == 2
+
+
+def test_failed_write_leaves_old_version_and_no_temp_file(store: AdapterStore, monkeypatch) -> None:
+    store.put("w", filled_adapter(1.0))
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("adapters_store.local.os.fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        store.put("w", filled_adapter(2.0))
+    monkeypatch.undo()
+    assert files_of(store, "w") == ["v1.safetensors"]
+    assert store.meta("w").version == 1 and store.load_flat("w")[0].item() == 1.0
+    assert store.put("w", filled_adapter(3.0)).version == 3  # v2 stays a gap, never reused

@@ -12,9 +12,7 @@ from torch import nn
 from vera_core import Adapter, AdapterHeader, VeraConfig, VeraModel, inject_vera
 
 
-def peft_vera(
-    base: nn.Module, config: VeraConfig, save_projection: bool = True
-) -> PeftModel:
+def peft_vera(base: nn.Module, config: VeraConfig, save_projection: bool = True) -> PeftModel:
     """PEFT's own VeRA on a deep copy of ``base`` (PEFT wraps layers in place too)."""
     targets = list(config.target_modules) if config.target_modules else None
     if targets == ["all-linear"]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from peft_oracle import random_adapter
+
 from vera_core import Adapter, AdapterHeader, VeraConfig, inject_vera, model_fingerprint
 from vera_core.adapter_file import adapter_from_bytes, adapter_to_bytes, load_adapter, save_adapter
 

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from peft_oracle import load_users, ours_and_peft, set_peft_vectors
+
 from vera_core import NO_ADAPTER, VeraConfig, VeraModel
 from vera_core.merge import merge, unmerge
 
@@ -125,7 +125,9 @@ def test_slot_swap_is_just_an_index(make_tiny):
     ids = _ids(base.config.vocab_size, 1, 6).expand(3, -1)
     rows = _batched(vm, ids, torch.tensor([1, 2, 3]))
     for i, slot in enumerate([1, 2, 3]):
-        torch.testing.assert_close(_batched(vm, ids[:1], torch.tensor([slot]))[0], rows[i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            _batched(vm, ids[:1], torch.tensor([slot]))[0], rows[i], atol=1e-5, rtol=0
+        )
 
 
 @pytest.mark.slow

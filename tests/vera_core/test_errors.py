@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from peft_oracle import random_adapter
 from safetensors.torch import save as st_save
 
-from peft_oracle import random_adapter
 from vera_core import (
     Adapter,
     AdapterFormatError,
@@ -111,7 +111,9 @@ def test_wrong_key(vm, good):
 def test_missing_layers(vm, good):
     vectors = dict(good.vectors)
     del vectors["model.layers.1.self_attn.v_proj"]
-    with pytest.raises(AdapterMismatchError, match=r"missing \['model.layers.1.self_attn.v_proj'\]"):
+    with pytest.raises(
+        AdapterMismatchError, match=r"missing \['model.layers.1.self_attn.v_proj'\]"
+    ):
         _reload_and_fit(vm, Adapter(good.header, vectors))
 
 
@@ -119,7 +121,9 @@ def test_extra_layers(vm, good):
     d, _ = good.vectors["model.layers.0.self_attn.q_proj"]
     vectors = dict(good.vectors)
     vectors["model.layers.0.self_attn.k_proj"] = (d.clone(), torch.zeros(32))
-    with pytest.raises(AdapterMismatchError, match=r"unexpected \['model.layers.0.self_attn.k_proj'\]"):
+    with pytest.raises(
+        AdapterMismatchError, match=r"unexpected \['model.layers.0.self_attn.k_proj'\]"
+    ):
         _reload_and_fit(vm, Adapter(good.header, vectors))
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft_oracle import load_users, ours_and_peft, random_adapter, set_peft_vectors
 from transformers import AutoModelForCausalLM
 
-from peft_oracle import load_users, ours_and_peft, random_adapter, set_peft_vectors
 from vera_core import AdapterMismatchError, VeraConfig
 from vera_core.merge import export_merged, merge, merged_state_dict, unmerge
 

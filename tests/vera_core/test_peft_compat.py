@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-
 from peft_oracle import ours_and_peft, random_adapter, set_peft_vectors
+
 from vera_core import AdapterMismatchError, VeraConfig, VeraModel
 from vera_core.peft_compat import CONFIG_NAME, load_peft_dir, save_peft_dir
 

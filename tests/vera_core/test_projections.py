@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from peft_oracle import ours_and_peft, peft_projections
+
 from vera_core import VeraConfig
 
 CASES = [

@@ -64,8 +64,9 @@ class LiveServer:
         return self.log.read_text(errors="replace")
 
 
-def start_server(workdir: Path, *args: str, admin_token: str | None = ADMIN,
-                 store: Path | None = None) -> LiveServer:
+def start_server(
+    workdir: Path, *args: str, admin_token: str | None = ADMIN, store: Path | None = None
+) -> LiveServer:
     port = free_port()
     store = store or workdir / "store"
     log = workdir / f"server-{port}.log"

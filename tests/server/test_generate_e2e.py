@@ -21,9 +21,14 @@ QUESTIONS = [
 
 
 def chat_ids(vm, text: str) -> list[int]:
-    return list(vm.tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
-        return_dict=False))
+    return list(
+        vm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+    )
 
 
 def stream_events(client: httpx.Client, body: dict) -> list[dict]:
@@ -64,19 +69,28 @@ def test_sixteen_users_in_flight_all_match(live: LiveServer, ref_vm) -> None:
     users = {f"u{i:02d}": random_adapter(ref_vm, 100 + i) for i in range(16)}
     with live.admin() as c:
         for uid, adapter in users.items():
-            assert c.put(f"/users/{uid}/adapter", content=adapter_bytes(adapter),
-                         headers=OCTET).status_code == 201
+            assert (
+                c.put(
+                    f"/users/{uid}/adapter", content=adapter_bytes(adapter), headers=OCTET
+                ).status_code
+                == 201
+            )
     prompts = {uid: QUESTIONS[i % len(QUESTIONS)] for i, uid in enumerate(users)}
 
     async def run_all() -> dict[str, dict]:
         headers = {"Authorization": f"Bearer {live.admin_token}"}
         async with httpx.AsyncClient(base_url=live.url, headers=headers, timeout=600) as ac:
+
             async def one(uid: str) -> dict:
-                body = {"user_id": uid, "max_new_tokens": 10,
-                        "messages": [{"role": "user", "content": prompts[uid]}]}
+                body = {
+                    "user_id": uid,
+                    "max_new_tokens": 10,
+                    "messages": [{"role": "user", "content": prompts[uid]}],
+                }
                 r = await ac.post("/generate", json=body)
                 assert r.status_code == 200, r.text
                 return r.json()
+
             results = await asyncio.gather(*(one(u) for u in users))
         return dict(zip(users, results))
 
@@ -87,15 +101,19 @@ def test_sixteen_users_in_flight_all_match(live: LiveServer, ref_vm) -> None:
         assert results[uid]["text"] == want, uid
         assert results[uid]["adapter_version"] == 1
         assert results[uid]["usage"]["completion_tokens"] == len(expected) + (
-            results[uid]["finish_reason"] == "stop")
+            results[uid]["finish_reason"] == "stop"
+        )
 
 
 def test_streaming_equals_non_streaming(live: LiveServer, ref_vm) -> None:
     adapter = random_adapter(ref_vm, 7)
     with live.admin() as c:
         c.put("/users/streamer/adapter", content=adapter_bytes(adapter), headers=OCTET)
-        body = {"user_id": "streamer", "prompt": "The three best things about autumn are",
-                "max_new_tokens": 16}
+        body = {
+            "user_id": "streamer",
+            "prompt": "The three best things about autumn are",
+            "max_new_tokens": 16,
+        }
         plain = c.post("/generate", json=body).json()
         events = stream_events(c, body)
     assert events[-1]["type"] == "done"
@@ -108,19 +126,28 @@ def test_upload_inspect_delete_and_versions(live: LiveServer, ref_vm) -> None:
     first, second = random_adapter(ref_vm, 11), random_adapter(ref_vm, 12)
     body = {"user_id": "carol", "prompt": "My name is", "max_new_tokens": 8}
     with live.admin() as c:
-        assert c.put("/users/carol/adapter", content=adapter_bytes(first),
-                     headers=OCTET).json()["version"] == 1
+        assert (
+            c.put("/users/carol/adapter", content=adapter_bytes(first), headers=OCTET).json()[
+                "version"
+            ]
+            == 1
+        )
         meta = c.get("/users/carol/adapter").json()
         assert meta["version"] == 1 and meta["num_params"] == ref_vm.layout.num_params
         assert len(meta["sha256"]) == 64
         out1 = c.post("/generate", json=body).json()
-        assert c.put("/users/carol/adapter", content=adapter_bytes(second),
-                     headers=OCTET).json()["version"] == 2
+        assert (
+            c.put("/users/carol/adapter", content=adapter_bytes(second), headers=OCTET).json()[
+                "version"
+            ]
+            == 2
+        )
         out2 = c.post("/generate", json=body).json()
         assert out2["adapter_version"] == 2 and out1["adapter_version"] == 1
         ids = list(ref_vm.tokenizer("My name is")["input_ids"])
         assert out2["text"] == ref_vm.tokenizer.decode(
-            merged_greedy(ref_vm, second, ids, 8), skip_special_tokens=True)
+            merged_greedy(ref_vm, second, ids, 8), skip_special_tokens=True
+        )
         assert c.delete("/users/carol/adapter").status_code == 204
         assert c.get("/users/carol/adapter").status_code == 404
         r = c.post("/generate", json=body)

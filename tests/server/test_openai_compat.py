@@ -1,0 +1,93 @@
+"""The official ``openai`` client works unchanged against /v1."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import merged_greedy
+from live import LiveServer, adapter_bytes, random_adapter
+from openai import OpenAI, PermissionDeniedError
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def dana(live: LiveServer, ref_vm):
+    """A registered user with her own key and adapter."""
+    key = live.new_user("dana")
+    adapter = random_adapter(ref_vm, 21)
+    with live.client(key) as c:
+        r = c.put(
+            "/users/dana/adapter",
+            content=adapter_bytes(adapter),
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        assert r.status_code == 201, r.text
+    return key, adapter
+
+
+def client(live: LiveServer, key: str) -> OpenAI:
+    return OpenAI(base_url=f"{live.url}/v1", api_key=key, max_retries=0, timeout=300)
+
+
+def test_completions_plain_and_streaming(live: LiveServer, ref_vm, dana) -> None:
+    key, adapter = dana
+    oa = client(live, key)
+    prompt = "The capital of Italy is"
+    ids = list(ref_vm.tokenizer(prompt)["input_ids"])
+    want = ref_vm.tokenizer.decode(merged_greedy(ref_vm, adapter, ids, 8), skip_special_tokens=True)
+    out = oa.completions.create(model="dana", prompt=prompt, max_tokens=8, temperature=0)
+    assert out.choices[0].text == want
+    assert out.usage.prompt_tokens == len(ids)
+    chunks = list(
+        oa.completions.create(model="dana", prompt=prompt, max_tokens=8, temperature=0, stream=True)
+    )
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_plain_and_streaming(live: LiveServer, ref_vm, dana) -> None:
+    key, adapter = dana
+    oa = client(live, key)
+    msgs = [{"role": "user", "content": "Name a fruit."}]
+    ids = list(
+        ref_vm.tokenizer.apply_chat_template(
+            msgs, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    )
+    want = ref_vm.tokenizer.decode(
+        merged_greedy(ref_vm, adapter, ids, 10), skip_special_tokens=True
+    )
+    out = oa.chat.completions.create(model="dana", messages=msgs, max_tokens=10, temperature=0)
+    assert out.choices[0].message.content == want
+    assert out.choices[0].message.role == "assistant"
+    stream = oa.chat.completions.create(
+        model="dana",
+        messages=msgs,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == len(ids)
+
+
+def test_base_model_by_name_and_models_list(live: LiveServer, ref_vm, dana) -> None:
+    key, _ = dana
+    oa = client(live, key)
+    out = oa.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0)
+    ids = list(ref_vm.tokenizer("Hello")["input_ids"])
+    assert out.choices[0].text == ref_vm.tokenizer.decode(
+        merged_greedy(ref_vm, None, ids, 4), skip_special_tokens=True
+    )
+    listed = {m.id for m in oa.models.list()}
+    assert listed == {MODEL, "dana"}  # only what this key may use
+    admin_listed = {m.id for m in client(live, live.admin_token).models.list()}
+    assert {MODEL, "dana"} <= admin_listed
+
+
+def test_other_users_model_is_forbidden(live: LiveServer, dana) -> None:
+    key, _ = dana
+    with pytest.raises(PermissionDeniedError):
+        client(live, key).completions.create(model="alice", prompt="hi", max_tokens=2)

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, type=Path, help="adapter file to write")
     train.add_argument("--epochs", type=int, default=3)
     train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--lr", type=float, default=2e-2)
+    train.add_argument("--lr", type=float, default=5e-2)
     train.add_argument("--max-length", type=int, default=512)
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train)

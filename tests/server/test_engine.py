@@ -1,0 +1,150 @@
+"""The engine on tiny random models: continuous batching with per-row adapters gives, for every
+request, exactly the greedy tokens of transformers' ``generate`` on the merged model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from adapters_store import AdapterStore, SlotPool
+from server.engine import ContextTooLong, Engine, EngineConfig, QueueFull
+from server.scheduler import SchedulerConfig
+from server.sequence import SamplingParams
+from vera_core import Adapter, AdapterHeader, VeraConfig, inject_vera, model_fingerprint
+from vera_core.merge import merge, unmerge
+
+
+class IdTokenizer:
+    eos_token_id = None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return " ".join(map(str, ids))
+
+
+def random_adapter(vm, seed: int) -> Adapter:
+    g = torch.Generator().manual_seed(seed)
+    header = AdapterHeader(vm.layout.r, 0, ("x",), model_fingerprint(vm.model))
+    return Adapter(
+        header,
+        {
+            s.name: (
+                torch.randn(vm.layout.r, generator=g),
+                torch.randn(s.out_features, generator=g),
+            )
+            for s in vm.layout.layers
+        },
+    )
+
+
+def reference(vm, adapter, prompt: list[int], n: int) -> list[int]:
+    if adapter is not None:
+        merge(vm, adapter)
+    try:
+        with torch.no_grad():
+            out = vm.model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
+    finally:
+        unmerge(vm)
+    return out[0, len(prompt) :].tolist()
+
+
+def build(make_tiny, kind: str, tmp_path, max_batch: int = 4, max_waiting: int = 64, **targets):
+    model = make_tiny(kind)
+    model.generation_config.eos_token_id = None
+    vm = inject_vera(model, VeraConfig(r=8, **targets), num_slots=4)
+    store = AdapterStore(tmp_path / "store", vm.layout, 0, model_fingerprint(model))
+    pool = SlotPool(vm.bank, store, host_capacity=8)
+    cfg = EngineConfig(
+        SchedulerConfig(max_batch=max_batch, max_waiting=max_waiting), max_seq_len=96
+    )
+    return vm, store, Engine(vm, IdTokenizer(), pool, cfg)
+
+
+@pytest.mark.parametrize(
+    "kind,targets",
+    [
+        ("llama", {}),
+        ("llama", {"target_modules": ("all-linear",)}),
+        ("gpt2", {}),
+    ],
+)
+def test_mixed_users_join_and_leave_exact(make_tiny, tmp_path, kind, targets) -> None:
+    vm, store, engine = build(make_tiny, kind, tmp_path, **targets)
+    users = {f"user{i}": random_adapter(vm, i) for i in range(5)}  # more users than slots
+    for uid, a in users.items():
+        store.put(uid, a)
+    g = torch.Generator().manual_seed(0)
+    jobs = []
+    for i in range(10):
+        uid = None if i % 4 == 3 else f"user{i % 5}"
+        prompt = torch.randint(
+            3, 120, (int(torch.randint(2, 20, (1,), generator=g)),), generator=g
+        ).tolist()
+        jobs.append((uid, prompt, SamplingParams(max_new_tokens=3 + (i * 7) % 13)))
+    engine.start()
+    try:
+        first = [engine.submit(*job) for job in jobs[:5]]
+        time.sleep(0.05)  # the rest join a running batch
+        rest = [engine.submit(*job) for job in jobs[5:]]
+        results = []
+        for seq in first + rest:
+            while (ev := seq.channel.get_sync(timeout=120)).finish_reason is None:
+                pass
+            assert ev.finish_reason == "length", ev
+            results.append(list(seq.output_ids))
+    finally:
+        engine.stop()
+    for (uid, prompt, params), got in zip(jobs, results):
+        want = reference(vm, users.get(uid), prompt, params.max_new_tokens)
+        assert got == want, (uid, prompt)
+    assert engine.kv.nbytes() == 0  # idle: KV freed
+    assert engine.pool.stats()["slots_pinned"] == 0
+
+
+def test_limits(make_tiny, tmp_path) -> None:
+    vm, _, engine = build(make_tiny, "llama", tmp_path, max_waiting=2)
+    with pytest.raises(ContextTooLong, match="exceeds the context limit of 96"):
+        engine.submit(None, list(range(90)), SamplingParams(max_new_tokens=10))
+    short = SamplingParams(max_new_tokens=4)
+    engine.submit(None, [5, 6], short)
+    engine.submit(None, [5, 6], short)
+    with pytest.raises(QueueFull):  # the engine is not started: nothing leaves the queue
+        engine.submit(None, [5, 6], short)
+
+
+def test_cancel_frees_row_and_slot(make_tiny, tmp_path) -> None:
+    vm, store, engine = build(make_tiny, "llama", tmp_path)
+    store.put("u", random_adapter(vm, 1))
+    engine.start()
+    try:
+        long = engine.submit("u", [5, 6, 7], SamplingParams(max_new_tokens=80))
+        short = engine.submit(None, [8, 9], SamplingParams(max_new_tokens=5))
+        assert long.channel.get_sync(timeout=60).finish_reason is None
+        long.cancel()
+        while (ev := long.channel.get_sync(timeout=60)).finish_reason is None:
+            pass
+        assert ev.finish_reason == "cancelled"
+        while (ev := short.channel.get_sync(timeout=60)).finish_reason is None:
+            pass
+        assert ev.finish_reason == "length" and len(short.output_ids) == 5
+        deadline = time.time() + 10
+        while engine.running() and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.running() == 0 and engine.pool.stats()["slots_pinned"] == 0
+    finally:
+        engine.stop()
+
+
+def test_unknown_adapter_is_refused_at_submit(make_tiny, tmp_path) -> None:
+    from adapters_store import AdapterNotFound
+
+    _, _, engine = build(make_tiny, "llama", tmp_path)
+    with pytest.raises(AdapterNotFound):
+        engine.submit("ghost", [1, 2], SamplingParams())

@@ -1,0 +1,66 @@
+"""Sampling and stop strings."""
+
+from __future__ import annotations
+
+import torch
+
+from server.detokenizer import StopChecker
+from server.sampler import sample
+from server.sequence import SamplingParams
+
+
+def test_greedy_and_top_k_one_are_argmax() -> None:
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    want = logits.argmax(-1).tolist()
+    assert sample(logits, [SamplingParams()] * 5, [None] * 5) == want
+    p = SamplingParams(temperature=1.5, top_k=1)
+    assert sample(logits, [p] * 5, [None] * 5) == want
+
+
+def test_seed_makes_sampling_reproducible() -> None:
+    logits = torch.zeros(1, 1000)
+    p = SamplingParams(temperature=1.0, seed=3)
+    runs = [
+        [sample(logits, [p], [g])[0] for _ in range(20)]
+        for g in (torch.Generator().manual_seed(3), torch.Generator().manual_seed(3))
+    ]
+    assert runs[0] == runs[1] and len(set(runs[0])) > 5
+
+
+def test_top_p_and_top_k_stay_inside_their_sets() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.05, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    top_p = {
+        sample(logits, [SamplingParams(temperature=1, top_p=0.75)], [g])[0] for _ in range(300)
+    }
+    assert top_p == {0, 1}  # 0.5 + 0.3 covers 0.75
+    top_k = {sample(logits, [SamplingParams(temperature=1, top_k=3)], [g])[0] for _ in range(300)}
+    assert top_k == {0, 1, 2}
+
+
+class CharTokenizer:
+    """Token i decodes to chr(i): enough to exercise incremental detokenization."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+def test_stop_string_truncates_and_holds_back_partial_matches() -> None:
+    c = StopChecker(CharTokenizer(), ("END",))
+    out = []
+    ids: list[int] = []
+    for ch in "abcEN":
+        ids.append(ord(ch))
+        out.append(c.update(ids))
+    assert "".join(out) == "abc"  # "EN" held back: it may become "END"
+    ids.append(ord("D"))
+    out.append(c.update(ids))
+    assert c.stopped and c.text == "abc" and "".join(out) == "abc"
+
+
+def test_false_alarm_is_released() -> None:
+    c = StopChecker(CharTokenizer(), ("END",))
+    ids = [ord(x) for x in "abEN"]
+    assert c.update(ids) == "ab"
+    ids += [ord("x")]
+    assert c.update(ids) == "ENx" and not c.stopped

@@ -71,7 +71,8 @@ class SlotPool:
         ticket = SlotTicket(user_id, version, time.monotonic())
         with self._lock:
             ticket._entry = self._host_entry(ticket.key)
-            hit = ticket.key in self._by_key or ticket._entry is not None
+            loaded = ticket._entry is not None and ticket._entry.flat is not None
+            hit = ticket.key in self._by_key or loaded  # a load still in flight is a miss
             self._counts["hits" if hit else "misses"] += 1
             if ticket.key in self._by_key:
                 ticket._on_device = True

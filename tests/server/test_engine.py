@@ -147,4 +147,4 @@ def test_unknown_adapter_is_refused_at_submit(make_tiny, tmp_path) -> None:
 
     _, _, engine = build(make_tiny, "llama", tmp_path)
     with pytest.raises(AdapterNotFound):
-        engine.submit("ghost", [1, 2], SamplingParams())
+        engine.submit("ghost", [1, 2], SamplingParams(max_new_tokens=4))

@@ -48,9 +48,16 @@ class SqliteIndex:
         with self._lock:
             self._db.close()
 
-    def _write(self, statements: list[tuple[str, tuple]]) -> list[list[tuple]]:
-        """Run ``statements`` in one IMMEDIATE transaction; return each one's rows."""
+    def _write(
+        self, statements: list[tuple[str, tuple]], durable: bool = True
+    ) -> list[list[tuple]]:
+        """Run ``statements`` in one IMMEDIATE transaction; return each one's rows.
+
+        ``durable=False`` skips the WAL fsync of this commit (the next durable commit covers it).
+        """
         with self._lock:
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 out = [self._db.execute(sql, args).fetchall() for sql, args in statements]
@@ -58,6 +65,9 @@ class SqliteIndex:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
             return out
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -65,12 +75,17 @@ class SqliteIndex:
             return self._db.execute(sql, args).fetchall()
 
     def reserve_version(self, user_id: str) -> int:
-        """Durably claim the user's next version number (a crash later only leaves a gap)."""
+        """Claim the user's next version number.
+
+        Not fsync'd on its own: it only has to survive if a file of that version does, and
+        then either the version's own (durable) index commit or recovery's ``bump_counter``
+        (file renamed, commit lost) records it. A lost reservation was never visible.
+        """
         sql = (
             "INSERT INTO counters VALUES (?, 1) ON CONFLICT(user_id) "
             "DO UPDATE SET last_version = last_version + 1 RETURNING last_version"
         )
-        return self._write([(sql, (user_id,))])[0][0][0]
+        return self._write([(sql, (user_id,))], durable=False)[0][0][0]
 
     def bump_counter(self, user_id: str, version: int) -> None:
         """Make sure the counter is at least ``version`` (recovery)."""

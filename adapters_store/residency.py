@@ -137,6 +137,7 @@ class SlotPool:
     def stats(self) -> dict:
         """Adapters/bytes per tier, slot usage, hits/misses/evictions, load latency (ms)."""
         row_bytes = self.bank.layout.num_params * self.bank.rows.element_size()
+        disk = self.store.list()  # an index query: outside the lock
         with self._lock:
             host_bytes = sum(e.nbytes for e in self._host.values())
             host_n = sum(1 for e in self._host.values() if e.flat is not None)
@@ -147,7 +148,7 @@ class SlotPool:
         return {
             "device": {"adapters": used, "bytes": used * row_bytes},
             "host": {"adapters": host_n, "bytes": host_bytes, "capacity": self.host_capacity},
-            "disk": {"adapters": len(self.store.list())},
+            "disk": {"adapters": len(disk), "bytes": sum(m.bytes for m in disk)},
             "bytes_per_adapter": row_bytes,
             "slots_total": self.bank.num_slots - 1,
             "slots_used": used,

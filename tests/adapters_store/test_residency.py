@@ -59,6 +59,9 @@ def test_acquire_copies_into_a_slot_and_shares_it(make_pool) -> None:
     assert (s["misses"], s["hits"]) == (1, 1)
     assert s["bytes_per_adapter"] == LAYOUT.num_params * 4 and s["device"]["adapters"] == 1
     assert s["host"] == {"adapters": 1, "bytes": LAYOUT.num_params * 4, "capacity": 8}
+    assert s["disk"]["adapters"] == 10 and s["disk"]["bytes"] == sum(
+        m.bytes for m in pool.store.list()
+    )
     assert s["load_latency_ms"]["count"] == 1 and s["load_latency_ms"]["p50"] > 0
 
 

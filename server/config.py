@@ -24,10 +24,12 @@ class ServerConfig:
     store: str = field(
         default="", metadata={"help": "adapter store directory (default $VERA_HOME/store)"}
     )
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    device: str = field(
+        default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda or cuda:N"}
+    )
     dtype: str = field(
         default="auto",
-        metadata={"help": "auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16"},
+        metadata={"help": "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16"},
     )
     r: int = field(default=256, metadata={"help": "VeRA rank of the shared projections"})
     projection_prng_key: int = field(default=0, metadata={"help": "seed of the shared projections"})
@@ -47,13 +49,14 @@ class ServerConfig:
     )
     max_body_mb: float = field(default=64.0, metadata={"help": "request body limit (MB)"})
     fallback_to_base: bool = field(
-        default=False, metadata={"help": "unknown adapter -> base model instead of 404"}
+        default=False,
+        metadata={"help": "a user without an adapter gets the base model instead of 404"},
     )
     admin_token: str = field(
         default="",
         metadata={"help": "admin bearer token (env VERA_ADMIN_TOKEN); empty = dev mode, no auth"},
     )
-    log_level: str = field(default="info", metadata={"help": "debug | info | warning"})
+    log_level: str = field(default="info", metadata={"help": "debug, info or warning"})
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):

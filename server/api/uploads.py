@@ -10,6 +10,7 @@ from typing import Any
 from server.api.errors import ApiError
 from vera_core.adapter import Adapter
 from vera_core.adapter_file import adapter_from_bytes
+from vera_core.errors import VeraError
 from vera_core.peft_compat import CONFIG_NAME, WEIGHTS_NAME, adapter_from_peft
 
 OCTET = "application/octet-stream"
@@ -21,11 +22,19 @@ def parse_upload(content_type: str, data: bytes, projections: Any, max_bytes: in
     kind = content_type.split(";")[0].strip().lower()
     if not data:
         raise ApiError(400, "empty body: send the adapter file")
-    if kind == OCTET:
-        return adapter_from_bytes(data)
-    if kind in ZIP_TYPES:
-        files = _read_zip(data, max_bytes)
-        return adapter_from_peft(files[CONFIG_NAME], files[WEIGHTS_NAME], projections)
+    try:
+        if kind == OCTET:
+            return adapter_from_bytes(data)
+        if kind in ZIP_TYPES:
+            files = _read_zip(data, max_bytes)
+            return adapter_from_peft(files[CONFIG_NAME], files[WEIGHTS_NAME], projections)
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+        # The parsers raise VeraError for what they anticipate; well-formed JSON of the wrong
+        # shape (e.g. metadata target_modules = "5", config r = [..]) can still trip a plain
+        # Python error deep inside. That is the client's bad input (400), never a 500.
+        if isinstance(e, VeraError):
+            raise
+        raise ApiError(400, f"malformed adapter: {type(e).__name__}: {e}") from None
     raise ApiError(
         415,
         f"unsupported Content-Type {kind or '(none)'!r}: use {OCTET} for a vera-serve adapter "

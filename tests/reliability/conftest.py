@@ -10,12 +10,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
 
-from kit import ADMIN, build_tiny_model, start_tiny, tiny_vm  # noqa: E402
+from kit import build_tiny_model, start_tiny, tiny_vm  # noqa: E402
 from live import LiveServer  # noqa: E402
 
 from vera_core import VeraModel  # noqa: E402
-
-__all__ = ["ADMIN"]
 
 
 @pytest.fixture(scope="session")

@@ -64,3 +64,19 @@ def test_false_alarm_is_released() -> None:
     assert c.update(ids) == "ab"
     ids += [ord("x")]
     assert c.update(ids) == "ENx" and not c.stopped
+
+
+def test_incremental_decode_equals_full_decode_on_real_tokenizer() -> None:
+    from transformers import AutoTokenizer
+
+    from server.model_source import default_model_dir
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    text = "Héllo wörld! 😀 naïve café — 日本語のテキスト\n  indented  code()  END tail"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    plain = StopChecker(tok, ())
+    out = "".join(plain.update(ids[: i + 1]) for i in range(len(ids))) + plain.flush()
+    assert out == tok.decode(ids, skip_special_tokens=True)
+    stopping = StopChecker(tok, ("END",))
+    streamed = "".join(stopping.update(ids[: i + 1]) for i in range(len(ids)))
+    assert stopping.stopped and streamed + stopping.flush() == text[: text.index("END")]

@@ -15,8 +15,22 @@ router = APIRouter()
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 415, 422)}
 
 
+# The body is read raw (it is a file, not JSON); declare it so clients and fuzzers see it.
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": _BINARY, "application/zip": _BINARY},
+    }
+}
+
+
 @router.put(
-    "/users/{user_id}/adapter", status_code=201, response_model=AdapterUploaded, responses=_ERRORS
+    "/users/{user_id}/adapter",
+    status_code=201,
+    response_model=AdapterUploaded,
+    responses=_ERRORS,
+    openapi_extra=_UPLOAD_BODY,
 )
 async def put_adapter(user_id: str, request: Request, who: Principal = Depends(principal)):
     """Body: a vera-serve adapter file (``application/octet-stream``) or a PEFT VeRA adapter

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import AdapterNotFound, InvalidUserId, SlotsExhausted, StoreError
 from server.engine import ContextTooLong, EngineStopped, QueueFull
@@ -57,8 +58,11 @@ def install(app: FastAPI) -> None:
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.kind, exc.headers)
 
-    @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+    # Starlette's base class, not FastAPI's subclass: routing 404/405 and FastAPI's own
+    # "error parsing the body" 400 are raised as the base class and would otherwise leave as
+    # {"detail": ...}, breaking the one error shape the schema declares.
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), "http_error", exc.headers)
 
     @app.exception_handler(RequestValidationError)

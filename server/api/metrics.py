@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -69,7 +70,8 @@ def make_registry(rt: Any) -> CollectorRegistry:
     return registry
 
 
-@router.get("/metrics")
+# Declared as text/plain so the OpenAPI schema matches what Prometheus scrapes (not JSON).
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     data = generate_latest(request.app.state.metrics_registry)
     return Response(data, media_type=CONTENT_TYPE_LATEST)

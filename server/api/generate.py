@@ -6,12 +6,21 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.auth import Principal, principal, require_access
-from server.api.runner import collect, encode_prompt, raise_for_error, sampling, sse_stream, submit
+from server.api.runner import (
+    STREAM_200,
+    collect,
+    encode_prompt,
+    raise_for_error,
+    sampling,
+    sse_stream,
+    submit,
+)
 from server.api.schemas import ErrorBody, GenerateRequest, GenerateResponse
 from server.sequence import Event
 
 router = APIRouter()
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 503)}
+_ERRORS.update(STREAM_200)
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=_ERRORS)

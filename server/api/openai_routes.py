@@ -11,7 +11,15 @@ from fastapi.responses import StreamingResponse
 
 from server.api.auth import Principal, principal, require_access
 from server.api.openai_schemas import ChatCompletionRequest, CompletionRequest
-from server.api.runner import collect, encode_prompt, raise_for_error, sampling, sse_stream, submit
+from server.api.runner import (
+    STREAM_200,
+    collect,
+    encode_prompt,
+    raise_for_error,
+    sampling,
+    sse_stream,
+    submit,
+)
 from server.api.schemas import ErrorBody
 from server.sequence import Event
 
@@ -59,7 +67,7 @@ async def list_models(request: Request, who: Principal = Depends(principal)) -> 
     return {"object": "list", "data": data}
 
 
-@router.post("/completions", responses=_ERRORS)
+@router.post("/completions", responses={**_ERRORS, **STREAM_200})
 async def completions(
     body: CompletionRequest, request: Request, who: Principal = Depends(principal)
 ):
@@ -100,7 +108,7 @@ async def completions(
     return {**chunk(out.text, _finish(out.final)), "usage": _usage(out.final)}
 
 
-@router.post("/chat/completions", responses=_ERRORS)
+@router.post("/chat/completions", responses={**_ERRORS, **STREAM_200})
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, who: Principal = Depends(principal)
 ):

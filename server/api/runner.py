@@ -15,6 +15,19 @@ from server.api.errors import ApiError
 from server.sequence import Event, SamplingParams, Sequence
 
 _DISCONNECT_POLL_S = 0.5
+# OpenAPI: with "stream": true the 200 is Server-Sent Events (each ``data:`` one JSON object,
+# the OpenAI routes end with ``data: [DONE]``), not the JSON body.
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+    "required": ["data"],
+}
+STREAM_200 = {
+    200: {
+        "description": "JSON, or Server-Sent Events when the request sets stream=true",
+        "content": {"text/event-stream": {"schema": _SSE_EVENT}},
+    }
+}
 
 
 def encode_prompt(rt: Any, prompt: str | None, messages: list[dict] | None) -> list[int]:

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from adapters_store import AdapterNotFound, InvalidUserId, SlotsExhausted, StoreError
 from server.engine import ContextTooLong, EngineStopped, QueueFull
@@ -71,6 +72,13 @@ def install(app: FastAPI) -> None:
 
     for exc_type, status, kind in _MAPPING:
         app.add_exception_handler(exc_type, _make_handler(status, kind))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(_: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client hung up mid-body (e.g. during an upload): nothing was stored and no one
+        # is left to read a reply. Not a server fault, so no "unhandled error" traceback.
+        log.info("client disconnected before its request body was read")
+        return error_response(400, "client disconnected mid-request", "client_disconnected")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -17,10 +17,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
 
+from live import ADMIN as ADMIN_TOKEN  # noqa: E402
 from live import LiveServer, random_adapter, start_server  # noqa: E402
 
 from vera_core import Adapter, VeraConfig, VeraModel, inject_vera, model_fingerprint  # noqa: E402
 from vera_core.adapter_file import adapter_to_bytes  # noqa: E402
+
+__all__ = ["ADMIN_TOKEN", "LiveServer"]
 
 TINY_R = 16
 OCTET = {"Content-Type": "application/octet-stream"}

@@ -187,8 +187,8 @@ class Engine:
         need = max(s.num_tokens + 1 for s in self.scheduler.running)
         self.kv.reserve(len(self.scheduler.running), min(need, self.context_limit))
         produced: list[tuple[Sequence, torch.Tensor]] = []
-        for seq in plan.prefill:
-            produced.append((seq, self._extend(seq)))
+        if plan.prefill:
+            produced += list(zip(plan.prefill, self._prefill(plan.prefill)))
         decode = [s for s in plan.decode if not s.cancelled.is_set()]
         if decode and len(decode) == len(plan.decode):
             logits = self._decode(decode)
@@ -237,15 +237,31 @@ class Engine:
         self.kv.step = None
         return out.logits[:, -1]  # [batch, vocab]
 
-    def _extend(self, seq: Sequence) -> torch.Tensor:
-        n = len(seq.prompt_ids)
-        ids = torch.tensor([seq.prompt_ids], device=self.device)
-        mask = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()[None, None]
-        pos = torch.arange(n, device=self.device)[None]
-        step = KVStep(rows=0, kv_len=n, extend_row=seq.kv_row, start=0)
-        logits = self._forward(ids, mask, pos, [seq.adapter_slot], step)
-        seq.num_cached = n
-        return logits[0]
+    def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        """All admitted prompts in one left-padded forward: [len(seqs), vocab] last logits."""
+        lens = [len(s.prompt_ids) for s in seqs]
+        width = max(lens)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        pos = torch.zeros(len(seqs), width, dtype=torch.long)
+        keep = torch.zeros(len(seqs), width, dtype=torch.bool)  # real (non-pad) tokens
+        for i, (s, n) in enumerate(zip(seqs, lens)):
+            ids[i, width - n :] = torch.tensor(s.prompt_ids)
+            pos[i, width - n :] = torch.arange(n)
+            keep[i, width - n :] = True
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        mask = causal[None] & keep[:, None, :]  # [B, query, key]
+        mask |= torch.eye(width, dtype=torch.bool)[None]  # pad rows see themselves: no NaN
+        step = KVStep(kv_len=width, prefill_rows=[s.kv_row for s in seqs], prefill_lens=lens)
+        logits = self._forward(
+            ids.to(self.device),
+            mask[:, None].to(self.device),
+            pos.to(self.device),
+            [s.adapter_slot for s in seqs],
+            step,
+        )
+        for s, n in zip(seqs, lens):
+            s.num_cached = n
+        return logits
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)

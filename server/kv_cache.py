@@ -19,14 +19,18 @@ import torch
 
 @dataclass
 class KVStep:
-    """Where the current forward writes. Decode: one token for each of rows 0..n-1.
-    Extend: ``num_tokens`` tokens of one row starting at position ``start``."""
+    """Where the current forward writes.
 
-    rows: int  # decode: rows 0..rows-1 take part
+    Decode: one token for each of rows 0..rows-1, at ``positions``; attend to ``kv_len`` columns.
+    Prefill: a left-padded batch of whole prompts; batch row i is KV row ``prefill_rows[i]``
+    and its prompt is the last ``prefill_lens[i]`` columns.
+    """
+
+    rows: int = 0
     positions: torch.Tensor | None = None  # decode: [rows] write position per row
-    kv_len: int = 0  # columns to read back
-    extend_row: int = -1  # extend: the row
-    start: int = 0  # extend: first position
+    kv_len: int = 0
+    prefill_rows: list[int] | None = None
+    prefill_lens: list[int] | None = None
 
 
 class SlotKVCache:
@@ -100,11 +104,12 @@ class SlotKVCache:
             self.keys[layer_idx] = torch.empty(shape, device=key.device, dtype=key.dtype)
             self.values[layer_idx] = torch.empty(shape, device=key.device, dtype=key.dtype)
         kbuf, vbuf = self.keys[layer_idx], self.values[layer_idx]
-        if step.extend_row >= 0:
-            row, s, n = step.extend_row, step.start, key.shape[2]
-            kbuf[row, :, s : s + n].copy_(key[0])
-            vbuf[row, :, s : s + n].copy_(value[0])
-            return kbuf[row : row + 1, :, : s + n], vbuf[row : row + 1, :, : s + n]
+        if step.prefill_rows is not None:  # attention needs only this forward's keys
+            width = key.shape[2]
+            for i, (row, n) in enumerate(zip(step.prefill_rows, step.prefill_lens)):
+                kbuf[row, :, :n].copy_(key[i, :, width - n :])
+                vbuf[row, :, :n].copy_(value[i, :, width - n :])
+            return key, value
         rows = torch.arange(step.rows, device=key.device)
         kbuf[rows, :, step.positions] = key[:, :, 0]
         vbuf[rows, :, step.positions] = value[:, :, 0]

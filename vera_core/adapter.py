@@ -70,13 +70,16 @@ class Adapter:
                 peak = t.abs().max().item() if t.numel() else 0.0
                 if peak > max_abs:
                     raise AdapterValueError(
-                        f"{name}.{label} has |value| {peak:.3g} > {max_abs:g}: not a trained adapter"
+                        f"{name}.{label} has |value| {peak:.3g} > {max_abs:g}: "
+                        "not a trained adapter"
                     )
 
     def check_fits(self, layout: Layout, key: int, fingerprint: str | None = None) -> None:
         """Raise AdapterMismatchError saying what differs from this server's layout, key, model."""
         if self.header.r != layout.r:
-            raise AdapterMismatchError(f"adapter has r={self.header.r}, this server uses r={layout.r}")
+            raise AdapterMismatchError(
+                f"adapter has r={self.header.r}, this server uses r={layout.r}"
+            )
         if self.header.projection_prng_key != key:
             raise AdapterMismatchError(
                 f"adapter has projection_prng_key={self.header.projection_prng_key}, "

@@ -75,7 +75,9 @@ def _int_field(meta: dict[str, str], key: str) -> int:
     except KeyError:
         raise AdapterFormatError(f"adapter metadata lacks {key!r}") from None
     except ValueError:
-        raise AdapterFormatError(f"adapter metadata {key!r}={meta[key]!r} is not an integer") from None
+        raise AdapterFormatError(
+            f"adapter metadata {key!r}={meta[key]!r} is not an integer"
+        ) from None
 
 
 def split_vectors(

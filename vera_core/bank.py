@@ -38,6 +38,10 @@ class VeraBank:
     def num_slots(self) -> int:
         return self.rows.shape[0]
 
+    def offset(self, name: str) -> int:
+        """Column where layer ``name``'s d starts in a flat row (its b follows after r)."""
+        return self._offsets[name]
+
     def views(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(D [num_slots, r], Bv [num_slots, out]) for layer ``name``; views into ``rows``."""
         off = self._offsets[name]

@@ -2,7 +2,10 @@
 
 The caller sets the adapter slot of each row (or each token) before a forward; layers read it
 here, so model code keeps its signatures. The context also caches ``x @ A.T`` for the current
-input tensor: layers reading the same input (q/k/v, gate/up) compute the projection once.
+input tensor: layers reading the same input (q/k/v, gate/up) compute the projection once, and
+gathers each row's whole adapter row from the bank once per forward, so that every layer's
+``D[s]`` and ``Bv[s]`` are column slices of one [rows, num_params] tensor instead of a gather
+on a strided view per layer.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ class AdapterContext:
         self.share_projection: bool = True
         self._x: torch.Tensor | None = None
         self._u: dict[int, torch.Tensor] = {}
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (bank rows, gathered)
 
     @contextmanager
     def use(self, slots: torch.Tensor | None) -> Iterator[None]:
@@ -34,6 +38,14 @@ class AdapterContext:
     def clear_cache(self) -> None:
         self._x = None
         self._u = {}
+        self._rows = None
+
+    def gathered(self, bank_rows: torch.Tensor) -> torch.Tensor:
+        """``bank_rows[slots]``: [*slots.shape, num_params], computed once per forward."""
+        assert self.slots is not None
+        if self._rows is None or self._rows[0] is not bank_rows:
+            self._rows = (bank_rows, bank_rows[self.slots])
+        return self._rows[1]
 
     def project(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """``x @ a.T`` with a: [r, in]; reused while the same input tensor comes back."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 
-
 from torch import nn
 
 _CONFIG_KEYS = (
@@ -38,5 +37,3 @@ def model_fingerprint(model: nn.Module) -> str:
         h.update(name.replace(".base_layer", "").encode())
         h.update(",".join(f"{s:.3g}" for s in stats).encode())
     return h.hexdigest()[:16]
-
-

@@ -29,9 +29,8 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"{type(module).__name__} is not a linear layer VeRA can adapt")
 
 
-def _gather(bank_view: torch.Tensor, slots: torch.Tensor, x_dim: int) -> torch.Tensor:
-    """bank_view[slots], shaped to broadcast against a [..., features] activation."""
-    picked = bank_view[slots]  # slots.shape + [features]
+def _broadcastable(picked: torch.Tensor, x_dim: int) -> torch.Tensor:
+    """[*slots.shape, features] shaped to broadcast against a [..., features] activation."""
     while picked.dim() < x_dim:
         picked = picked.unsqueeze(-2)  # row slots against [batch, seq, features]
     return picked
@@ -71,10 +70,12 @@ class VeraLinear(nn.Module):
         slots = self.context.slots
         if slots is None:
             return y
-        d_bank, b_bank = self.bank_views()
-        u = self.context.project(x.to(d_bank.dtype), self.A)  # [..., r]
-        u = u * _gather(d_bank, slots, x.dim())
-        delta = torch.nn.functional.linear(u, self.B) * _gather(b_bank, slots, x.dim())
+        rows = self.context.gathered(self._bank.rows)  # [*slots.shape, num_params]
+        off, r = self._bank.offset(self.name), self._bank.layout.r
+        d = _broadcastable(rows[..., off : off + r], x.dim())  # [..., r]
+        b = _broadcastable(rows[..., off + r : off + r + self.out_features], x.dim())  # [..., out]
+        u = self.context.project(x.to(rows.dtype), self.A)  # [..., r]
+        delta = torch.nn.functional.linear(u * d, self.B) * b
         return y + delta.to(y.dtype)
 
     def delta_weight(self, d: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

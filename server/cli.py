@@ -21,7 +21,12 @@ def _serve(args: argparse.Namespace) -> int:
     runtime = Runtime.build(cfg)
     app = create_app(runtime)
     uvicorn.run(
-        app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=120
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        log_level=cfg.log_level,
+        timeout_graceful_shutdown=120,  # SIGTERM: drain in-flight requests first
+        timeout_keep_alive=30,  # outlive client pools' idle connections (no reset races)
     )
     return 0
 

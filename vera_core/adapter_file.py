@@ -38,7 +38,18 @@ def adapter_to_bytes(adapter: Adapter) -> bytes:
         "base_fingerprint": h.base_fingerprint,
         "dtype": h.dtype,
     }
-    return st_save(tensors, metadata=metadata)
+    return _canonical(st_save(tensors, metadata=metadata))
+
+
+def _canonical(data: bytes) -> bytes:
+    """Rewrite the safetensors header with sorted keys: the same adapter always gives the same
+    bytes (and sha256), whatever order the writer emitted the JSON in. Offsets are relative to
+    the data section, so only the header changes."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keep the data section 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

@@ -27,11 +27,19 @@ from vera_core.projections import Projections
 _LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
+_REGEX_CHARS = set("*+?[](){}|^$\\")
+
+
+def _is_regex(targets: tuple[str, ...]) -> bool:
+    """PEFT reads a single target string as a regex (fullmatch), a list as name suffixes."""
+    return len(targets) == 1 and bool(_REGEX_CHARS & set(targets[0]))
+
+
 def _matches(name: str, targets: tuple[str, ...]) -> bool:
     if len(targets) == 1 and targets[0] == ALL_LINEAR:
         return True
-    if len(targets) == 1 and not targets[0].isidentifier():
-        return re.fullmatch(targets[0], name) is not None  # PEFT: a str is a regex
+    if _is_regex(targets):
+        return re.fullmatch(targets[0], name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
@@ -49,8 +57,8 @@ def find_targets(model: nn.Module, config: VeraConfig) -> list[tuple[str, nn.Mod
     linear_names = sorted(
         {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, _LINEAR_TYPES)}
     )
-    if targets != (ALL_LINEAR,) and all(t.isidentifier() for t in targets):
-        missing = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t for n, _ in found)]
+    if targets != (ALL_LINEAR,) and not _is_regex(targets):
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in found)]
         if missing:
             raise TargetModuleError(
                 f"target modules {missing} not found among the model's linear layers; "

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
 
-from adapters_store import validate_user_id
+from adapters_store import USER_ID_PATTERN, validate_user_id
 from server.api.auth import Principal, principal, require_access
 from server.api.schemas import AdapterInfo, AdapterUploaded, ErrorBody
 from server.api.uploads import parse_upload
 
 router = APIRouter()
+UserId = Annotated[
+    str, Path(pattern=f"^{USER_ID_PATTERN}$", description="letters, digits, '.', '_', '-'; 1-128")
+]
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 415, 422)}
 
 
@@ -32,7 +36,7 @@ _UPLOAD_BODY = {
     responses=_ERRORS,
     openapi_extra=_UPLOAD_BODY,
 )
-async def put_adapter(user_id: str, request: Request, who: Principal = Depends(principal)):
+async def put_adapter(user_id: UserId, request: Request, who: Principal = Depends(principal)):
     """Body: a vera-serve adapter file (``application/octet-stream``) or a PEFT VeRA adapter
     directory as a zip (``application/zip``). Validated before anything is stored."""
     validate_user_id(user_id)
@@ -54,7 +58,7 @@ async def put_adapter(user_id: str, request: Request, who: Principal = Depends(p
 
 
 @router.get("/users/{user_id}/adapter", response_model=AdapterInfo, responses=_ERRORS)
-async def get_adapter(user_id: str, request: Request, who: Principal = Depends(principal)):
+async def get_adapter(user_id: UserId, request: Request, who: Principal = Depends(principal)):
     validate_user_id(user_id)
     require_access(who, user_id)
     meta = request.app.state.runtime.store.meta(user_id)
@@ -62,7 +66,7 @@ async def get_adapter(user_id: str, request: Request, who: Principal = Depends(p
 
 
 @router.delete("/users/{user_id}/adapter", status_code=204, responses=_ERRORS)
-async def delete_adapter(user_id: str, request: Request, who: Principal = Depends(principal)):
+async def delete_adapter(user_id: UserId, request: Request, who: Principal = Depends(principal)):
     validate_user_id(user_id)
     require_access(who, user_id)
     rt = request.app.state.runtime

@@ -23,8 +23,8 @@ class Principal:
         return self.is_admin or self.user_id == user_id
 
 
-def principal(request: Request) -> Principal:
-    """FastAPI dependency: authenticate the bearer token."""
+async def principal(request: Request) -> Principal:
+    """FastAPI dependency: authenticate the bearer token (cheap: no worker thread)."""
     rt = request.app.state.runtime
     if rt.config.dev_mode:
         return Principal("dev")

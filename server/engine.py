@@ -8,7 +8,6 @@ slot. Sequences join at the next step and leave as soon as they finish.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import logging
 import threading
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 
 from server.detokenizer import StopChecker
-from server.kv_cache import KVStep, SlotKVCache
+from server.model_runner import ModelRunner
 from server.sampler import sample
 from server.scheduler import Scheduler, SchedulerConfig
 from server.sequence import Channel, Event, SamplingParams, Sequence, Status
@@ -63,21 +62,13 @@ class Engine:
         self.config = config
         self.scheduler = Scheduler(config.scheduler)
         self.device = next(self.model.parameters()).device
-        dtype = next(self.model.parameters()).dtype
         cfg = self.model.config
         self.context_limit = min(
             config.max_seq_len, getattr(cfg, "max_position_embeddings", None) or 10**9
         )
-        num_layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-        self.kv = SlotKVCache(
-            num_layers, config.scheduler.max_batch, self.context_limit, self.device, dtype
-        )
+        self.runner = ModelRunner(vm, config.scheduler.max_batch, self.context_limit)
+        self.kv = self.runner.kv
         self.eos_ids = _eos_ids(self.model, tokenizer)
-        self._cache_kw = (
-            "cache"
-            if "cache" in inspect.signature(self.model.forward).parameters
-            else "past_key_values"
-        )
         self.stats = EngineStats()
         self._ids = itertools.count(1)
         self._inbox: deque[Sequence] = deque()
@@ -188,13 +179,13 @@ class Engine:
         self.kv.reserve(len(self.scheduler.running), min(need, self.context_limit))
         produced: list[tuple[Sequence, torch.Tensor]] = []
         if plan.prefill:
-            produced += list(zip(plan.prefill, self._prefill(plan.prefill)))
+            produced += list(zip(plan.prefill, self.runner.prefill(plan.prefill)))
         decode = [s for s in plan.decode if not s.cancelled.is_set()]
         if decode and len(decode) == len(plan.decode):
-            logits = self._decode(decode)
+            logits = self.runner.decode(decode)
             produced += list(zip(decode, logits))
         elif decode:  # cancelled rows in the middle: still decode all rows, drop theirs
-            logits = self._decode(plan.decode)
+            logits = self.runner.decode(plan.decode)
             produced += [(s, lg) for s, lg in zip(plan.decode, logits) if s in decode]
         self._emit(produced)
         for seq in list(self.scheduler.running):
@@ -220,60 +211,6 @@ class Engine:
             return False
         seq.adapter_slot = slot
         return True
-
-    # -- forwards -------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, slots, step):
-        self.kv.step = step
-        use = None if slots is None or not any(slots) else torch.tensor(slots, device=self.device)
-        with self.vm.slots(use):
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=pos,
-                use_cache=True,
-                logits_to_keep=1,
-                **{self._cache_kw: self.kv},
-            )
-        self.kv.step = None
-        return out.logits[:, -1]  # [batch, vocab]
-
-    def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
-        """All admitted prompts in one left-padded forward: [len(seqs), vocab] last logits."""
-        lens = [len(s.prompt_ids) for s in seqs]
-        width = max(lens)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        pos = torch.zeros(len(seqs), width, dtype=torch.long)
-        keep = torch.zeros(len(seqs), width, dtype=torch.bool)  # real (non-pad) tokens
-        for i, (s, n) in enumerate(zip(seqs, lens)):
-            ids[i, width - n :] = torch.tensor(s.prompt_ids)
-            pos[i, width - n :] = torch.arange(n)
-            keep[i, width - n :] = True
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        mask = causal[None] & keep[:, None, :]  # [B, query, key]
-        mask |= torch.eye(width, dtype=torch.bool)[None]  # pad rows see themselves: no NaN
-        step = KVStep(kv_len=width, prefill_rows=[s.kv_row for s in seqs], prefill_lens=lens)
-        logits = self._forward(
-            ids.to(self.device),
-            mask[:, None].to(self.device),
-            pos.to(self.device),
-            [s.adapter_slot for s in seqs],
-            step,
-        )
-        for s, n in zip(seqs, lens):
-            s.num_cached = n
-        return logits
-
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
-        positions = torch.tensor([s.num_cached for s in seqs], device=self.device)
-        kv_len = int(positions.max()) + 1
-        cols = torch.arange(kv_len, device=self.device)
-        mask = (cols[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, kv_len]
-        step = KVStep(rows=len(seqs), positions=positions, kv_len=kv_len)
-        logits = self._forward(ids, mask, positions[:, None], [s.adapter_slot for s in seqs], step)
-        for s in seqs:
-            s.num_cached += 1
-        return logits
 
     # -- outputs --------------------------------------------------------------------------
     def _emit(self, produced: list[tuple[Sequence, torch.Tensor]]) -> None:

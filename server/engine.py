@@ -216,8 +216,18 @@ class Engine:
     def _emit(self, produced: list[tuple[Sequence, torch.Tensor]]) -> None:
         if not produced:
             return
+        logits = torch.stack([lg for _, lg in produced]).float()  # [rows, vocab]
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        if not all(finite):  # fail only the rows whose numbers blew up, never the batch
+            for (seq, _), ok in zip(produced, finite):
+                if not ok:  # its K/V may hold NaN too: the row's next owner must not see it
+                    self.kv.clear_row(seq.kv_row, seq.num_cached + 1)
+                    self._fail(seq, "the model produced NaN/Inf logits for this request")
+            produced = [p for p, ok in zip(produced, finite) if ok]
+            logits = logits[torch.tensor(finite)]
+            if not produced:
+                return
         seqs = [s for s, _ in produced]
-        logits = torch.stack([lg for _, lg in produced]).float()
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         now = time.perf_counter()
         for seq, tok in zip(seqs, tokens):

@@ -69,7 +69,9 @@ class SlotKVCache:
     def _grow(self, old: torch.Tensor | None, rows: int, length: int) -> torch.Tensor | None:
         if old is None:
             return None  # allocated on the first write, when head shapes are known
-        new = old.new_empty(rows, old.shape[1], length, old.shape[3])
+        # zeros, not empty: masked-out columns still meet the values (0 * NaN = NaN), so
+        # recycled memory holding NaN/Inf bit patterns would poison the attention output
+        new = old.new_zeros(rows, old.shape[1], length, old.shape[3])
         new[: old.shape[0], :, : old.shape[2]].copy_(old)
         return new
 
@@ -88,6 +90,12 @@ class SlotKVCache:
             return 0
         return 2 * self.num_layers * k.shape[1] * k.shape[3] * k.element_size()
 
+    def clear_row(self, row: int, length: int) -> None:
+        """Zero a row's first ``length`` positions (after non-finite values were written)."""
+        for buf in self.keys + self.values:
+            if buf is not None:
+                buf[row, :, :length].zero_()
+
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy row ``src`` (first ``length`` positions) into row ``dst`` (compaction)."""
         for buf in self.keys + self.values:
@@ -101,8 +109,8 @@ class SlotKVCache:
         assert step is not None, "KVStep not set before the forward"
         if self.keys[layer_idx] is None:
             shape = (self._rows_cap, key.shape[1], self._len_cap, key.shape[3])
-            self.keys[layer_idx] = torch.empty(shape, device=key.device, dtype=key.dtype)
-            self.values[layer_idx] = torch.empty(shape, device=key.device, dtype=key.dtype)
+            self.keys[layer_idx] = torch.zeros(shape, device=key.device, dtype=key.dtype)
+            self.values[layer_idx] = torch.zeros(shape, device=key.device, dtype=key.dtype)
         kbuf, vbuf = self.keys[layer_idx], self.values[layer_idx]
         if step.prefill_rows is not None:  # attention needs only this forward's keys
             width = key.shape[2]

@@ -148,3 +148,34 @@ def test_unknown_adapter_is_refused_at_submit(make_tiny, tmp_path) -> None:
     _, _, engine = build(make_tiny, "llama", tmp_path)
     with pytest.raises(AdapterNotFound):
         engine.submit("ghost", [1, 2], SamplingParams(max_new_tokens=4))
+
+
+def test_nan_in_one_row_fails_only_that_request(make_tiny, tmp_path) -> None:
+    """A row whose numbers blow up gets an error; the rest of the batch carries on."""
+    vm, store, engine = build(make_tiny, "llama", tmp_path)
+    store.put("good", random_adapter(vm, 1))
+    store.put("bad", random_adapter(vm, 2))
+    ticket = engine.pool.request("bad")  # make "bad" resident, then corrupt its slot
+    assert ticket.wait_host(10)
+    slot = engine.pool.acquire(ticket)
+    vm.bank.rows[slot].fill_(float("inf"))
+    engine.pool.release(slot)
+    engine.start()
+    try:
+        jobs = [("good", [5, 6, 7]), ("bad", [5, 6, 7]), (None, [8, 9])]
+        seqs = [engine.submit(u, ids, SamplingParams(max_new_tokens=6)) for u, ids in jobs]
+        reasons = []
+        for seq in seqs:
+            while (ev := seq.channel.get_sync(timeout=60)).finish_reason is None:
+                pass
+            reasons.append((ev.finish_reason, ev.error))
+        assert reasons[0] == ("length", None) and reasons[2] == ("length", None)
+        assert reasons[1][0] == "error" and "NaN/Inf" in reasons[1][1]
+        want = reference(vm, store.get("good")[0], [5, 6, 7], 6)
+        assert seqs[0].output_ids == want
+        again = engine.submit("good", [5, 6, 7], SamplingParams(max_new_tokens=6))
+        while again.channel.get_sync(timeout=60).finish_reason is None:
+            pass
+        assert again.output_ids == want  # the poisoned KV row was cleaned
+    finally:
+        engine.stop()

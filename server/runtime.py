@@ -70,7 +70,7 @@ class Runtime:
         log.info(
             "loaded %s from %s on %s (%s) in %.1f s: base model %.1f MiB, shared A/B %.2f MiB, "
             "%d adapted layers (%s), r=%d, %d params/adapter (%.1f KiB), device slots %d "
-            "(%.1f MiB), adapters in store: %d",
+            "(%.1f MiB), adapters in store: %d, process RSS %.0f MiB",
             self.model_name,
             path,
             self.config.torch_device,
@@ -86,6 +86,7 @@ class Runtime:
             self.config.device_slots,
             vm.bank.nbytes() / mib,
             len(self.store.list()),
+            self.memory()["host_rss_bytes"] / mib,
         )
         if self.config.dev_mode:
             banner = "!" * 78

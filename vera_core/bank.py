@@ -32,22 +32,26 @@ class VeraBank:
             if rows is not None
             else torch.zeros(num_slots, layout.num_params, device=device, dtype=dtype)
         )  # [num_slots, num_params]
-        self._offsets = layout.offsets()
+        offsets = layout.offsets()
+        # layer name -> (first column of its d, length of its b)
+        self._columns = {
+            spec.name: (offsets[spec.name], spec.out_features) for spec in layout.layers
+        }
 
     @property
     def num_slots(self) -> int:
         return self.rows.shape[0]
 
-    def offset(self, name: str) -> int:
-        """Column where layer ``name``'s d starts in a flat row (its b follows after r)."""
-        return self._offsets[name]
+    def split(self, rows: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``name``'s columns of flat adapter rows [..., num_params]: d [..., r] and
+        b [..., out], as views."""
+        off, out = self._columns[name]
+        r = self.layout.r
+        return rows[..., off : off + r], rows[..., off + r : off + r + out]
 
     def views(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(D [num_slots, r], Bv [num_slots, out]) for layer ``name``; views into ``rows``."""
-        off = self._offsets[name]
-        r = self.layout.r
-        out = self.layout.spec(name).out_features
-        return self.rows[:, off : off + r], self.rows[:, off + r : off + r + out]
+        return self.split(self.rows, name)
 
     @torch.no_grad()
     def load(self, slot: int, flat: torch.Tensor) -> None:

@@ -71,9 +71,8 @@ class VeraLinear(nn.Module):
         if slots is None:
             return y
         rows = self.context.gathered(self._bank.rows)  # [*slots.shape, num_params]
-        off, r = self._bank.offset(self.name), self._bank.layout.r
-        d = _broadcastable(rows[..., off : off + r], x.dim())  # [..., r]
-        b = _broadcastable(rows[..., off + r : off + r + self.out_features], x.dim())  # [..., out]
+        d, b = self._bank.split(rows, self.name)  # [*slots.shape, r], [*slots.shape, out]
+        d, b = _broadcastable(d, x.dim()), _broadcastable(b, x.dim())
         u = self.context.project(x.to(rows.dtype), self.A)  # [..., r]
         delta = torch.nn.functional.linear(u * d, self.B) * b
         return y + delta.to(y.dtype)

@@ -31,7 +31,6 @@ class TrainConfig:
     epochs: int = 3
     batch_size: int = 8
     lr: float = 5e-2  # VeRA's vectors want far higher rates than LoRA (paper: 1e-3 .. 1e-1)
-    lr_d_scale: float = 1.0  # d's rate relative to b's
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     max_length: int = 512

@@ -1,8 +1,8 @@
 """The engine: one background thread owns the model and runs continuous batching.
 
-Each step: admit waiting sequences whose adapter is resident (prefill, one forward per
-prompt), then one decode forward for every running sequence, each row with its own adapter
-slot. Sequences join at the next step and leave as soon as they finish.
+Each step: admit waiting sequences whose adapter is resident (one left-padded prefill
+forward for all of them), then one decode forward for every running sequence, each row with
+its own adapter slot. Sequences join at the next step and leave as soon as they finish.
 """
 
 from __future__ import annotations
@@ -177,17 +177,18 @@ class Engine:
             return
         need = max(s.num_tokens + 1 for s in self.scheduler.running)
         self.kv.reserve(len(self.scheduler.running), min(need, self.context_limit))
-        produced: list[tuple[Sequence, torch.Tensor]] = []
+        seqs: list[Sequence] = []
+        logits: list[torch.Tensor] = []  # [rows, vocab] per forward
         if plan.prefill:
-            produced += list(zip(plan.prefill, self.runner.prefill(plan.prefill)))
-        decode = [s for s in plan.decode if not s.cancelled.is_set()]
-        if decode and len(decode) == len(plan.decode):
-            logits = self.runner.decode(decode)
-            produced += list(zip(decode, logits))
-        elif decode:  # cancelled rows in the middle: still decode all rows, drop theirs
-            logits = self.runner.decode(plan.decode)
-            produced += [(s, lg) for s, lg in zip(plan.decode, logits) if s in decode]
-        self._emit(produced)
+            seqs += plan.prefill
+            logits.append(self.runner.prefill(plan.prefill))
+        live = [not s.cancelled.is_set() for s in plan.decode]
+        if any(live):  # rows are compact: decode them all, drop the cancelled ones' tokens
+            seqs += [s for s, ok in zip(plan.decode, live) if ok]
+            out = self.runner.decode(plan.decode)
+            logits.append(out if all(live) else out[torch.tensor(live)])
+        if seqs:
+            self._emit(seqs, (logits[0] if len(logits) == 1 else torch.cat(logits)).float())
         for seq in list(self.scheduler.running):
             if seq.cancelled.is_set():
                 self._end(seq, "cancelled")
@@ -213,21 +214,18 @@ class Engine:
         return True
 
     # -- outputs --------------------------------------------------------------------------
-    def _emit(self, produced: list[tuple[Sequence, torch.Tensor]]) -> None:
-        if not produced:
-            return
-        logits = torch.stack([lg for _, lg in produced]).float()  # [rows, vocab]
+    def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample one token per row of ``logits`` [len(seqs), vocab] and deliver it."""
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         if not all(finite):  # fail only the rows whose numbers blew up, never the batch
-            for (seq, _), ok in zip(produced, finite):
+            for seq, ok in zip(seqs, finite):
                 if not ok:  # its K/V may hold NaN too: the row's next owner must not see it
                     self.kv.clear_row(seq.kv_row, seq.num_cached + 1)
                     self._fail(seq, "the model produced NaN/Inf logits for this request")
-            produced = [p for p, ok in zip(produced, finite) if ok]
+            seqs = [s for s, ok in zip(seqs, finite) if ok]
             logits = logits[torch.tensor(finite)]
-            if not produced:
+            if not seqs:
                 return
-        seqs = [s for s, _ in produced]
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         now = time.perf_counter()
         for seq, tok in zip(seqs, tokens):

@@ -36,12 +36,10 @@ class KVStep:
 class SlotKVCache:
     is_compileable = False
 
-    def __init__(self, num_layers: int, max_rows: int, max_len: int, device, dtype) -> None:
+    def __init__(self, num_layers: int, max_rows: int, max_len: int) -> None:
         self.num_layers = num_layers
         self.max_rows = max_rows
         self.max_len = max_len
-        self.device = device
-        self.dtype = dtype
         self.keys: list[torch.Tensor | None] = [None] * num_layers  # [rows, kv_heads, len, hd]
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self._rows_cap = 0
@@ -83,12 +81,6 @@ class SlotKVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
-
-    def bytes_per_token(self) -> int:
-        k = next((t for t in self.keys if t is not None), None)
-        if k is None:
-            return 0
-        return 2 * self.num_layers * k.shape[1] * k.shape[3] * k.element_size()
 
     def clear_row(self, row: int, length: int) -> None:
         """Zero a row's first ``length`` positions (after non-finite values were written)."""

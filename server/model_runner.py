@@ -23,7 +23,7 @@ class ModelRunner:
         self.device = param.device
         cfg = self.model.config
         num_layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-        self.kv = SlotKVCache(num_layers, max_rows, max_len, self.device, param.dtype)
+        self.kv = SlotKVCache(num_layers, max_rows, max_len)  # buffers take K/V's device, dtype
         # transformers >= 5.2x renamed past_key_values -> cache
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"

@@ -9,14 +9,14 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 
 from adapters_store import USER_ID_PATTERN, validate_user_id
 from server.api.auth import Principal, principal, require_access
-from server.api.schemas import AdapterInfo, AdapterUploaded, ErrorBody
+from server.api.schemas import AdapterInfo, AdapterUploaded, error_responses
 from server.api.uploads import parse_upload
 
 router = APIRouter()
 UserId = Annotated[
     str, Path(pattern=f"^{USER_ID_PATTERN}$", description="letters, digits, '.', '_', '-'; 1-128")
 ]
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 415, 422)}
+_ERRORS = error_responses(400, 401, 403, 404, 413, 415, 422)
 
 
 # The body is read raw (it is a file, not JSON); declare it so clients and fuzzers see it.

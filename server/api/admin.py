@@ -9,11 +9,11 @@ from fastapi import APIRouter, Depends, Request
 from adapters_store import validate_user_id
 from server.api.auth import Principal, principal, require_admin
 from server.api.errors import ApiError
-from server.api.schemas import CreateUserRequest, CreateUserResponse, ErrorBody
+from server.api.schemas import CreateUserRequest, CreateUserResponse, error_responses
 from server.users import UserExists
 
 router = APIRouter()
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 409, 422)}
+_ERRORS = error_responses(400, 401, 403, 409, 422)
 
 
 @router.post("/admin/users", status_code=201, response_model=CreateUserResponse, responses=_ERRORS)

@@ -15,11 +15,11 @@ from server.api.runner import (
     sse_stream,
     submit,
 )
-from server.api.schemas import ErrorBody, GenerateRequest, GenerateResponse
+from server.api.schemas import GenerateRequest, GenerateResponse, error_responses
 from server.sequence import Event
 
 router = APIRouter()
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 503)}
+_ERRORS = error_responses(400, 401, 403, 404, 413, 422, 429, 503)
 _ERRORS.update(STREAM_200)
 
 

@@ -20,11 +20,11 @@ from server.api.runner import (
     sse_stream,
     submit,
 )
-from server.api.schemas import ErrorBody
+from server.api.schemas import error_responses
 from server.sequence import Event
 
 router = APIRouter(prefix="/v1")
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 503)}
+_ERRORS = error_responses(400, 401, 403, 404, 413, 422, 429, 503)
 _CHAT_DEFAULT_MAX = 512
 
 
@@ -93,12 +93,7 @@ async def completions(
     if body.stream:
 
         def final(ev: Event) -> list[dict | str]:
-            if (err := _stream_error(ev)) is not None:
-                return [err, "[DONE]"]
-            last = chunk("", _finish(ev))
-            if _include_usage(body):
-                last["usage"] = _usage(ev)
-            return [last, "[DONE]"]
+            return _final_events(ev, chunk("", _finish(ev)), body)
 
         return StreamingResponse(
             sse_stream(seq, lambda ev: chunk(ev.text, None), final), media_type="text/event-stream"
@@ -145,12 +140,8 @@ async def chat_completions(
             return chunk(delta, None)
 
         def final(ev: Event) -> list[dict | str]:
-            if (err := _stream_error(ev)) is not None:
-                return [err, "[DONE]"]
-            last = chunk({} if not first[0] else {"role": "assistant", "content": ""}, _finish(ev))
-            if _include_usage(body):
-                last["usage"] = _usage(ev)
-            return [last, "[DONE]"]
+            delta = {"role": "assistant", "content": ""} if first[0] else {}
+            return _final_events(ev, chunk(delta, _finish(ev)), body)
 
         return StreamingResponse(sse_stream(seq, token, final), media_type="text/event-stream")
     out = await collect(seq, request)
@@ -176,18 +167,16 @@ def _temp(t: float | None) -> float:
     return 1.0 if t is None else t  # OpenAI's default
 
 
-def _include_usage(body: Any) -> bool:
-    return bool(body.stream_options and body.stream_options.get("include_usage"))
-
-
-def _stream_error(ev: Event) -> dict | None:
-    """Headers are already sent: report a failure as an error event before [DONE]."""
-    if ev.finish_reason != "error":
-        return None
-    return {
-        "error": {
+def _final_events(ev: Event, last: dict, body: Any) -> list[dict | str]:
+    """The closing events of a stream: ``last`` (with usage when the client asked for it), or,
+    since the headers are already sent, an error event; then ``[DONE]``."""
+    if ev.finish_reason == "error":
+        error = {
             "message": ev.error or "generation failed",
             "type": "generation_error",
             "code": 503,
         }
-    }
+        return [{"error": error}, "[DONE]"]
+    if body.stream_options and body.stream_options.get("include_usage"):
+        last["usage"] = _usage(ev)
+    return [last, "[DONE]"]

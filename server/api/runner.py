@@ -12,6 +12,7 @@ from fastapi import Request
 
 from adapters_store import AdapterNotFound
 from server.api.errors import ApiError
+from server.api.schemas import MAX_STOP, MAX_STOP_CHARS
 from server.sequence import Event, SamplingParams, Sequence
 
 _DISCONNECT_POLL_S = 0.5
@@ -52,8 +53,10 @@ def sampling(
     seed: int | None,
 ) -> SamplingParams:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > 8 or any(len(s) > 128 for s in stops):
-        raise ApiError(400, "at most 8 stop strings of at most 128 characters")
+    if len(stops) > MAX_STOP or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(
+            400, f"at most {MAX_STOP} stop strings of at most {MAX_STOP_CHARS} characters"
+        )
     try:
         return SamplingParams(max_new_tokens, temperature, top_p, top_k, tuple(stops), seed)
     except ValueError as e:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_STOP = 8
+MAX_STOP_CHARS = 128
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entry: these status codes answer with an ``ErrorBody``."""
+    return {code: {"model": ErrorBody} for code in codes}
 
 
 class ChatMessage(BaseModel):

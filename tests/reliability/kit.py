@@ -13,47 +13,20 @@ from dataclasses import replace
 from pathlib import Path
 
 import httpx
-import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
 
 from live import ADMIN as ADMIN_TOKEN  # noqa: E402
-from live import LiveServer, random_adapter, start_server  # noqa: E402
+from live import LiveServer, build_tiny_model, random_adapter, start_server  # noqa: E402
 
 from vera_core import Adapter, VeraConfig, VeraModel, inject_vera, model_fingerprint  # noqa: E402
 from vera_core.adapter_file import adapter_to_bytes  # noqa: E402
 
-__all__ = ["ADMIN_TOKEN", "LiveServer"]
+__all__ = ["ADMIN_TOKEN", "LiveServer", "build_tiny_model"]
 
 TINY_R = 16
 OCTET = {"Content-Type": "application/octet-stream"}
 ZIP = {"Content-Type": "application/zip"}
-
-
-def build_tiny_model(folder: Path) -> Path:
-    """A random LlamaForCausalLM with the default model's tokenizer, saved as an HF dir."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from server.model_source import load_model
-
-    _, tokenizer, _ = load_model()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def tiny_vm(folder: Path) -> VeraModel:

@@ -5,12 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import torch
 from live import LiveServer, start_server
 
 from server.model_source import load_model
-from vera_core import Adapter, VeraConfig, VeraModel, inject_vera
-from vera_core.merge import merge, unmerge
+from vera_core import VeraConfig, VeraModel, inject_vera
 
 
 @pytest.fixture(scope="session")
@@ -30,22 +28,3 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     )
     yield server
     server.stop()
-
-
-def merged_greedy(
-    vm: VeraModel, adapter: Adapter | None, prompt_ids: list[int], max_new_tokens: int
-) -> list[int]:
-    """transformers ``generate`` (greedy) with ``adapter`` merged into the weights."""
-    if adapter is not None:
-        merge(vm, adapter)
-    try:
-        with torch.no_grad():
-            out = vm.model.generate(
-                torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False
-            )
-    finally:
-        unmerge(vm)
-    new = out[0, len(prompt_ids) :].tolist()
-    eos = vm.model.generation_config.eos_token_id
-    eos_ids = set(eos) if isinstance(eos, list) else {eos}
-    return new[:-1] if new and new[-1] in eos_ids else new

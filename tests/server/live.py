@@ -18,6 +18,7 @@ import torch
 
 from vera_core import Adapter, AdapterHeader, VeraModel, model_fingerprint
 from vera_core.adapter_file import adapter_to_bytes
+from vera_core.merge import merge, unmerge
 from vera_core.peft_compat import save_peft_dir
 
 ADMIN = "test-admin-token-0123456789"
@@ -120,3 +121,47 @@ def peft_zip(adapter: Adapter, vm: VeraModel, tmp: Path, save_projection: bool =
         for f in sorted(folder.iterdir()):
             zf.write(f, arcname=f"my-adapter/{f.name}")
     return buf.getvalue()
+
+
+def merged_greedy(
+    vm: VeraModel, adapter: Adapter | None, prompt_ids: list[int], max_new_tokens: int
+) -> list[int]:
+    """transformers ``generate`` (greedy) with ``adapter`` merged into the weights."""
+    if adapter is not None:
+        merge(vm, adapter)
+    try:
+        with torch.no_grad():
+            out = vm.model.generate(
+                torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False
+            )
+    finally:
+        unmerge(vm)
+    new = out[0, len(prompt_ids) :].tolist()
+    eos = vm.model.generation_config.eos_token_id
+    eos_ids = set(eos) if isinstance(eos, list) else {eos}
+    return new[:-1] if new and new[-1] in eos_ids else new
+
+
+def build_tiny_model(folder: Path) -> Path:
+    """A random LlamaForCausalLM with the default model's tokenizer, saved as an HF dir."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from server.model_source import load_model
+
+    _, tokenizer, _ = load_model()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

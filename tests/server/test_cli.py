@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from live import build_tiny_model
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from server.cli import main
-from server.model_source import load_model
 from vera_core import VeraConfig, inject_vera
 from vera_core.adapter_file import load_adapter
 from vera_core.merge import merge
@@ -20,22 +20,7 @@ from vera_core.merge import merge
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small random Llama with the default model's tokenizer (so chat templates work)."""
-    _, tok, _ = load_model()
-    folder = tmp_path_factory.mktemp("tiny-model")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 def test_train_export_import_merge_round_trip(tiny_dir: Path, tmp_path: Path) -> None:

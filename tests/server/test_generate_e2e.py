@@ -7,8 +7,7 @@ import asyncio
 import json
 
 import httpx
-from conftest import merged_greedy
-from live import LiveServer, adapter_bytes, peft_zip, random_adapter
+from live import LiveServer, adapter_bytes, merged_greedy, peft_zip, random_adapter
 
 OCTET = {"Content-Type": "application/octet-stream"}
 ZIP = {"Content-Type": "application/zip"}

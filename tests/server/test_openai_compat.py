@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import merged_greedy
-from live import LiveServer, adapter_bytes, random_adapter
+from live import LiveServer, adapter_bytes, merged_greedy, random_adapter
 from openai import OpenAI, PermissionDeniedError
 
 MODEL = "SmolLM2-135M-Instruct"

@@ -9,6 +9,7 @@ target_modules, ...) and ``adapter_model.safetensors`` with keys
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,47 @@ def adapter_from_peft(
         dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else "",
     )
     adapter = Adapter(header, split_vectors(tensors, prefix=_PREFIX))
+    check_targets(targets, sorted(adapter.vectors))
     adapter.check_values()
     return adapter
+
+
+def _matches(target: str, layer: str) -> bool:
+    """PEFT's rule for a list entry: the module name equals it or ends with ``.<target>``."""
+    return layer == target or layer.endswith("." + target)
+
+
+def check_targets(targets: str | list[str] | tuple[str, ...], layers: list[str]) -> None:
+    """Refuse a config whose ``target_modules`` disagree with the layers the tensors adapt.
+
+    PEFT builds its model from ``target_modules``, not from the tensors: a layer with vectors
+    but no matching target, or a target with no vectors, would serve something else than
+    what PEFT itself loads from the same directory. A string is a regex (``re.fullmatch``);
+    ``"all-linear"`` depends on the base model and is left to the layout check.
+    """
+    if not targets or targets == "all-linear" or not layers:
+        return
+    if isinstance(targets, str):
+        unmatched = [name for name in layers if not re.fullmatch(targets, name)]
+        unused: list[str] = []
+    else:
+        names = [str(t) for t in targets]
+        unmatched = [name for name in layers if not any(_matches(t, name) for t in names)]
+        unused = [t for t in names if not any(_matches(t, name) for name in layers)]
+    if unmatched or unused:
+        carried = sorted({name.rsplit(".", 1)[-1] for name in layers})
+        raise AdapterMismatchError(
+            f"{CONFIG_NAME} target_modules {targets!r} disagree with the tensors, which adapt "
+            f"{carried}: "
+            + "; ".join(
+                part
+                for part in (
+                    f"layers with vectors but no target: {unmatched[:3]}" if unmatched else "",
+                    f"targets with no vectors: {unused}" if unused else "",
+                )
+                if part
+            )
+        )
 
 
 def load_peft_dir(path: str | Path, projections: Projections | None = None) -> Adapter:

@@ -226,6 +226,18 @@ CASES = {
         400,
         ["projection_prng_key"],
     ),
+    "peft_targets_name_a_layer_without_vectors": (
+        ZIP,
+        lambda s, vm: _peft_with_config(s, vm, target_modules=["q_proj", "k_proj", "v_proj"]),
+        400,
+        ["target_modules", "k_proj", "no vectors"],
+    ),
+    "peft_vectors_outside_targets": (
+        ZIP,
+        lambda s, vm: _peft_with_config(s, vm, target_modules=["q_proj"]),
+        400,
+        ["target_modules", "v_proj", "no target"],
+    ),
     "peft_config_not_json": (
         ZIP,
         lambda s, vm: _zip({"a/adapter_config.json": b"{nope", **_weights(_peft_files(s, vm))}),

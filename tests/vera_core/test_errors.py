@@ -24,7 +24,7 @@ from vera_core import (
     model_fingerprint,
 )
 from vera_core.adapter_file import adapter_from_bytes, adapter_to_bytes
-from vera_core.peft_compat import adapter_from_peft, load_peft_dir
+from vera_core.peft_compat import adapter_from_peft, load_peft_dir, save_peft_dir
 
 R = 8
 
@@ -247,6 +247,41 @@ def test_peft_config_of_another_peft_type(vm, tmp_path):
 def test_peft_config_not_json(vm, raw):
     with pytest.raises(AdapterFormatError):
         adapter_from_peft(raw, b"", vm.projections)
+
+
+@pytest.mark.parametrize(
+    "targets, words",
+    [
+        (["q_proj", "k_proj", "v_proj"], ["'k_proj'", "targets with no vectors"]),
+        (["q_proj"], ["v_proj", "vectors but no target"]),
+        (r".*\.q_proj", ["v_proj", "vectors but no target"]),
+    ],
+)
+def test_peft_targets_disagreeing_with_tensors(vm, good, tmp_path, targets, words):
+    """PEFT builds its model from target_modules: a config that disagrees with the tensors
+    it carries would load as another model there, so it is refused naming both sides."""
+    save_peft_dir(good, vm, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["target_modules"] = targets
+    weights = (tmp_path / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(AdapterMismatchError) as info:
+        adapter_from_peft(json.dumps(cfg).encode(), weights, vm.projections)
+    message = str(info.value)
+    assert "target_modules" in message and "['q_proj', 'v_proj']" in message
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize(
+    "targets", [["q_proj", "v_proj"], ["self_attn.q_proj", "v_proj"], "all-linear"]
+)
+def test_peft_targets_agreeing_with_tensors(vm, good, tmp_path, targets):
+    save_peft_dir(good, vm, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["target_modules"] = targets
+    weights = (tmp_path / "adapter_model.safetensors").read_bytes()
+    adapter = adapter_from_peft(json.dumps(cfg).encode(), weights, vm.projections)
+    assert sorted(adapter.vectors) == sorted(good.vectors)
 
 
 def test_peft_dir_missing_files(vm, tmp_path):

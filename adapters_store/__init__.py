@@ -3,7 +3,7 @@
 Depends only on vera_core (never on server/).
 """
 
-from adapters_store.backend import AdapterBackend, RecoveryReport
+from adapters_store.backend import DEFAULT_RETAIN_S, AdapterBackend, RecoveryReport
 from adapters_store.errors import (
     AdapterLoadTimeout,
     AdapterNotFound,
@@ -11,14 +11,20 @@ from adapters_store.errors import (
     SlotsExhausted,
     StoreCorruptError,
     StoreError,
+    StoreUnavailable,
+    UserExists,
 )
 from adapters_store.ids import USER_ID_PATTERN, validate_user_id
 from adapters_store.local import LocalBackend
+from adapters_store.location import Storage, is_database_url, open_storage
 from adapters_store.meta import AdapterMeta
+from adapters_store.postgres import PostgresBackend
 from adapters_store.residency import SlotPool, SlotTicket
 from adapters_store.store import AdapterStore
+from adapters_store.users import PostgresUsers, SqliteUsers, UserRegistry
 
 __all__ = [
+    "DEFAULT_RETAIN_S",
     "USER_ID_PATTERN",
     "AdapterBackend",
     "AdapterLoadTimeout",
@@ -27,11 +33,20 @@ __all__ = [
     "AdapterStore",
     "InvalidUserId",
     "LocalBackend",
+    "PostgresBackend",
+    "PostgresUsers",
     "RecoveryReport",
     "SlotPool",
     "SlotTicket",
     "SlotsExhausted",
+    "SqliteUsers",
+    "Storage",
     "StoreCorruptError",
     "StoreError",
+    "StoreUnavailable",
+    "UserExists",
+    "UserRegistry",
+    "is_database_url",
+    "open_storage",
     "validate_user_id",
 ]

@@ -1,23 +1,34 @@
 """The storage backend contract: versioned blobs plus an index of the current version per user.
 
 The ``AdapterStore`` validates and (de)serializes adapters; a backend only moves bytes and keeps
-the index. The local backend (``LocalBackend``: a directory plus SQLite) is the default. A shared
-backend for several server replicas implements the same six methods, for example:
-
-* S3-compatible object store + PostgreSQL index: ``publish`` reserves the version with
-  ``UPDATE counters ... RETURNING``, uploads ``<prefix>/<user>/v<version>.safetensors`` (an
-  object PUT is atomic), then commits the index row in one transaction that retires the previous
-  current row. ``read`` is a GET of that key; ``collect_garbage`` deletes objects of rows retired
-  longer than the retention period; ``recover`` lists objects without rows.
+the index. Two backends implement it: ``LocalBackend`` (a directory plus SQLite, one server
+process) and ``PostgresBackend`` (index and blobs in PostgreSQL, shared by server replicas).
 
 Guarantees every backend gives:
 
 1. A version number is never reused for a user, even after ``remove`` (the residency tiers key
-   cached copies by ``(user_id, version)``).
+   cached copies by ``(user_id, version)``). A version that was never visible (its publish
+   failed or crashed before the publish point) may be handed out again: nobody cached it.
 2. ``publish`` makes the blob durable *before* the index names it, so a crash leaves either the
    previous or the new version current, never a torn one.
 3. A superseded or removed version stays readable for ``retain_s`` seconds (running requests and
    loaders keep the version they started with), then ``collect_garbage`` deletes it.
+4. Calls that cannot reach a shared backend raise ``StoreUnavailable`` within a few seconds.
+
+How ``PostgresBackend`` meets them: (1) a ``vera_counters`` row per user, never deleted,
+incremented with ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING``; (2) the blob row, the index
+row and the retirement of the previous current row are written in one transaction whose COMMIT
+is the publish point (WAL fsync'd); (3) retired rows keep their blob until a publish/remove of
+that user, ``collect_garbage`` or ``recover`` runs after ``retain_s``; (4) a small connection pool
+with short timeouts. ``subscribe`` follows ``NOTIFY vera_adapters`` so replicas drop stale copies.
+
+An S3-compatible object store under the PostgreSQL index replaces only its ``BlobStore``
+(``adapters_store.blobs``): ``publish`` reserves the version in its own short transaction,
+PUTs ``<prefix>/<user>/v<version>.safetensors`` (an object PUT is atomic and durable when it
+returns), then commits the index row in one transaction that retires the previous current row,
+so the commit stays the publish point. ``read`` is a GET of that key; ``collect_garbage``
+deletes the rows, then the objects (a crash in between leaves unindexed objects); ``recover``
+lists objects without rows older than an in-flight publish could be and deletes them.
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from adapters_store.meta import AdapterMeta
+
+DEFAULT_RETAIN_S = 300.0  # how long a superseded or removed version stays readable
 
 # data -> (num_params, base_fingerprint); raises a VeraError when the blob is not adoptable
 BlobValidator = Callable[[bytes], tuple[int, str]]
@@ -81,6 +94,12 @@ class AdapterBackend(ABC):
     def recover(self, validate: BlobValidator, verify_checksums: bool = True) -> RecoveryReport:
         """Reconcile index and blobs after a crash; called once when the store opens."""
 
+    def subscribe(self, callback: Callable[[str | None], None]) -> None:
+        """Call ``callback(user_id)`` from a background thread after any process publishes or
+        removes a version of ``user_id``; ``callback(None)`` after the change feed reconnects
+        (changes may have been missed: revalidate everything). Default: no-op (one writer)."""
+        return None  # only this process writes a local store: it invalidates its own copies
+
     @abstractmethod
     def close(self) -> None:
-        """Release connections and file handles."""
+        """Release connections and file handles. Idempotent."""

@@ -33,3 +33,12 @@ class SlotsExhausted(StoreError, TimeoutError):
 
 class AdapterLoadTimeout(StoreError, TimeoutError):
     """An adapter did not reach host memory within the acquire timeout (slow or stuck disk)."""
+
+
+class StoreUnavailable(StoreError):
+    """The backend (the adapter database) cannot be reached now; raised within a few seconds,
+    never after a long hang. Transient: the same call may succeed once the database is back."""
+
+
+class UserExists(StoreError):
+    """``UserRegistry.create`` of a user that already has a key, without ``rotate``."""

@@ -26,7 +26,12 @@ import time
 import uuid
 from pathlib import Path
 
-from adapters_store.backend import AdapterBackend, BlobValidator, RecoveryReport
+from adapters_store.backend import (
+    DEFAULT_RETAIN_S,
+    AdapterBackend,
+    BlobValidator,
+    RecoveryReport,
+)
 from adapters_store.ids import validate_user_id
 from adapters_store.local_index import SqliteIndex
 from adapters_store.meta import AdapterMeta
@@ -34,7 +39,6 @@ from vera_core.errors import VeraError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RETAIN_S = 300.0
 _TMP_PREFIX = ".tmp-"
 _FILE_RE = re.compile(r"v(\d+)\.safetensors")
 
@@ -124,7 +128,7 @@ class LocalBackend(AdapterBackend):
         return len(expired)
 
     def close(self) -> None:
-        self._index.close()
+        self._index.close()  # idempotent
 
     def recover(self, validate: BlobValidator, verify_checksums: bool = True) -> RecoveryReport:
         report = RecoveryReport()

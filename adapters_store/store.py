@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from adapters_store.backend import AdapterBackend, RecoveryReport
+from adapters_store.backend import DEFAULT_RETAIN_S, AdapterBackend, RecoveryReport
 from adapters_store.errors import AdapterNotFound, StoreCorruptError
 from adapters_store.ids import validate_user_id
-from adapters_store.local import DEFAULT_RETAIN_S, LocalBackend
+from adapters_store.local import LocalBackend
+from adapters_store.location import is_database_url
 from adapters_store.meta import AdapterMeta
 from vera_core.adapter import Adapter
 from vera_core.adapter_file import adapter_from_bytes, adapter_to_bytes, load_tensors, split_vectors
@@ -36,24 +37,29 @@ class AdapterStore:
 
     def __init__(
         self,
-        root: Path | str,
+        backend: AdapterBackend | Path | str,
         layout: Layout,
         projection_prng_key: int,
         fingerprint: str,
-        backend: AdapterBackend | None = None,
         *,
         retain_s: float = DEFAULT_RETAIN_S,
         verify_on_open: bool = True,
     ) -> None:
-        """Open (creating if needed) the store under ``root`` and run crash recovery.
+        """Open the store on ``backend`` (a directory means ``LocalBackend(dir, retain_s)``,
+        created if needed; ``retain_s`` applies only then) and run crash recovery.
 
-        ``backend`` defaults to ``LocalBackend(root, retain_s)``. ``verify_on_open`` checks the
-        sha256 of every current file during recovery (sizes are always checked).
+        ``verify_on_open`` checks the sha256 of every current blob during recovery (sizes are
+        always checked). ``close`` closes the backend too. A database URL is refused here:
+        ``location.open_storage`` is where a configured location becomes a backend.
         """
+        if not isinstance(backend, AdapterBackend):
+            if is_database_url(backend):
+                raise ValueError("open a database with adapters_store.open_storage(url)")
+            backend = LocalBackend(backend, retain_s)
         self.layout = layout
         self.projection_prng_key = projection_prng_key
         self.fingerprint = fingerprint
-        self.backend = backend if backend is not None else LocalBackend(root, retain_s)
+        self.backend = backend
         self.recovery: RecoveryReport = self.backend.recover(self._validate_blob, verify_on_open)
 
     def close(self) -> None:

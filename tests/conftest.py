@@ -76,3 +76,23 @@ def default_model_files():
         return load_model()
     except ModelSourceError as e:
         pytest.skip(f"default model unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster (``tests/pg_server.PgServer``) for the whole session.
+
+    Skipped when no PostgreSQL server binaries are installed, except on CI (``CI`` set), where
+    the tests must really run: there it fails.
+    """
+    from pg_server import PgServer, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        reason = "PostgreSQL server binaries (initdb) not found; apt-get install postgresql"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    server = PgServer(bindir)
+    yield server
+    server.close()

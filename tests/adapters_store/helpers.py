@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 
+from adapters_store import AdapterBackend, LocalBackend, PostgresBackend
 from vera_core import Adapter, AdapterHeader, LayerSpec, Layout
 
 R, KEY, FP = 8, 0, "tiny-model-fingerprint"
@@ -40,3 +44,51 @@ def stamped_bytes(adapter: Adapter) -> bytes:
     from vera_core.adapter_file import adapter_to_bytes
 
     return adapter_to_bytes(Adapter(replace(adapter.header, base_fingerprint=FP), adapter.vectors))
+
+
+# Narrows the conftest's backend_kind to the local backend: the test looks at files on disk.
+LOCAL_ONLY = pytest.mark.parametrize("backend_kind", ["local"])
+
+
+def blob_versions(backend: AdapterBackend, user: str) -> list[int]:
+    """Versions of ``user`` whose bytes are still stored (files, or rows of vera_blobs)."""
+    if isinstance(backend, PostgresBackend):
+        with backend.pool.connection() as conn:
+            sql = "SELECT version FROM vera_blobs WHERE user_id = %s ORDER BY 1"
+            return [v for (v,) in conn.execute(sql, (user,)).fetchall()]
+    assert isinstance(backend, LocalBackend)
+    user_dir = backend.root / "adapters" / user
+    names = [p.name for p in user_dir.iterdir()] if user_dir.is_dir() else []
+    assert all(re.fullmatch(r"v\d+\.safetensors", n) for n in names), names  # no temp files
+    return sorted(int(n[1:].split(".")[0]) for n in names)
+
+
+def flip_last_byte(backend: AdapterBackend, user: str, version: int) -> None:
+    """Damage one stored byte of that version, keeping its size (only a checksum can tell)."""
+    if isinstance(backend, PostgresBackend):
+        with backend.pool.connection() as conn:
+            conn.execute(
+                "UPDATE vera_blobs SET data = overlay(data placing "
+                "decode(lpad(to_hex(get_byte(data, length(data) - 1) # 255), 2, '0'), 'hex') "
+                "from length(data)) WHERE user_id = %s AND version = %s",
+                (user, version),
+            )
+        return
+    assert isinstance(backend, LocalBackend)
+    path = backend.path(user, version)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def stored_users(backend: AdapterBackend) -> set[str]:
+    """Users with anything stored: a counter, an index row or a blob (a directory, locally)."""
+    if isinstance(backend, PostgresBackend):
+        with backend.pool.connection() as conn:
+            sql = (
+                "SELECT user_id FROM vera_counters UNION SELECT user_id FROM vera_versions "
+                "UNION SELECT user_id FROM vera_blobs"
+            )
+            return {u for (u,) in conn.execute(sql).fetchall()}
+    assert isinstance(backend, LocalBackend)
+    return {p.name for p in (backend.root / "adapters").iterdir()}

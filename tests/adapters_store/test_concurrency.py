@@ -8,7 +8,7 @@ import threading
 import time
 
 import torch
-from helpers import FP, KEY, LAYOUT, filled_adapter
+from helpers import LAYOUT, filled_adapter
 
 from adapters_store import AdapterNotFound, AdapterStore, SlotPool
 from vera_core import VeraBank
@@ -79,8 +79,8 @@ def engine(pool: SlotPool, jobs: queue.Queue, stop: threading.Event, errors: lis
         errors.append(e)
 
 
-def test_hammer(tmp_path) -> None:
-    store = AdapterStore(tmp_path / "s", LAYOUT, KEY, FP, retain_s=0.05)
+def test_hammer(open_store) -> None:
+    store = open_store(retain_s=0.05)
     pool = SlotPool(VeraBank(LAYOUT, 5), store, host_capacity=3, acquire_timeout_s=20.0)
     jobs: queue.Queue = queue.Queue()
     errors: list[BaseException] = []
@@ -104,7 +104,7 @@ def test_hammer(tmp_path) -> None:
     pool.close()
     metas = {m.user_id: m for m in store.list()}
     store.close()
-    reopened = AdapterStore(tmp_path / "s", LAYOUT, KEY, FP)
+    reopened = open_store()
     assert reopened.recovery.clean
     assert {m.user_id: m for m in reopened.list()} == metas
     for user in metas:

@@ -3,10 +3,12 @@ from __future__ import annotations
 import os
 
 import torch
-from helpers import LAYOUT, filled_adapter, random_adapter, stamped_bytes
+from helpers import LAYOUT, LOCAL_ONLY, filled_adapter, random_adapter, stamped_bytes
 
 from adapters_store import AdapterStore
 from adapters_store.local import _write_durably
+
+pytestmark = LOCAL_ONLY  # files and SQLite rows; Postgres recovery: test_postgres.py
 
 
 def user_dir(store: AdapterStore, user: str):

@@ -4,7 +4,7 @@ import time
 
 import pytest
 import torch
-from helpers import LAYOUT, filled_adapter
+from helpers import LAYOUT, LOCAL_ONLY, filled_adapter
 
 from adapters_store import (
     AdapterLoadTimeout,
@@ -16,6 +16,8 @@ from adapters_store import (
     StoreCorruptError,
 )
 from vera_core import VeraBank
+
+pytestmark = LOCAL_ONLY  # the pool sees only AdapterStore; one test damages a file
 
 
 @pytest.fixture

@@ -8,6 +8,14 @@
   a request that is waiting for a slot.
 * Disk: ``AdapterStore.load_flat``, called only from loader threads, never the engine thread.
 
+Consistency: ``request`` asks the store for the user's current version every time (one index
+lookup), and tiers key copies by ``(user_id, version)``, so once a write is acknowledged by any
+process sharing the store, the next request anywhere runs the new version (read-your-writes);
+a cached copy of an older version is never served to a new request. ``invalidate`` (called
+after local writes and by the store's change feed) only frees stale copies early. While the
+store is unreachable (``StoreUnavailable``), a request runs the newest version this pool holds
+for the user, and fails with ``StoreUnavailable`` when it holds none.
+
 Threads: ``request``/``invalidate``/``stats`` from any thread; ``acquire``/``release`` from the
 engine thread between steps (``acquire`` is the only place the bank is written, so a copy into
 a slot never races a forward pass). One lock, ``self._lock``, guards all bookkeeping; it is
@@ -21,8 +29,12 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from threading import Lock
 
-from adapters_store.errors import AdapterLoadTimeout, AdapterNotFound, SlotsExhausted
-from adapters_store.ids import validate_user_id
+from adapters_store.errors import (
+    AdapterLoadTimeout,
+    AdapterNotFound,
+    SlotsExhausted,
+    StoreUnavailable,
+)
 from adapters_store.residency_types import HostEntry, Key, LatencyWindow, SlotTicket
 from adapters_store.store import AdapterStore
 from vera_core.bank import NO_ADAPTER, VeraBank
@@ -55,7 +67,9 @@ class SlotPool:
         self._idle: OrderedDict[int, None] = OrderedDict()  # refcount-0 resident slots, LRU first
         self._stale: set[int] = set()  # pinned slots of invalidated versions: free on release
         self._host: OrderedDict[Key, HostEntry] = OrderedDict()
-        self._counts = {"hits": 0, "misses": 0, "evictions": 0, "host_evictions": 0}
+        self._counts = dict.fromkeys(
+            ("hits", "misses", "evictions", "host_evictions", "unverified"), 0
+        )
         self._latency = LatencyWindow()
         self._loader = ThreadPoolExecutor(loader_threads, thread_name_prefix="adapter-loader")
 
@@ -66,8 +80,12 @@ class SlotPool:
         """Resolve the user's current version and start loading it to host memory if needed.
 
         Non-blocking apart from one index lookup; AdapterNotFound if the user has no adapter.
+        With the store unreachable: the newest version held here, else StoreUnavailable.
         """
-        version = self.store.meta(validate_user_id(user_id)).version
+        try:
+            version = self.store.meta(user_id).version
+        except StoreUnavailable:
+            version = self._newest_held(user_id)
         ticket = SlotTicket(user_id, version, time.monotonic())
         with self._lock:
             ticket._entry = self._host_entry(ticket.key)
@@ -122,6 +140,8 @@ class SlotPool:
             keep: int | None = self.store.meta(user_id).version
         except AdapterNotFound:
             keep = None
+        except StoreUnavailable:
+            return  # nothing to compare with; the next change-feed reconnect revalidates
         with self._lock:
             for key in [k for k in self._host if k[0] == user_id and k[1] != keep]:
                 del self._host[key]
@@ -134,10 +154,20 @@ class SlotPool:
                 else:
                     self._stale.add(slot)
 
+    def revalidate(self) -> None:
+        """``invalidate`` every user held here (the change feed may have missed writes)."""
+        with self._lock:
+            users = {key[0] for key in self._by_key} | {key[0] for key in self._host}
+        for user_id in sorted(users):
+            self.invalidate(user_id)
+
     def stats(self) -> dict:
         """Adapters/bytes per tier, slot usage, hits/misses/evictions, load latency (ms)."""
         row_bytes = self.bank.layout.num_params * self.bank.rows.element_size()
-        disk = self.store.list()  # an index query: outside the lock
+        try:
+            disk: list | None = self.store.list()  # an index query: outside the lock
+        except StoreUnavailable:
+            disk = None  # the tiers this process holds are still worth reporting
         with self._lock:
             host_bytes = sum(e.nbytes for e in self._host.values())
             host_n = sum(1 for e in self._host.values() if e.flat is not None)
@@ -148,7 +178,11 @@ class SlotPool:
         return {
             "device": {"adapters": used, "bytes": used * row_bytes},
             "host": {"adapters": host_n, "bytes": host_bytes, "capacity": self.host_capacity},
-            "disk": {"adapters": len(disk), "bytes": sum(m.bytes for m in disk)},
+            "disk": {
+                "adapters": None if disk is None else len(disk),
+                "bytes": None if disk is None else sum(m.bytes for m in disk),
+                "reachable": disk is not None,
+            },
             "bytes_per_adapter": row_bytes,
             "slots_total": self.bank.num_slots - 1,
             "slots_used": used,
@@ -157,6 +191,20 @@ class SlotPool:
             **counts,
             "load_latency_ms": latency,
         }
+
+    def _newest_held(self, user_id: str) -> int:
+        """The store is unreachable: the newest version of ``user_id`` on a slot or in host
+        memory (it may be older than the store's if the change feed missed a write)."""
+        with self._lock:
+            held = [v for u, v in self._by_key if u == user_id]
+            held += [v for (u, v), e in self._host.items() if u == user_id and e.flat is not None]
+            if held:
+                self._counts["unverified"] += 1
+                return max(held)
+        raise StoreUnavailable(
+            f"the adapter store is unreachable and this replica holds no copy of {user_id!r}'s "
+            "adapter; retry when the store is back"
+        )
 
     # --- internals; callers hold self._lock ---------------------------------------------
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from adapters_store.location import is_database_url
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -22,7 +23,11 @@ class ServerConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "bind address"})
     port: int = field(default=8000, metadata={"help": "bind port"})
     store: str = field(
-        default="", metadata={"help": "adapter store directory (default $VERA_HOME/store)"}
+        default="",
+        metadata={
+            "help": "adapter store: a directory (default $VERA_HOME/store) or a "
+            "postgresql://USER@HOST:PORT/DB URL shared by several replicas"
+        },
     )
     device: str = field(
         default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda or cuda:N"}
@@ -87,11 +92,14 @@ class ServerConfig:
         return _DTYPES[self.dtype]
 
     @property
-    def store_path(self) -> Path:
+    def store_location(self) -> str:
+        """A database URL as given, or the store directory (expanded)."""
+        if is_database_url(self.store):
+            return self.store
         if self.store:
-            return Path(self.store).expanduser()
+            return str(Path(self.store).expanduser())
         home = os.environ.get("VERA_HOME", str(Path.home() / ".cache" / "vera-serve"))
-        return Path(home).expanduser() / "store"
+        return str(Path(home).expanduser() / "store")
 
     @property
     def targets(self) -> tuple[str, ...]:

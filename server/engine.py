@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from adapters_store import SlotPool
 from server.detokenizer import StopChecker
 from server.model_runner import ModelRunner
 from server.sampler import sample
@@ -53,7 +55,11 @@ class EngineConfig:
 
 class Engine:
     def __init__(
-        self, vm: VeraModel, tokenizer: Any, pool: Any | None, config: EngineConfig
+        self,
+        vm: VeraModel,
+        tokenizer: PreTrainedTokenizerBase,
+        pool: SlotPool | None,
+        config: EngineConfig,
     ) -> None:
         self.vm = vm
         self.model = vm.model
@@ -111,14 +117,19 @@ class Engine:
         seq = Sequence(f"req-{next(self._ids)}", user_id, list(prompt_ids), params, Channel(loop))
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if self._stopping:
+            raise EngineStopped("the server is shutting down")
+        if self.queue_depth() >= self.config.scheduler.max_waiting:
+            raise QueueFull(f"{self.config.scheduler.max_waiting} requests already queued")
+        if user_id is not None and self.pool is not None:
+            # The version check against the store (read-your-writes) is I/O: outside the lock.
+            seq.ticket = self.pool.request(user_id)
+            seq.adapter_version = seq.ticket.version
         with self._cv:
             if self._stopping:
                 raise EngineStopped("the server is shutting down")
             if len(self._inbox) + len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
                 raise QueueFull(f"{self.config.scheduler.max_waiting} requests already queued")
-            if user_id is not None and self.pool is not None:
-                seq.ticket = self.pool.request(user_id)
-                seq.adapter_version = seq.ticket.version
             self._inbox.append(seq)
             self.stats.submitted += 1
             self._cv.notify()

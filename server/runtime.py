@@ -5,16 +5,20 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from adapters_store.location import Storage, open_storage
+from adapters_store.users import UserRegistry
+from transformers import PreTrainedTokenizerBase
 
 from adapters_store import AdapterStore, SlotPool
+from server.adapter_service import AdapterService
 from server.config import ServerConfig
 from server.engine import Engine, EngineConfig
 from server.model_source import load_model
 from server.scheduler import SchedulerConfig
-from server.users import UserRegistry
 from vera_core import VeraConfig, VeraModel, inject_vera, model_fingerprint
 
 log = logging.getLogger("vera-serve")
@@ -24,14 +28,19 @@ log = logging.getLogger("vera-serve")
 class Runtime:
     config: ServerConfig
     vm: VeraModel
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     model_name: str
     fingerprint: str
+    storage: Storage  # the backend chosen from --store, and the API-key registry beside it
     store: AdapterStore
     pool: SlotPool
+    adapters: AdapterService
     engine: Engine
-    users: UserRegistry
     base_model_bytes: int
+
+    @property
+    def users(self) -> UserRegistry:
+        return self.storage.users
 
     @classmethod
     def build(cls, config: ServerConfig) -> Runtime:
@@ -46,8 +55,10 @@ class Runtime:
         )
         vm = inject_vera(model, vera_config, num_slots=config.device_slots + 1)
         fingerprint = model_fingerprint(model)
-        store = AdapterStore(config.store_path, vm.layout, config.projection_prng_key, fingerprint)
+        storage = open_storage(config.store_location)
+        store = AdapterStore(storage.backend, vm.layout, config.projection_prng_key, fingerprint)
         pool = SlotPool(vm.bank, store, config.host_slots, acquire_timeout_s=config.slot_wait_s)
+        adapters = AdapterService(store, pool)
         engine_config = EngineConfig(
             scheduler=SchedulerConfig(
                 max_batch=config.max_batch,
@@ -57,20 +68,29 @@ class Runtime:
             max_seq_len=config.max_seq_len,
         )
         engine = Engine(vm, tokenizer, pool, engine_config)
-        users = UserRegistry(config.store_path / "users.sqlite")
         rt = cls(
-            config, vm, tokenizer, path.name, fingerprint, store, pool, engine, users, base_bytes
+            config,
+            vm,
+            tokenizer,
+            path.name,
+            fingerprint,
+            storage,
+            store,
+            pool,
+            adapters,
+            engine,
+            base_bytes,
         )
         rt._log_startup(path, time.perf_counter() - t0)
         return rt
 
-    def _log_startup(self, path: Any, seconds: float) -> None:
+    def _log_startup(self, path: Path, seconds: float) -> None:
         mib = 1024 * 1024
         vm = self.vm
         log.info(
             "loaded %s from %s on %s (%s) in %.1f s: base model %.1f MiB, shared A/B %.2f MiB, "
             "%d adapted layers (%s), r=%d, %d params/adapter (%.1f KiB), device slots %d "
-            "(%.1f MiB), adapters in store: %d, process RSS %.0f MiB",
+            "(%.1f MiB), store %s with %d adapters, process RSS %.0f MiB",
             self.model_name,
             path,
             self.config.torch_device,
@@ -85,6 +105,7 @@ class Runtime:
             vm.layout.num_params * vm.bank.rows.element_size() / 1024,
             self.config.device_slots,
             vm.bank.nbytes() / mib,
+            self.storage.description,
             len(self.store.list()),
             self.memory()["host_rss_bytes"] / mib,
         )
@@ -106,8 +127,7 @@ class Runtime:
     def shutdown(self) -> None:
         self.engine.stop()
         self.pool.close()
-        self.store.close()
-        self.users.close()
+        self.storage.close()
 
     def memory(self) -> dict[str, Any]:
         import psutil

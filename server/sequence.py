@@ -9,7 +9,10 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+
+import torch
+
+from adapters_store import SlotTicket
 
 
 @dataclass(frozen=True)
@@ -87,14 +90,14 @@ class Sequence:
     channel: Channel
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
-    ticket: Any = None  # adapters_store SlotTicket while an adapter is involved
+    ticket: SlotTicket | None = None  # while an adapter is involved
     adapter_slot: int = 0  # 0 = no adapter
     adapter_version: int | None = None
     kv_row: int = -1
     num_cached: int = 0  # tokens whose K/V are in the cache
     text: str = ""  # decoded output so far (stop strings trimmed)
     sent_chars: int = 0
-    generator: Any = None
+    generator: torch.Generator | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None

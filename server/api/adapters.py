@@ -6,6 +6,7 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request, Response
+from pydantic import AfterValidator
 
 from adapters_store import USER_ID_PATTERN, validate_user_id
 from server.api.auth import Principal, principal, require_access
@@ -13,10 +14,13 @@ from server.api.schemas import AdapterInfo, AdapterUploaded, error_responses
 from server.api.uploads import parse_upload
 
 router = APIRouter()
+# The edge's validation of a user id (the pattern, and never '.' or '..'); inside, trusted.
 UserId = Annotated[
-    str, Path(pattern=f"^{USER_ID_PATTERN}$", description="letters, digits, '.', '_', '-'; 1-128")
+    str,
+    Path(pattern=f"^{USER_ID_PATTERN}$", description="letters, digits, '.', '_', '-'; 1-128"),
+    AfterValidator(validate_user_id),
 ]
-_ERRORS = error_responses(400, 401, 403, 404, 413, 415, 422)
+_ERRORS = error_responses(400, 401, 403, 404, 413, 415, 422, 503)
 
 
 # The body is read raw (it is a file, not JSON); declare it so clients and fuzzers see it.
@@ -38,8 +42,8 @@ _UPLOAD_BODY = {
 )
 async def put_adapter(user_id: UserId, request: Request, who: Principal = Depends(principal)):
     """Body: a vera-serve adapter file (``application/octet-stream``) or a PEFT VeRA adapter
-    directory as a zip (``application/zip``). Validated before anything is stored."""
-    validate_user_id(user_id)
+    directory as a zip (``application/zip``). Validated before anything is stored; once this
+    answers 201, every replica sharing the store serves the new version."""
     require_access(who, user_id)
     rt = request.app.state.runtime
     data = await request.body()
@@ -47,9 +51,7 @@ async def put_adapter(user_id: UserId, request: Request, who: Principal = Depend
 
     def work():
         adapter = parse_upload(content_type, data, rt.vm.projections, rt.config.max_body_bytes)
-        meta = rt.store.put(user_id, adapter)
-        rt.pool.invalidate(user_id)
-        return meta
+        return rt.adapters.publish(user_id, adapter)
 
     meta = await asyncio.to_thread(work)
     return AdapterUploaded(
@@ -59,20 +61,13 @@ async def put_adapter(user_id: UserId, request: Request, who: Principal = Depend
 
 @router.get("/users/{user_id}/adapter", response_model=AdapterInfo, responses=_ERRORS)
 async def get_adapter(user_id: UserId, request: Request, who: Principal = Depends(principal)):
-    validate_user_id(user_id)
     require_access(who, user_id)
-    meta = request.app.state.runtime.store.meta(user_id)
+    meta = await asyncio.to_thread(request.app.state.runtime.adapters.describe, user_id)
     return AdapterInfo(**meta.to_dict())
 
 
 @router.delete("/users/{user_id}/adapter", status_code=204, responses=_ERRORS)
 async def delete_adapter(user_id: UserId, request: Request, who: Principal = Depends(principal)):
-    validate_user_id(user_id)
     require_access(who, user_id)
-    rt = request.app.state.runtime
-    if not await asyncio.to_thread(rt.store.delete, user_id):
-        from adapters_store import AdapterNotFound
-
-        raise AdapterNotFound(f"user {user_id!r} has no adapter")
-    rt.pool.invalidate(user_id)
+    await asyncio.to_thread(request.app.state.runtime.adapters.delete, user_id)
     return Response(status_code=204)

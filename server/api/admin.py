@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Request
 
-from adapters_store import validate_user_id
 from server.api.auth import Principal, principal, require_admin
 from server.api.errors import ApiError
 from server.api.schemas import CreateUserRequest, CreateUserResponse, error_responses
-from server.users import UserExists
+
+if TYPE_CHECKING:
+    from server.runtime import Runtime
 
 router = APIRouter()
-_ERRORS = error_responses(400, 401, 403, 409, 422)
+_ERRORS = error_responses(400, 401, 403, 409, 422, 503)
 
 
 @router.post("/admin/users", status_code=201, response_model=CreateUserResponse, responses=_ERRORS)
@@ -22,11 +24,8 @@ async def create_user(
 ):
     """Register a user and return its API key (shown once; only a hash is kept)."""
     require_admin(who)
-    validate_user_id(body.user_id)
-    try:
-        key = request.app.state.runtime.users.create(body.user_id, rotate=body.rotate)
-    except UserExists as e:
-        raise ApiError(409, str(e), "conflict") from None
+    users = request.app.state.runtime.users
+    key = await asyncio.to_thread(users.create, body.user_id, body.rotate)
     return CreateUserResponse(user_id=body.user_id, api_key=key)
 
 
@@ -34,17 +33,18 @@ async def create_user(
 async def stats(request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
     """Memory, adapter tiers and slots, queue, batch, throughput and latency percentiles."""
     require_admin(who)
-    return collect_stats(request.app.state.runtime)
+    return await asyncio.to_thread(collect_stats, request.app.state.runtime)
 
 
-def collect_stats(rt: Any) -> dict[str, Any]:
+def collect_stats(rt: Runtime) -> dict[str, Any]:
     engine = rt.engine
     pool = rt.pool.stats()
     return {
         "model": rt.model_name,
+        "store": {"location": rt.storage.description, "reachable": pool["disk"]["reachable"]},
         "memory": rt.memory(),
         "adapters": {
-            "stored": len(rt.store.list()),
+            "stored": pool["disk"]["adapters"],
             "bytes_per_adapter": rt.vm.layout.num_params * rt.vm.bank.rows.element_size(),
             "num_params_per_adapter": rt.vm.layout.num_params,
             **pool,

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
 from server.api import adapters, admin, errors, generate, metrics, openai_routes
+from server.api.auth import KeyCache
 from server.api.errors import error_response
+
+if TYPE_CHECKING:
+    from server.runtime import Runtime
 
 
 class BodyLimit:
@@ -51,7 +55,7 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(runtime: Any) -> FastAPI:
+def create_app(runtime: Runtime) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.start()
@@ -67,6 +71,7 @@ def create_app(runtime: Any) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.runtime = runtime
+    app.state.keys = KeyCache(runtime.users)
     app.state.metrics_registry = metrics.make_registry(runtime)
     errors.install(app)
     for module in (generate, adapters, admin, openai_routes, metrics):

@@ -10,7 +10,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from adapters_store import AdapterNotFound, InvalidUserId, SlotsExhausted, StoreError
+from adapters_store import (
+    AdapterNotFound,
+    InvalidUserId,
+    SlotsExhausted,
+    StoreError,
+    StoreUnavailable,
+    UserExists,
+)
 from server.engine import ContextTooLong, EngineStopped, QueueFull
 from vera_core.errors import VeraError
 
@@ -38,6 +45,8 @@ _MAPPING: list[tuple[type[BaseException], int, str]] = [
     (InvalidUserId, 400, "invalid_user_id"),
     (AdapterNotFound, 404, "adapter_not_found"),
     (SlotsExhausted, 503, "slots_exhausted"),
+    (StoreUnavailable, 503, "store_unavailable"),
+    (UserExists, 409, "conflict"),
     (StoreError, 500, "store_error"),
     (VeraError, 400, "invalid_adapter"),
     (ContextTooLong, 400, "context_length_exceeded"),

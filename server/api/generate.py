@@ -36,7 +36,7 @@ async def generate(body: GenerateRequest, request: Request, who: Principal = Dep
     params = sampling(
         body.max_new_tokens, body.temperature, body.top_p, body.top_k, body.stop, body.seed
     )
-    seq = submit(rt, body.user_id, ids, params)
+    seq = await submit(rt, body.user_id, ids, params)
     version = seq.adapter_version if seq.user_id is not None else None
 
     def done(ev: Event) -> dict:

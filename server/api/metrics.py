@@ -41,7 +41,7 @@ class _RuntimeCollector:
                 yield GaugeMetricFamily(
                     f"vera_adapter_{key}", key.replace("_", " "), value=pool[key]
                 )
-        for key in ("hits", "misses", "evictions"):
+        for key in ("hits", "misses", "evictions", "unverified"):
             if key in pool:
                 yield CounterMetricFamily(
                     f"vera_adapter_{key}", f"adapter slot {key}", value=pool[key]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from adapters_store import AdapterNotFound, validate_user_id
 from server.api.auth import Principal, principal, require_access
 from server.api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from server.api.runner import (
@@ -23,15 +25,19 @@ from server.api.runner import (
 from server.api.schemas import error_responses
 from server.sequence import Event
 
+if TYPE_CHECKING:
+    from server.runtime import Runtime
+
 router = APIRouter(prefix="/v1")
 _ERRORS = error_responses(400, 401, 403, 404, 413, 422, 429, 503)
 _CHAT_DEFAULT_MAX = 512
 
 
-def _user_for_model(rt: Any, model: str, who: Principal) -> str | None:
+def _user_for_model(rt: Runtime, model: str, who: Principal) -> str | None:
+    """``model`` is the base model's name (or "base") or a user id, validated here."""
     if model in (rt.model_name, "base"):
         return None
-    require_access(who, model)
+    require_access(who, validate_user_id(model))
     return model
 
 
@@ -51,9 +57,12 @@ async def list_models(request: Request, who: Principal = Depends(principal)) -> 
     now = int(rt.engine.stats.started)
     data = [{"id": rt.model_name, "object": "model", "created": now, "owned_by": "vera-serve"}]
     if who.is_admin:
-        metas = rt.store.list()
-    else:
-        metas = [m for m in rt.store.list() if m.user_id == who.user_id]
+        metas = await asyncio.to_thread(rt.store.list)
+    elif who.user_id is not None:
+        try:
+            metas = [await asyncio.to_thread(rt.adapters.describe, who.user_id)]
+        except AdapterNotFound:
+            metas = []
     data += [
         {
             "id": m.user_id,
@@ -78,7 +87,7 @@ async def completions(
     params = sampling(
         body.max_tokens or 16, _temp(body.temperature), body.top_p or 1.0, 0, body.stop, body.seed
     )
-    seq = submit(rt, user_id, ids, params)
+    seq = await submit(rt, user_id, ids, params)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(text: str, finish: str | None) -> dict:
@@ -118,7 +127,7 @@ async def chat_completions(
     if limit is None:
         limit = max(1, min(_CHAT_DEFAULT_MAX, rt.engine.context_limit - len(ids)))
     params = sampling(limit, _temp(body.temperature), body.top_p or 1.0, 0, body.stop, body.seed)
-    seq = submit(rt, user_id, ids, params)
+    seq = await submit(rt, user_id, ids, params)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(delta: dict, finish: str | None) -> dict:

@@ -6,7 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -14,6 +14,9 @@ from adapters_store import AdapterNotFound
 from server.api.errors import ApiError
 from server.api.schemas import MAX_STOP, MAX_STOP_CHARS
 from server.sequence import Event, SamplingParams, Sequence
+
+if TYPE_CHECKING:
+    from server.runtime import Runtime
 
 _DISCONNECT_POLL_S = 0.5
 # OpenAPI: with "stream": true the 200 is Server-Sent Events (each ``data:`` one JSON object,
@@ -31,7 +34,7 @@ STREAM_200 = {
 }
 
 
-def encode_prompt(rt: Any, prompt: str | None, messages: list[dict] | None) -> list[int]:
+def encode_prompt(rt: Runtime, prompt: str | None, messages: list[dict] | None) -> list[int]:
     tok = rt.tokenizer
     if messages is not None:
         if not getattr(tok, "chat_template", None):
@@ -63,15 +66,26 @@ def sampling(
         raise ApiError(400, str(e)) from None
 
 
-def submit(rt: Any, user_id: str | None, ids: list[int], params: SamplingParams) -> Sequence:
-    """Queue on the engine; unknown adapter -> 404, or base model with --fallback-to-base."""
+async def submit(
+    rt: Runtime, user_id: str | None, ids: list[int], params: SamplingParams
+) -> Sequence:
+    """Queue on the engine; unknown adapter -> 404, or base model with --fallback-to-base.
+
+    In a worker thread: admission asks the store for the user's current version (I/O that
+    must not stall the event loop, least of all while the store is unreachable)."""
     loop = asyncio.get_running_loop()
-    try:
-        return rt.engine.submit(user_id, ids, params, loop=loop)
-    except AdapterNotFound:
-        if not rt.config.fallback_to_base or user_id is None:
-            raise
-        return rt.engine.submit(None, ids, params, loop=loop)
+
+    def admit() -> Sequence:
+        try:
+            return rt.engine.submit(user_id, ids, params, loop=loop)
+        except AdapterNotFound:
+            if not rt.config.fallback_to_base or user_id is None:
+                raise
+            return rt.engine.submit(None, ids, params, loop=loop)
+
+    if user_id is None:
+        return admit()
+    return await asyncio.to_thread(admit)
 
 
 @dataclass

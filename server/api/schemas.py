@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from adapters_store import USER_ID_PATTERN, validate_user_id
 
 MAX_STOP = 8
 MAX_STOP_CHARS = 128
+
+
+# Validated once, here at the edge ('.' and '..' are refused by the validator); inside the
+# server a user id is trusted.
+UserIdField = Annotated[
+    str,
+    Field(pattern=f"^{USER_ID_PATTERN}$", description="letters, digits, '.', '_', '-'; 1-128"),
+    AfterValidator(validate_user_id),
+]
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -23,7 +34,9 @@ class ChatMessage(BaseModel):
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    user_id: str | None = Field(None, description="whose adapter to use; omit for the base model")
+    user_id: UserIdField | None = Field(
+        None, description="whose adapter to use; omit for the base model"
+    )
     prompt: str | None = Field(None, max_length=200_000, description="raw text prompt")
     messages: list[ChatMessage] | None = Field(
         None, min_length=1, max_length=256, description="chat turns, rendered by the chat template"
@@ -61,7 +74,7 @@ class GenerateResponse(BaseModel):
 
 class CreateUserRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    user_id: str = Field(min_length=1, max_length=128)
+    user_id: UserIdField
     rotate: bool = Field(False, description="issue a new key if the user exists")
 
 

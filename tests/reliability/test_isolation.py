@@ -15,7 +15,7 @@ from kit import OCTET, stored_bytes, tiny_adapter
 from live import ADMIN, LiveServer, adapter_bytes, random_adapter, start_server
 
 from server.api import auth
-from server.users import UserRegistry
+from adapters_store.users import UserRegistry
 
 MARKER = b"SECRET-ADAPTER-BYTES-7f3a"
 

@@ -34,7 +34,7 @@ def free_port() -> int:
 class LiveServer:
     url: str
     proc: subprocess.Popen
-    store: Path
+    store: Path | str  # a directory, or a postgresql:// URL
     log: Path
     admin_token: str | None
 
@@ -66,7 +66,10 @@ class LiveServer:
 
 
 def start_server(
-    workdir: Path, *args: str, admin_token: str | None = ADMIN, store: Path | None = None
+    workdir: Path,
+    *args: str,
+    admin_token: str | None = ADMIN,
+    store: Path | str | None = None,
 ) -> LiveServer:
     port = free_port()
     store = store or workdir / "store"

@@ -127,7 +127,9 @@ def test_bad_requests_say_what_is_wrong(live: LiveServer) -> None:
         r = c.post("/generate", json={"prompt": "hi", "max_new_tokens": 8000})
         assert r.status_code == 400 and "context" in error_of(r)
         r = c.post("/generate", json={"user_id": "../etc", "prompt": "hi"})
-        assert r.status_code in (400, 403, 404)
+        assert r.status_code == 422 and "user_id" in error_of(r)  # validated at the edge
+        r = c.post("/generate", json={"user_id": "..", "prompt": "hi"})
+        assert r.status_code == 422 and "invalid user id" in error_of(r)
         r = c.put("/users/..%2Fx/adapter", content=b"x", headers=OCTET)
         assert r.status_code in (400, 404)
         r = c.put("/users/zed/adapter", content=b"garbage" * 10, headers=OCTET)

@@ -1,0 +1,84 @@
+"""The slot pool while the store is unreachable, and how it follows the store's change feed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import FP, KEY, LAYOUT, filled_adapter
+
+from adapters_store import AdapterStore, LocalBackend, SlotPool, StoreUnavailable
+from adapters_store.meta import AdapterMeta
+from vera_core import VeraBank
+
+
+class SwitchableBackend(LocalBackend):
+    """A local backend whose index can be made unreachable, like a database that went away."""
+
+    down = False
+
+    def meta(self, user_id: str, version: int | None = None) -> AdapterMeta | None:
+        if self.down:
+            raise StoreUnavailable("the adapter database is unreachable (test)")
+        return super().meta(user_id, version)
+
+    def list(self) -> list[AdapterMeta]:
+        if self.down:
+            raise StoreUnavailable("the adapter database is unreachable (test)")
+        return super().list()
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    backend = SwitchableBackend(tmp_path / "store")
+    store = AdapterStore(backend, LAYOUT, KEY, FP)
+    pool = SlotPool(VeraBank(LAYOUT, 3), store, host_capacity=4)
+    yield backend, store, pool
+    pool.close()
+    store.close()
+
+
+def value_served(pool: SlotPool, user: str) -> tuple[int, float]:
+    """(version, value in its slot) for one request, as the engine would run it."""
+    ticket = pool.request(user)
+    assert ticket.wait_host(5.0), ticket.error
+    slot = pool.acquire(ticket)
+    assert slot is not None
+    value = pool.bank.rows[slot][0].item()
+    pool.release(slot)
+    return ticket.version, value
+
+
+def test_outage_serves_the_newest_held_version_and_refuses_unknown_users(setup) -> None:
+    backend, store, pool = setup
+    store.put("held", filled_adapter(1.0))
+    store.put("held", filled_adapter(2.0))
+    store.put("never-seen", filled_adapter(9.0))
+    assert value_served(pool, "held") == (2, 2.0)
+    backend.down = True
+    assert value_served(pool, "held") == (2, 2.0)
+    assert pool.stats()["unverified"] == 1
+    with pytest.raises(StoreUnavailable, match="holds no copy of 'never-seen'"):
+        pool.request("never-seen")
+    stats = pool.stats()  # still answers: what this process holds is worth reporting
+    assert stats["disk"]["reachable"] is False and stats["device"]["adapters"] == 1
+    pool.invalidate("held")  # cannot compare while down: keeps what it has
+    assert value_served(pool, "held") == (2, 2.0)
+    backend.down = False
+    assert value_served(pool, "never-seen") == (1, 9.0)
+
+
+def test_revalidate_drops_versions_the_store_no_longer_serves(setup) -> None:
+    """What the change feed triggers after a reconnect: every held user is checked again."""
+    _, store, pool = setup
+    store.put("a", filled_adapter(1.0))
+    store.put("b", filled_adapter(5.0))
+    assert value_served(pool, "a") == (1, 1.0) and value_served(pool, "b") == (1, 5.0)
+    store.put("a", filled_adapter(3.0))  # written by "another process": no local invalidate
+    store.delete("b")
+    pool.revalidate()
+    keys = set(pool._by_key)
+    assert keys == set(), keys  # a's v1 and b's v1 were idle: both freed at once
+    assert value_served(pool, "a") == (2, 3.0)
+    assert torch.count_nonzero(pool.bank.rows[0]) == 0  # the base-model row is never written

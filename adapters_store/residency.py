@@ -14,7 +14,9 @@ process sharing the store, the next request anywhere runs the new version (read-
 a cached copy of an older version is never served to a new request. ``invalidate`` (called
 after local writes and by the store's change feed) only frees stale copies early. While the
 store is unreachable (``StoreUnavailable``), a request runs the newest version this pool holds
-for the user, and fails with ``StoreUnavailable`` when it holds none.
+for the user, and fails with ``StoreUnavailable`` when it holds none; the store is asked again
+``OUTAGE_RECHECK_S`` after a failed lookup, so read-your-writes holds again at most that long
+after the store is back.
 
 Threads: ``request``/``invalidate``/``stats`` from any thread; ``acquire``/``release`` from the
 engine thread between steps (``acquire`` is the only place the bank is written, so a copy into
@@ -41,6 +43,8 @@ from vera_core.bank import NO_ADAPTER, VeraBank
 
 __all__ = ["SlotPool", "SlotTicket"]
 
+OUTAGE_RECHECK_S = 1.0  # after the store failed a lookup, serve held versions this long
+
 
 class SlotPool:
     """device tier over a VeraBank + host LRU cache + the store as the disk tier."""
@@ -65,6 +69,7 @@ class SlotPool:
         self._by_key: dict[Key, int] = {}
         self._refs: dict[int, int] = dict.fromkeys(slots, 0)
         self._idle: OrderedDict[int, None] = OrderedDict()  # refcount-0 resident slots, LRU first
+        self._store_down_until = 0.0  # monotonic; see _resolve
         self._stale: set[int] = set()  # pinned slots of invalidated versions: free on release
         self._host: OrderedDict[Key, HostEntry] = OrderedDict()
         self._counts = dict.fromkeys(
@@ -82,10 +87,7 @@ class SlotPool:
         Non-blocking apart from one index lookup; AdapterNotFound if the user has no adapter.
         With the store unreachable: the newest version held here, else StoreUnavailable.
         """
-        try:
-            version = self.store.meta(user_id).version
-        except StoreUnavailable:
-            version = self._newest_held(user_id)
+        version = self._resolve(user_id)
         ticket = SlotTicket(user_id, version, time.monotonic())
         with self._lock:
             ticket._entry = self._host_entry(ticket.key)
@@ -191,6 +193,17 @@ class SlotPool:
             **counts,
             "load_latency_ms": latency,
         }
+
+    def _resolve(self, user_id: str) -> int:
+        """The version a new request runs: the store's current one, or during an outage the
+        newest held here. After a failed lookup the store is not asked again for
+        ``OUTAGE_RECHECK_S`` (requests would each wait out the connection timeout)."""
+        if time.monotonic() >= self._store_down_until:
+            try:
+                return self.store.meta(user_id).version
+            except StoreUnavailable:
+                self._store_down_until = time.monotonic() + OUTAGE_RECHECK_S
+        return self._newest_held(user_id)
 
     def _newest_held(self, user_id: str) -> int:
         """The store is unreachable: the newest version of ``user_id`` on a slot or in host

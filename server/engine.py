@@ -253,8 +253,9 @@ class Engine:
             )
             delta = checker.update(seq.output_ids)
             seq.text = checker.text
-            if delta:
-                seq.channel.push(Event(text=delta, token_id=tok))
+            # every token is an event (clients count and log token ids); text may be "" while
+            # the detokenizer holds back an incomplete character or a possible stop string
+            seq.channel.push(Event(text=delta, token_id=tok))
             if checker.stopped:
                 self._end(seq, "stop")
             elif (

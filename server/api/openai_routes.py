@@ -105,7 +105,8 @@ async def completions(
             return _final_events(ev, chunk("", _finish(ev)), body)
 
         return StreamingResponse(
-            sse_stream(seq, lambda ev: chunk(ev.text, None), final), media_type="text/event-stream"
+            sse_stream(seq, lambda ev: chunk(ev.text, None) if ev.text else None, final),
+            media_type="text/event-stream",
         )
     out = await collect(seq, request)
     raise_for_error(out.final)
@@ -142,7 +143,9 @@ async def chat_completions(
     if body.stream:
         first = [True]
 
-        def token(ev: Event) -> dict:
+        def token(ev: Event) -> dict | None:
+            if not ev.text:
+                return None  # a token that completes no character yet
             delta = {"content": ev.text}
             if first[0]:
                 delta["role"], first[0] = "assistant", False

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import FP, KEY, LAYOUT, filled_adapter
 
-from adapters_store import AdapterStore, LocalBackend, SlotPool, StoreUnavailable
+from adapters_store import AdapterStore, LocalBackend, SlotPool, StoreUnavailable, residency
 from adapters_store.meta import AdapterMeta
 from vera_core import VeraBank
 
@@ -17,8 +18,10 @@ class SwitchableBackend(LocalBackend):
     """A local backend whose index can be made unreachable, like a database that went away."""
 
     down = False
+    lookups = 0
 
     def meta(self, user_id: str, version: int | None = None) -> AdapterMeta | None:
+        self.lookups += 1
         if self.down:
             raise StoreUnavailable("the adapter database is unreachable (test)")
         return super().meta(user_id, version)
@@ -50,7 +53,10 @@ def value_served(pool: SlotPool, user: str) -> tuple[int, float]:
     return ticket.version, value
 
 
-def test_outage_serves_the_newest_held_version_and_refuses_unknown_users(setup) -> None:
+def test_outage_serves_the_newest_held_version_and_refuses_unknown_users(
+    setup, monkeypatch
+) -> None:
+    monkeypatch.setattr(residency, "OUTAGE_RECHECK_S", 0.0)  # ask the store every time
     backend, store, pool = setup
     store.put("held", filled_adapter(1.0))
     store.put("held", filled_adapter(2.0))
@@ -82,3 +88,19 @@ def test_revalidate_drops_versions_the_store_no_longer_serves(setup) -> None:
     assert keys == set(), keys  # a's v1 and b's v1 were idle: both freed at once
     assert value_served(pool, "a") == (2, 3.0)
     assert torch.count_nonzero(pool.bank.rows[0]) == 0  # the base-model row is never written
+
+
+def test_after_a_failed_lookup_the_store_is_left_alone_for_a_moment(setup, monkeypatch) -> None:
+    """Each request would otherwise wait out the connection timeout during an outage."""
+    monkeypatch.setattr(residency, "OUTAGE_RECHECK_S", 0.3)
+    backend, store, pool = setup
+    store.put("held", filled_adapter(1.0))
+    assert value_served(pool, "held") == (1, 1.0)
+    backend.down, before = True, backend.lookups
+    for _ in range(5):
+        assert value_served(pool, "held") == (1, 1.0)
+    assert backend.lookups == before + 1
+    backend.down = False
+    store.put("held", filled_adapter(2.0))  # acknowledged elsewhere as the store comes back
+    time.sleep(0.35)
+    assert value_served(pool, "held") == (2, 2.0)  # read-your-writes again after the recheck

@@ -175,7 +175,7 @@ def test_eight_users_uploading_and_generating_across_both(pair, refs: References
         t.start()
     for t in threads:
         t.join(timeout=300)
-    assert not failures, failures
+    assert not failures, "\n".join(failures)
 
 
 def test_postgres_outage_keeps_serving_and_refuses_writes(pair, postgres, refs) -> None:

@@ -13,15 +13,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import FP, KEY, LAYOUT  # noqa: E402
+from helpers import FP, KEY, LAYOUT, open_backend  # noqa: E402
 
-from adapters_store import (  # noqa: E402
-    DEFAULT_RETAIN_S,
-    AdapterBackend,
-    AdapterStore,
-    LocalBackend,
-    PostgresBackend,
-)
+from adapters_store import DEFAULT_RETAIN_S, AdapterBackend, AdapterStore  # noqa: E402
 
 BackendFactory = Callable[..., AdapterBackend]
 
@@ -37,12 +31,6 @@ def location(backend_kind: str, tmp_path: Path, request: pytest.FixtureRequest) 
     if backend_kind == "postgres":
         return request.getfixturevalue("postgres").new_database()
     return str(tmp_path / "store")
-
-
-def open_backend(location: str, retain_s: float = DEFAULT_RETAIN_S) -> AdapterBackend:
-    if location.startswith("postgresql://"):
-        return PostgresBackend(location, retain_s)
-    return LocalBackend(location, retain_s)
 
 
 @pytest.fixture

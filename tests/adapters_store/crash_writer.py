@@ -1,6 +1,8 @@
 """Subprocess for the SIGKILL tests: put adapters in a loop until killed.
 
-usage: crash_writer.py ROOT FIRST_SEQ USERS [FAILPOINT PUT_NUMBER]
+usage: crash_writer.py LOCATION FIRST_SEQ USERS [FAILPOINT PUT_NUMBER]
+
+LOCATION is a store directory or a ``postgresql://`` DSN.
 
 Put number k (from FIRST_SEQ) writes user ``u{k % USERS}`` with every value equal to k and
 prints ``OK <user> <k> <version>`` once put returned. With a failpoint, the PUT_NUMBER-th put
@@ -16,16 +18,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import FP, KEY, LAYOUT, filled_adapter  # noqa: E402
+from helpers import FP, KEY, LAYOUT, filled_adapter, open_backend  # noqa: E402
 
 import adapters_store.local  # noqa: E402
+import adapters_store.postgres  # noqa: E402
 from adapters_store import AdapterStore  # noqa: E402
 
 
 def main() -> None:
     root, first, users = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     target, stop_at = (sys.argv[4], int(sys.argv[5])) if len(sys.argv) > 5 else (None, -1)
-    store = AdapterStore(root, LAYOUT, KEY, FP, retain_s=0.0)
+    store = AdapterStore(open_backend(root, retain_s=0.0), LAYOUT, KEY, FP)
     current = {"put": 0}
 
     def failpoint(name: str) -> None:
@@ -34,6 +37,7 @@ def main() -> None:
             time.sleep(3600)
 
     adapters_store.local.failpoint = failpoint
+    adapters_store.postgres.failpoint = failpoint
     print("READY", flush=True)
     for k in itertools.count(first):
         current["put"] = k - first + 1

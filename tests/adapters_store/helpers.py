@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from adapters_store import AdapterBackend, LocalBackend, PostgresBackend
+from adapters_store import DEFAULT_RETAIN_S, AdapterBackend, LocalBackend, PostgresBackend
 from vera_core import Adapter, AdapterHeader, LayerSpec, Layout
 
 R, KEY, FP = 8, 0, "tiny-model-fingerprint"
@@ -44,6 +44,13 @@ def stamped_bytes(adapter: Adapter) -> bytes:
     from vera_core.adapter_file import adapter_to_bytes
 
     return adapter_to_bytes(Adapter(replace(adapter.header, base_fingerprint=FP), adapter.vectors))
+
+
+def open_backend(location: str, retain_s: float = DEFAULT_RETAIN_S) -> AdapterBackend:
+    """The backend at ``location``: a ``postgresql://`` DSN or a store directory."""
+    if location.startswith("postgresql://"):
+        return PostgresBackend(location, retain_s)
+    return LocalBackend(location, retain_s)
 
 
 # Narrows the conftest's backend_kind to the local backend: the test looks at files on disk.

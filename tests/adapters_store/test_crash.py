@@ -1,4 +1,8 @@
-"""A writer process SIGKILLed at any instant leaves the old or the new version, never torn."""
+"""A writer process SIGKILLed at any instant leaves the old or the new version, never torn.
+
+Both backends: the store directory, or a PostgreSQL database (where a killed client's open
+transaction is rolled back by the server).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FP, KEY, LAYOUT
+from helpers import FP, KEY, LAYOUT, open_backend
 
 from adapters_store import AdapterStore
 
@@ -19,8 +23,8 @@ WRITER = Path(__file__).with_name("crash_writer.py")
 USERS = 4
 
 
-def start_writer(root: Path, first: int, *failpoint: str) -> subprocess.Popen:
-    args = [sys.executable, str(WRITER), str(root), str(first), str(USERS), *failpoint]
+def start_writer(location: str, first: int, *failpoint: str) -> subprocess.Popen:
+    args = [sys.executable, str(WRITER), location, str(first), str(USERS), *failpoint]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "READY"
     return proc
@@ -43,11 +47,11 @@ def acked(lines: list[str]) -> dict[str, int]:
     return last
 
 
-def check_consistent(root: Path, last_acked: dict[str, int], max_started: int) -> dict[str, int]:
+def check_consistent(location: str, last_acked: dict[str, int], max_started: int) -> dict[str, int]:
     """Reopen (recovery), then every user's adapter is whole and one of its written versions,
     no older than its last acknowledged put. Returns user -> stored value."""
-    with AdapterStore(root, LAYOUT, KEY, FP, retain_s=0.0) as store:
-        assert not list(root.glob("adapters/*/.tmp-*"))
+    with AdapterStore(open_backend(location, retain_s=0.0), LAYOUT, KEY, FP) as store:
+        assert not list(Path(location).glob("adapters/*/.tmp-*"))  # local: no temp file left
         values = {}
         for meta in store.list():
             adapter, _ = store.get(meta.user_id)  # sha256-verified read of the whole file
@@ -62,33 +66,40 @@ def check_consistent(root: Path, last_acked: dict[str, int], max_started: int) -
     return values
 
 
-@pytest.mark.parametrize(
-    "point, new_wins",
-    [("tmp_written", False), ("tmp_synced", False), ("renamed", True), ("committed", True)],
-)
-def test_kill_at_each_write_step(tmp_path: Path, point: str, new_wins: bool) -> None:
-    root = tmp_path / "store"
-    proc = start_writer(root, 1, point, "6")  # puts 1..5 complete, put 6 stops at ``point``
+# (backend, failpoint, whether the interrupted put's version is current after recovery)
+STEPS = [
+    ("local", "tmp_written", False),
+    ("local", "tmp_synced", False),
+    ("local", "renamed", True),  # the complete file is adopted
+    ("local", "committed", True),
+    ("postgres", "blob_written", False),  # between blob write and COMMIT: rolled back
+    ("postgres", "committed", True),
+]
+
+
+@pytest.mark.parametrize("backend_kind, point, new_wins", STEPS)
+def test_kill_at_each_write_step(location: str, point: str, new_wins: bool) -> None:
+    proc = start_writer(location, 1, point, "6")  # puts 1..5 complete, put 6 stops at ``point``
     lines = []
     while not (lines and lines[-1].startswith("AT ")):
         lines.append(proc.stdout.readline().strip())
     lines += kill(proc)
     assert lines[-1] == f"AT {point}" and len(acked(lines)) == USERS
-    values = check_consistent(root, acked(lines), max_started=6)
+    values = check_consistent(location, acked(lines), max_started=6)
     assert values["u2"] == (6 if new_wins else 2)  # put 6 went to user u2 (6 % 4)
 
 
 @pytest.mark.slow
-def test_kill_after_random_delays_then_resume(tmp_path: Path) -> None:
-    root, rng, first, total_puts = tmp_path / "store", random.Random(1234), 1, 0
+def test_kill_after_random_delays_then_resume(location: str) -> None:
+    rng, first, total_puts = random.Random(1234), 1, 0
     last_acked: dict[str, int] = {}
     for _ in range(4):
-        proc = start_writer(root, first)
+        proc = start_writer(location, first)
         time.sleep(rng.uniform(0.05, 0.6))
         lines = kill(proc)
         last_acked.update(acked(lines))
         max_started = first + len(lines)  # the put after the last OK may have landed
-        check_consistent(root, last_acked, max_started)
+        check_consistent(location, last_acked, max_started)
         total_puts += len(lines)
         first = max_started + 1
     assert total_puts > 20, f"the writer completed only {total_puts} puts"

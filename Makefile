@@ -8,7 +8,13 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: install serve test lint bench
 
+# The venv, plus PostgreSQL server binaries if missing (tests/pg_server.py runs initdb).
 $(STAMP): pyproject.toml
+	@for d in "$$(pg_config --bindir 2>/dev/null)" /usr/lib/postgresql/*/bin; do \
+	  [ -x "$$d/initdb" ] && exit 0; done; \
+	if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	else echo "PostgreSQL server binaries (initdb) missing: sudo apt-get install postgresql"; fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"

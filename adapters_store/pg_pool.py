@@ -44,8 +44,10 @@ _DEFAULTS = {
     "tcp_user_timeout": "10000",  # ms: sent data unacknowledged this long -> connection dead
     "application_name": "vera-serve",
 }
-# SQLSTATE classes that mean "the connection or server went away", not a bad statement
+# SQLSTATEs meaning "the connection or server went away" (worth a retry on a fresh connection)
 _GONE = ("08", "57P01", "57P02", "57P03")
+# ... or "the server cannot serve now" (53: disk full, out of memory, too many connections)
+_UNAVAILABLE = (*_GONE, "53")
 
 
 def describe(dsn: str) -> str:
@@ -67,8 +69,12 @@ def connect_kwargs(dsn: str) -> dict[str, str]:
 
 def is_gone(error: psycopg.Error) -> bool:
     """True when ``error`` means the connection or the server is gone (worth a retry)."""
-    state = error.sqlstate
-    return state is None or state.startswith(_GONE)
+    return error.sqlstate is None or error.sqlstate.startswith(_GONE)
+
+
+def is_unavailable(error: psycopg.Error) -> bool:
+    """True when ``error`` is the database's state, not the statement's fault."""
+    return error.sqlstate is None or error.sqlstate.startswith(_UNAVAILABLE)
 
 
 def unavailable(dsn: str, error: BaseException) -> StoreUnavailable:
@@ -130,9 +136,9 @@ def run(pool: ConnectionPool, fn: Callable[[psycopg.Connection], T], *, write: b
         except PoolTimeout as e:  # the pool already waited for a connection: no retry
             raise unavailable(str(pool.conninfo), e) from None
         except psycopg.OperationalError as e:
-            if not is_gone(e):
+            if not is_unavailable(e):
                 raise
-            if attempt == 2 or committing:
+            if attempt == 2 or committing or not is_gone(e):
                 raise unavailable(str(pool.conninfo), e) from None
             log.info("adapter database connection lost (%s); retrying once", e.sqlstate)
             pool.check()  # drop the other dead idle connections before the retry

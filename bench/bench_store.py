@@ -5,7 +5,12 @@ posix_fadvise DONTNEED); memory per resident adapter against ``sum_l(r + out_l) 
 (host tier by RSS delta, device tier by bank bytes); a churn of upload/request/delete cycles with
 RSS and file count before and after. Prints one markdown table.
 
+With ``--store postgresql://...`` (an empty scratch database) a second table sets the local and
+the PostgreSQL backend side by side: publish rate, ``meta()`` latency (the admission check of
+every request) and disk -> slot latency on warm caches.
+
     .venv/bin/python bench/bench_store.py --n 10000
+    .venv/bin/python bench/bench_store.py --n 300 --store postgresql://vera@127.0.0.1/scratch
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from adapters_store import AdapterStore, SlotPool
+from adapters_store import AdapterBackend, AdapterStore, LocalBackend, PostgresBackend, SlotPool
 from vera_core import Adapter, AdapterHeader, Layout, VeraBank, VeraConfig, model_fingerprint
 from vera_core.inject import layout_for
 
@@ -173,6 +178,55 @@ def bench_churn(store: AdapterStore, adapters: list[Adapter], cycles: int) -> li
     ]
 
 
+def backend_figures(store: AdapterStore, adapters: list[Adapter], n: int, loads: int) -> list[str]:
+    """[publish rate, meta() p50 / p99, disk -> slot p50 / p99 warm] of ``store``'s backend."""
+    start = time.perf_counter()
+    for i in range(n):
+        store.put(f"bench{i:05d}", adapters[i % len(adapters)])
+    rate = n / (time.perf_counter() - start)
+    users = [f"bench{i % n:05d}" for i in range(max(loads, 1000))]
+    samples = []
+    for user in users:
+        t0 = time.perf_counter()
+        store.meta(user)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    pool = SlotPool(VeraBank(store.layout, 65), store, host_capacity=8)
+    slot_ms = []
+    for user in users[: min(loads, n)]:  # distinct users: resident in neither tier
+        t0 = time.perf_counter()
+        ticket = pool.request(user)
+        ticket.wait_host(10.0)
+        slot = pool.acquire(ticket)
+        slot_ms.append((time.perf_counter() - t0) * 1e3)
+        assert slot is not None
+        pool.release(slot)
+    pool.close()
+    for i in range(n):
+        store.delete(f"bench{i:05d}")
+    store.backend.collect_garbage()
+    return [
+        f"{rate:,.0f} /s",
+        f"{pct(samples, 0.5):.3f} / {pct(samples, 0.99):.3f} ms",
+        f"{pct(slot_ms, 0.5):.2f} / {pct(slot_ms, 0.99):.2f} ms",
+    ]
+
+
+def compare_backends(layout: Layout, fp: str, adapters: list[Adapter], args) -> str:
+    """A markdown table: the local and the PostgreSQL backend, same adapters, same run."""
+    columns = []
+    with tempfile.TemporaryDirectory(dir=args.root) as tmp:
+        backends: list[AdapterBackend] = [
+            LocalBackend(tmp, retain_s=0.0),
+            PostgresBackend(args.store, retain_s=0.0),
+        ]
+        for backend in backends:
+            with AdapterStore(backend, layout, 0, fp) as store:
+                columns.append(backend_figures(store, adapters, args.n, args.loads))
+    names = ["publish (put) rate", "meta() p50 / p99", "disk -> slot p50 / p99, warm"]
+    head = f"| {args.n:,} adapters | local (dir + SQLite) | PostgreSQL |\n|---|---|---|\n"
+    return head + "\n".join(f"| {name} | {a} | {b} |" for name, a, b in zip(names, *columns))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10_000, help="adapters to register")
@@ -180,6 +234,7 @@ def main() -> None:
     parser.add_argument("--resident", type=int, default=1000, help="host copies for memory")
     parser.add_argument("--churn", type=int, default=None, help="cycles (default: --n)")
     parser.add_argument("--root", type=Path, default=None, help="store dir (default: temp)")
+    parser.add_argument("--store", default=None, help="postgresql:// DSN: compare backends")
     args = parser.parse_args()
     torch.set_num_threads(1)
     layout, fp = default_layout()
@@ -207,6 +262,8 @@ def main() -> None:
     print("| metric | value | note |\n|---|---|---|")
     for metric, value, note in rows:
         print(f"| {metric} | {value} | {note} |")
+    if args.store:
+        print(f"\n{compare_backends(layout, fp, adapters, args)}")
 
 
 if __name__ == "__main__":

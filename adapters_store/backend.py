@@ -47,7 +47,11 @@ BlobValidator = Callable[[bytes], tuple[int, str]]
 
 @dataclass
 class RecoveryReport:
-    """What ``recover`` found and fixed; each list holds ``"user/v<version>"`` labels or paths."""
+    """What ``recover`` found and fixed; each list holds ``"user/v<version>"`` labels or paths.
+
+    For ``PostgresBackend`` "files" are blobs: ``files_removed`` lists blobs no row names, and
+    ``temp_files_removed`` / ``files_adopted`` stay empty (blob and row commit together).
+    """
 
     temp_files_removed: list[str] = field(default_factory=list)
     rows_dropped: list[str] = field(default_factory=list)  # index row, file missing or corrupt

@@ -27,10 +27,9 @@ import httpx
 import torch
 
 from adapters_store import AdapterStore, SlotPool
-from server.engine import Engine, EngineConfig
+from server.engine import Engine, EngineConfig, SamplingParams
+from server.engine.scheduler import SchedulerConfig
 from server.model_source import load_model
-from server.scheduler import SchedulerConfig
-from server.sequence import SamplingParams
 from vera_core import Adapter, AdapterHeader, VeraConfig, inject_vera, model_fingerprint
 from vera_core.adapter_file import adapter_to_bytes
 from vera_core.merge import merge, unmerge

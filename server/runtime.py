@@ -9,16 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from adapters_store.location import Storage, open_storage
-from adapters_store.users import UserRegistry
 from transformers import PreTrainedTokenizerBase
 
 from adapters_store import AdapterStore, SlotPool
+from adapters_store.location import Storage, open_storage
+from adapters_store.users import UserRegistry
 from server.adapter_service import AdapterService
 from server.config import ServerConfig
 from server.engine import Engine, EngineConfig
+from server.engine.scheduler import SchedulerConfig
 from server.model_source import load_model
-from server.scheduler import SchedulerConfig
 from vera_core import VeraConfig, VeraModel, inject_vera, model_fingerprint
 
 log = logging.getLogger("vera-serve")
@@ -139,5 +139,5 @@ class Runtime:
         out["base_model_bytes"] = self.base_model_bytes
         out["shared_projection_bytes"] = self.vm.projections.nbytes()
         out["adapter_bank_bytes"] = self.vm.bank.nbytes()
-        out["kv_cache_bytes"] = self.engine.kv.nbytes()
+        out["kv_cache_bytes"] = self.engine.kv_cache_bytes()
         return out

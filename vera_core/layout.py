@@ -37,9 +37,3 @@ class Layout:
             out[spec.name] = pos
             pos += self.r + spec.out_features
         return out
-
-    def spec(self, name: str) -> LayerSpec:
-        for spec in self.layers:
-            if spec.name == name:
-                return spec
-        raise KeyError(name)

@@ -41,6 +41,8 @@ def collect_stats(rt: Runtime) -> dict[str, Any]:
     pool = rt.pool.stats()
     return {
         "model": rt.model_name,
+        "device": str(rt.config.torch_device),
+        "dtype": str(rt.config.torch_dtype).removeprefix("torch."),
         "store": {"location": rt.storage.description, "reachable": pool["disk"]["reachable"]},
         "memory": rt.memory(),
         "adapters": {
@@ -52,7 +54,7 @@ def collect_stats(rt: Runtime) -> dict[str, Any]:
         "engine": {
             "queue_depth": engine.queue_depth(),
             "running_batch": engine.running(),
-            "kv_cache_bytes": engine.kv.nbytes(),
+            "kv_cache_bytes": engine.kv_cache_bytes(),
             "tokens_per_s": engine.stats.tokens_per_s(),
             "requests_submitted": engine.stats.submitted,
             "completion_tokens": engine.stats.completion_tokens,

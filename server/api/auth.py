@@ -9,10 +9,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from adapters_store.users import UserRegistry
 from fastapi import Request
 
 from adapters_store import StoreUnavailable
+from adapters_store.users import UserRegistry
 from server.api.errors import ApiError
 
 KEY_CACHE_TTL_S = 10.0  # a rotated key stops working on every replica within this

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.auth import Principal, principal, require_access
-from server.api.runner import (
+from server.api.engine_io import (
     STREAM_200,
     collect,
     encode_prompt,
@@ -16,7 +16,7 @@ from server.api.runner import (
     submit,
 )
 from server.api.schemas import GenerateRequest, GenerateResponse, error_responses
-from server.sequence import Event
+from server.engine import Event
 
 router = APIRouter()
 _ERRORS = error_responses(400, 401, 403, 404, 413, 422, 429, 503)

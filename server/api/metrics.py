@@ -24,7 +24,7 @@ class _RuntimeCollector:
         pool = rt.pool.stats()
         yield GaugeMetricFamily("vera_queue_depth", "requests waiting", value=eng.queue_depth())
         yield GaugeMetricFamily("vera_running_batch", "sequences decoding", value=eng.running())
-        yield GaugeMetricFamily("vera_kv_cache_bytes", "KV cache bytes", value=eng.kv.nbytes())
+        yield GaugeMetricFamily("vera_kv_cache_bytes", "KV cache bytes", value=eng.kv_cache_bytes())
         yield GaugeMetricFamily(
             "vera_tokens_per_second", "recent output tokens/s", value=eng.stats.tokens_per_s()
         )

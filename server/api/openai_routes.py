@@ -12,8 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from adapters_store import AdapterNotFound, validate_user_id
 from server.api.auth import Principal, principal, require_access
-from server.api.openai_schemas import ChatCompletionRequest, CompletionRequest
-from server.api.runner import (
+from server.api.engine_io import (
     STREAM_200,
     collect,
     encode_prompt,
@@ -22,8 +21,9 @@ from server.api.runner import (
     sse_stream,
     submit,
 )
+from server.api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from server.api.schemas import error_responses
-from server.sequence import Event
+from server.engine import Event
 
 if TYPE_CHECKING:
     from server.runtime import Runtime

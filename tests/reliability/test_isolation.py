@@ -14,8 +14,8 @@ import pytest
 from kit import OCTET, stored_bytes, tiny_adapter
 from live import ADMIN, LiveServer, adapter_bytes, random_adapter, start_server
 
-from server.api import auth
 from adapters_store.users import UserRegistry
+from server.api import auth
 
 MARKER = b"SECRET-ADAPTER-BYTES-7f3a"
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from adapters_store import AdapterStore, SlotPool
-from server.engine import ContextTooLong, Engine, EngineConfig, QueueFull
-from server.scheduler import SchedulerConfig
-from server.sequence import SamplingParams
+from server.engine import ContextTooLong, Engine, EngineConfig, QueueFull, SamplingParams
+from server.engine.scheduler import SchedulerConfig
 from vera_core import Adapter, AdapterHeader, VeraConfig, inject_vera, model_fingerprint
 from vera_core.merge import merge, unmerge
 
@@ -104,7 +103,7 @@ def test_mixed_users_join_and_leave_exact(make_tiny, tmp_path, kind, targets) ->
     for (uid, prompt, params), got in zip(jobs, results):
         want = reference(vm, users.get(uid), prompt, params.max_new_tokens)
         assert got == want, (uid, prompt)
-    assert engine.kv.nbytes() == 0  # idle: KV freed
+    assert engine.kv_cache_bytes() == 0  # idle: KV freed
     assert engine.pool.stats()["slots_pinned"] == 0
 
 

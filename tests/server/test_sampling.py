@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from server.detokenizer import StopChecker
-from server.sampler import sample
-from server.sequence import SamplingParams
+from server.engine.detokenizer import StopChecker
+from server.engine.sampler import sample
+from server.engine.sampling_params import SamplingParams
 
 
 def test_greedy_and_top_k_one_are_argmax() -> None:
@@ -36,6 +36,41 @@ def test_top_p_and_top_k_stay_inside_their_sets() -> None:
     assert top_p == {0, 1}  # 0.5 + 0.3 covers 0.75
     top_k = {sample(logits, [SamplingParams(temperature=1, top_k=3)], [g])[0] for _ in range(300)}
     assert top_k == {0, 1, 2}
+
+
+def test_one_batch_mixes_greedy_sampled_and_seeded_rows() -> None:
+    """Each row follows its own parameters; a seeded row gives the same tokens whatever else
+    shares its batch."""
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=1.0, top_k=2),
+        SamplingParams(temperature=0.7, seed=11),
+        SamplingParams(temperature=1.0, top_p=0.5),
+    ]
+    top2 = set(logits[1].topk(2).indices.tolist())
+    seeded_alone, seeded_in_batch = [], []
+    g_alone, g_batch = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    for _ in range(50):
+        out = sample(logits, params, [None, None, g_batch, None])
+        assert out[0] == int(logits[0].argmax()) and out[1] in top2
+        seeded_in_batch.append(out[2])
+        seeded_alone.append(sample(logits[2:3], [params[2]], [g_alone])[0])
+    assert seeded_alone == seeded_in_batch and len(set(seeded_alone)) > 1
+
+
+def test_sampled_frequencies_follow_the_tempered_distribution() -> None:
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
+    p = SamplingParams(temperature=2.0)
+    want = torch.softmax(logits[0] / 2.0, dim=-1)
+    g = torch.Generator().manual_seed(5)
+    counts = torch.zeros(3)
+    n = 4000
+    batch = logits.expand(n, 3).contiguous()  # one call, n rows: the batched path itself
+    for tok in sample(batch, [p] * n, [None] * n):
+        counts[tok] += 1
+    del g
+    assert torch.allclose(counts / n, want, atol=0.03), (counts / n, want)
 
 
 class CharTokenizer:

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from server.scheduler import Scheduler, SchedulerConfig
-from server.sequence import Channel, SamplingParams, Sequence, Status
+from server.engine.detokenizer import StopChecker
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.sequence import Channel, Sequence, Status
 
 
 def seq(name: str, n: int = 4) -> Sequence:
-    return Sequence(name, None, list(range(n)), SamplingParams(), Channel())
+    params = SamplingParams()
+    return Sequence(
+        request_id=name,
+        user_id=None,
+        prompt_ids=list(range(n)),
+        params=params,
+        channel=Channel(),
+        detok=StopChecker(None, params.stop),
+    )
 
 
 def test_admits_fifo_up_to_max_batch() -> None:

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.sequence import Sequence, Status
+from server.engine.sequence import Sequence, Status
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,6 @@ class Scheduler:
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
-
-    def is_full(self) -> bool:
-        return len(self.waiting) >= self.config.max_waiting
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)

@@ -1,4 +1,5 @@
-"""Turn an HTTP request into an engine sequence, then wait for it or stream it."""
+"""Requests into the engine, events out of it: prompt encoding, sampling parameters,
+admission, and waiting for or streaming a sequence's events."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from fastapi import Request
 from adapters_store import AdapterNotFound
 from server.api.errors import ApiError
 from server.api.schemas import MAX_STOP, MAX_STOP_CHARS
-from server.sequence import Event, SamplingParams, Sequence
+from server.engine import Event, SamplingParams, Sequence
 
 if TYPE_CHECKING:
     from server.runtime import Runtime
@@ -61,7 +62,14 @@ def sampling(
             400, f"at most {MAX_STOP} stop strings of at most {MAX_STOP_CHARS} characters"
         )
     try:
-        return SamplingParams(max_new_tokens, temperature, top_p, top_k, tuple(stops), seed)
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            stop=tuple(stops),
+            seed=seed,
+        )
     except ValueError as e:
         raise ApiError(400, str(e)) from None
 

@@ -13,30 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters_store import SlotTicket
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+from server.engine.detokenizer import StopChecker
+from server.engine.sampling_params import SamplingParams
 
 
 class Status(enum.Enum):
@@ -83,11 +61,15 @@ class Channel:
 
 @dataclass(eq=False)
 class Sequence:
+    """A request from submit to its last event. Owns its output and decides when it is done
+    (EOS, a stop string, max_new_tokens, the context limit); the engine only delivers."""
+
     request_id: str
     user_id: str | None  # None = base model
     prompt_ids: list[int]
     params: SamplingParams
     channel: Channel
+    detok: StopChecker  # incremental text and stop strings of this request
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     ticket: SlotTicket | None = None  # while an adapter is involved
@@ -95,9 +77,7 @@ class Sequence:
     adapter_version: int | None = None
     kv_row: int = -1
     num_cached: int = 0  # tokens whose K/V are in the cache
-    text: str = ""  # decoded output so far (stop strings trimmed)
-    sent_chars: int = 0
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # seeded sampling
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -106,6 +86,31 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def text(self) -> str:
+        """Decoded output so far, cut at a stop string."""
+        return self.detok.text
+
+    def append_token(self, token: int, is_eos: bool, context_limit: int) -> tuple[str, str | None]:
+        """Take one sampled token: (text now safe to emit, finish reason or None).
+
+        EOS ends the sequence without becoming output; a stop string ends it with the text
+        before the stop; otherwise ``max_new_tokens`` or the context limit ends it.
+        """
+        if is_eos:
+            return "", "stop"
+        self.output_ids.append(token)
+        delta = self.detok.update(self.output_ids)
+        if self.detok.stopped:
+            return delta, "stop"
+        if len(self.output_ids) >= self.params.max_new_tokens or self.num_tokens >= context_limit:
+            return delta, "length"
+        return delta, None
+
+    def flush_text(self) -> str:
+        """Text held back (a possible stop-string prefix) that the end releases."""
+        return self.detok.flush()
 
     def cancel(self) -> None:
         self.cancelled.set()

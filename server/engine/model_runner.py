@@ -1,17 +1,22 @@
-"""Turns scheduled sequences into model forwards: batched prefill and one-token decode.
+"""Turns a step plan into model forwards: batched prefill and one-token decode.
 
-Owns the KV cache and knows how to hand it to a Hugging Face causal LM (as its cache, with
-explicit 4D masks and per-row positions), and sets each row's adapter slot for the forward.
+Owns the KV cache (capacity, compaction, clearing) and hands it to a Hugging Face causal LM as
+its cache, with explicit 4D masks and per-row positions. Everything one forward needs beyond
+its inputs (where the KV cache writes, each row's adapter slot) is set by ``_forward_context``
+in one place and reset in its ``finally``.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
-from server.kv_cache import KVStep, SlotKVCache
-from server.sequence import Sequence
+from server.engine.kv_cache import KVStep, SlotKVCache
+from server.engine.scheduler import StepPlan
+from server.engine.sequence import Sequence
 from vera_core.inject import VeraModel
 
 
@@ -27,6 +32,56 @@ class ModelRunner:
         # transformers >= 5.2x renamed past_key_values -> cache
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.max_len = max_len
+
+    # -- one step -------------------------------------------------------------------------
+    def run(
+        self, plan: StepPlan, running: list[Sequence]
+    ) -> tuple[list[Sequence], torch.Tensor] | None:
+        """Prefill ``plan.prefill``, decode the live rows of ``plan.decode``: the sequences
+        that produced logits, and those logits [len(seqs), vocab] in float32; None if none."""
+        if not running:
+            return None
+        need = max(s.num_tokens + 1 for s in running)
+        self.kv.reserve(len(running), min(need, self.max_len))
+        seqs: list[Sequence] = []
+        logits: list[torch.Tensor] = []  # [rows, vocab] per forward
+        if plan.prefill:
+            seqs += plan.prefill
+            logits.append(self.prefill(plan.prefill))
+        live = [not s.cancelled.is_set() for s in plan.decode]
+        if any(live):  # rows are compact: decode them all, drop the cancelled ones' tokens
+            seqs += [s for s, ok in zip(plan.decode, live) if ok]
+            out = self.decode(plan.decode)
+            logits.append(out if all(live) else out[torch.tensor(live, device=out.device)])
+        if not seqs:
+            return None
+        return seqs, (logits[0] if len(logits) == 1 else torch.cat(logits)).float()
+
+    def move_row(self, src: int, dst: int, seq: Sequence) -> None:
+        """``seq`` moved from KV row ``src`` to ``dst`` (the scheduler keeps rows compact)."""
+        self.kv.move_row(src, dst, length=seq.num_cached)
+
+    def clear_row(self, seq: Sequence) -> None:
+        """Zero what ``seq`` wrote (its values were not finite): the row's next owner reads
+        masked columns too, and 0 * NaN is NaN."""
+        self.kv.clear_row(seq.kv_row, seq.num_cached + 1)
+
+    def idle(self) -> None:
+        """Nothing is running: free the KV buffers."""
+        self.kv.release_all()
+
+    # -- forwards -------------------------------------------------------------------------
+    @contextmanager
+    def _forward_context(self, step: KVStep, slots: list[int]) -> Iterator[None]:
+        """The per-forward context: where the KV cache writes, each row's adapter slot."""
+        use = torch.tensor(slots, device=self.device) if any(slots) else None  # 0s: skip VeRA
+        self.kv.step = step
+        try:
+            with self.vm.slots(use):
+                yield
+        finally:
+            self.kv.step = None
 
     def _forward(
         self,
@@ -36,9 +91,7 @@ class ModelRunner:
         slots: list[int],  # adapter slot per row (0 = base model)
         step: KVStep,
     ) -> torch.Tensor:
-        self.kv.step = step
-        use = torch.tensor(slots, device=self.device) if any(slots) else None  # 0s: skip VeRA
-        with self.vm.slots(use):
+        with self._forward_context(step, slots):
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -47,7 +100,6 @@ class ModelRunner:
                 logits_to_keep=1,
                 **{self._cache_kw: self.kv},
             )
-        self.kv.step = None
         return out.logits[:, -1]  # [batch, vocab]
 
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """The engine: one background thread owns the model and runs continuous batching.
 
-Each step: admit waiting sequences whose adapter is resident (one left-padded prefill
-forward for all of them), then one decode forward for every running sequence, each row with
-its own adapter slot. Sequences join at the next step and leave as soon as they finish.
+One step is schedule -> run -> postprocess: the scheduler admits waiting sequences whose
+adapter slot could be claimed; the model runner prefills them (one left-padded forward) and
+decodes every running row (one forward, each row with its own adapter slot); postprocess samples
+the batch, hands each token to its sequence (which decides whether it is done) and delivers the
+events. Sequences join at the next step and leave as soon as they finish.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from adapters_store import SlotPool
-from server.detokenizer import StopChecker
-from server.model_runner import ModelRunner
-from server.sampler import sample
-from server.scheduler import Scheduler, SchedulerConfig
-from server.sequence import Channel, Event, SamplingParams, Sequence, Status
-from server.stats import EngineStats
+from server.engine.detokenizer import StopChecker
+from server.engine.model_runner import ModelRunner
+from server.engine.sampler import sample
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.sequence import Channel, Event, Sequence, Status
+from server.engine.stats import EngineStats
 from vera_core.inject import VeraModel
 
 log = logging.getLogger(__name__)
@@ -73,7 +76,6 @@ class Engine:
             config.max_seq_len, getattr(cfg, "max_position_embeddings", None) or 10**9
         )
         self.runner = ModelRunner(vm, config.scheduler.max_batch, self.context_limit)
-        self.kv = self.runner.kv
         self.eos_ids = _eos_ids(self.model, tokenizer)
         self.stats = EngineStats()
         self._ids = itertools.count(1)
@@ -81,7 +83,6 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._stop_checkers: dict[Sequence, StopChecker] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -114,7 +115,14 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
                 f"= {total} exceeds the context limit of {self.context_limit} tokens"
             )
-        seq = Sequence(f"req-{next(self._ids)}", user_id, list(prompt_ids), params, Channel(loop))
+        seq = Sequence(
+            request_id=f"req-{next(self._ids)}",
+            user_id=user_id,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            channel=Channel(loop),
+            detok=StopChecker(self.tokenizer, params.stop),
+        )
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         if self._stopping:
@@ -160,6 +168,9 @@ class Engine:
     def running(self) -> int:
         return len(self.scheduler.running)
 
+    def kv_cache_bytes(self) -> int:
+        return self.runner.kv.nbytes()
+
     # -- loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
@@ -178,33 +189,20 @@ class Engine:
                 self._fail_all(f"internal engine error: {type(e).__name__}: {e}")
 
     def step(self) -> None:
+        """schedule -> run -> postprocess."""
         plan = self.scheduler.schedule(self._try_start)
         for seq in plan.dropped:
             self._end(seq, "cancelled")
-        if not self.scheduler.running:
-            self.kv.release_all()
-            if self.scheduler.waiting:
-                time.sleep(0.002)  # adapters still loading: don't spin
-            return
-        need = max(s.num_tokens + 1 for s in self.scheduler.running)
-        self.kv.reserve(len(self.scheduler.running), min(need, self.context_limit))
-        seqs: list[Sequence] = []
-        logits: list[torch.Tensor] = []  # [rows, vocab] per forward
-        if plan.prefill:
-            seqs += plan.prefill
-            logits.append(self.runner.prefill(plan.prefill))
-        live = [not s.cancelled.is_set() for s in plan.decode]
-        if any(live):  # rows are compact: decode them all, drop the cancelled ones' tokens
-            seqs += [s for s, ok in zip(plan.decode, live) if ok]
-            out = self.runner.decode(plan.decode)
-            logits.append(out if all(live) else out[torch.tensor(live)])
-        if seqs:
-            self._emit(seqs, (logits[0] if len(logits) == 1 else torch.cat(logits)).float())
+        out = self.runner.run(plan, self.scheduler.running)
+        if out is not None:
+            self._postprocess(*out)
         for seq in list(self.scheduler.running):
             if seq.cancelled.is_set():
                 self._end(seq, "cancelled")
         if not self.scheduler.running:
-            self.kv.release_all()  # idle: give the KV memory back
+            self.runner.idle()  # give the KV memory back
+            if self.scheduler.waiting:
+                time.sleep(0.002)  # adapters still loading: don't spin
 
     def _try_start(self, seq: Sequence) -> bool:
         if seq.cancelled.is_set():
@@ -225,58 +223,52 @@ class Engine:
         return True
 
     # -- outputs --------------------------------------------------------------------------
-    def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample one token per row of ``logits`` [len(seqs), vocab] and deliver it."""
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
-        if not all(finite):  # fail only the rows whose numbers blew up, never the batch
-            for seq, ok in zip(seqs, finite):
-                if not ok:  # its K/V may hold NaN too: the row's next owner must not see it
-                    self.kv.clear_row(seq.kv_row, seq.num_cached + 1)
-                    self._fail(seq, "the model produced NaN/Inf logits for this request")
-            seqs = [s for s, ok in zip(seqs, finite) if ok]
-            logits = logits[torch.tensor(finite)]
-            if not seqs:
-                return
+    def _postprocess(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample one token per row of ``logits`` [len(seqs), vocab]; each sequence takes its
+        token and says whether it is done; deliver the events."""
+        seqs, logits = self._drop_non_finite(seqs, logits)
+        if not seqs:
+            return
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         now = time.perf_counter()
-        for seq, tok in zip(seqs, tokens):
+        for seq, token in zip(seqs, tokens):
             if seq.first_token_at is None:
                 seq.first_token_at = now
                 self.stats.ttft.add(now - seq.arrival)
             self.stats.tokens_out(1)
-            if tok in self.eos_ids:
-                self._end(seq, "stop")
-                continue
-            seq.output_ids.append(tok)
-            checker = self._stop_checkers.setdefault(
-                seq, StopChecker(self.tokenizer, seq.params.stop)
-            )
-            delta = checker.update(seq.output_ids)
-            seq.text = checker.text
-            # every token is an event (clients count and log token ids); text may be "" while
-            # the detokenizer holds back an incomplete character or a possible stop string
-            seq.channel.push(Event(text=delta, token_id=tok))
-            if checker.stopped:
-                self._end(seq, "stop")
-            elif (
-                len(seq.output_ids) >= seq.params.max_new_tokens
-                or seq.num_tokens >= self.context_limit
-            ):
-                self._end(seq, "length")
+            is_eos = token in self.eos_ids
+            delta, reason = seq.append_token(token, is_eos, self.context_limit)
+            if not is_eos:  # every output token is an event (clients count token ids); its
+                # text may be "" while the detokenizer holds back a partial character
+                seq.channel.push(Event(text=delta, token_id=token))
+            if reason is not None:
+                self._end(seq, reason)
+
+    def _drop_non_finite(
+        self, seqs: list[Sequence], logits: torch.Tensor
+    ) -> tuple[list[Sequence], torch.Tensor]:
+        """Fail only the rows whose numbers blew up, never the batch."""
+        finite = torch.isfinite(logits).all(dim=-1)
+        if bool(finite.all()):
+            return seqs, logits
+        keep = finite.tolist()
+        for seq, ok in zip(seqs, keep):
+            if not ok:  # its K/V may hold NaN too: the row's next owner must not see it
+                self.runner.clear_row(seq)
+                self._fail(seq, "the model produced NaN/Inf logits for this request")
+        return [s for s, ok in zip(seqs, keep) if ok], logits[finite]
 
     def _end(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if seq.finished_at is not None:
             return
-        checker = self._stop_checkers.pop(seq, None)
-        if checker is not None and reason != "cancelled":
-            tail = checker.flush()
-            seq.text = checker.text
+        if reason != "cancelled":
+            tail = seq.flush_text()
             if tail:
                 seq.channel.push(Event(text=tail))
         if seq.status is Status.RUNNING:
             move = self.scheduler.finish(seq)
             if move is not None:
-                self.kv.move_row(*move, length=self.scheduler.running[move[1]].num_cached)
+                self.runner.move_row(*move, self.scheduler.running[move[1]])
         seq.status = Status.FINISHED
         if seq.ticket is not None and seq.adapter_slot:
             self.pool.release(seq.adapter_slot)
@@ -303,7 +295,7 @@ class Engine:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._fail(seq, message)
         self.scheduler.waiting.clear()
-        self.kv.release_all()
+        self.runner.idle()
 
 
 def _timing(seq: Sequence) -> dict[str, float]:

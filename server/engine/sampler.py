@@ -1,0 +1,87 @@
+"""Batched sampling for one engine step: greedy, temperature, top-k, top-p and seeds per row.
+
+Every row's parameters become tensors and the whole batch is filtered and sampled with tensor
+ops; the only host sync is the final ``tolist()`` of the chosen ids. Sampling uses the
+exponential race: with ``E_i ~ Exp(1)`` independent, ``argmax_i p_i / E_i`` is distributed as
+``Categorical(p)``, so a seeded row only needs its own noise vector from its own generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """Per-row sampling parameters as tensors on the logits' device."""
+
+    temperature: torch.Tensor  # [batch] float, 0 = greedy
+    top_p: torch.Tensor  # [batch] float in (0, 1]
+    top_k: torch.Tensor  # [batch] long, 0 = off
+    greedy: torch.Tensor  # [batch] bool
+    generators: list[torch.Generator | None]  # per row; None = the global RNG
+
+    @classmethod
+    def of(
+        cls,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        device: torch.device,
+    ) -> SamplingBatch:
+        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(
+            temperature=tensor([p.temperature for p in params], torch.float32),
+            top_p=tensor([p.top_p for p in params], torch.float32),
+            top_k=tensor([p.top_k for p in params], torch.long),
+            greedy=tensor([p.greedy for p in params], torch.bool),
+            generators=generators,
+        )
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> list[int]:
+    """logits: [batch, vocab] -> one token id per row."""
+    batch = SamplingBatch.of(params, generators, logits.device)
+    return sample_tokens(logits.float(), batch).tolist()
+
+
+def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """logits: [batch, vocab] float32 -> [batch] long token ids (no host sync)."""
+    greedy_ids = logits.argmax(dim=-1)  # [batch]
+    if bool(batch.greedy.all()):
+        return greedy_ids
+    temperature = torch.where(batch.greedy, 1.0, batch.temperature).clamp_min(1e-6)
+    scaled = logits / temperature[:, None]
+    ordered, order = torch.sort(scaled, dim=-1, descending=True)  # [batch, vocab]
+    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    vocab = logits.shape[-1]
+    k = torch.where(batch.top_k > 0, batch.top_k, vocab)[:, None]
+    ordered = ordered.masked_fill(ranks >= k, float("-inf"))
+    probs = torch.softmax(ordered, dim=-1)
+    # drop a token when the tokens ranked before it already cover top_p (the first never)
+    drop = probs.cumsum(dim=-1) - probs > batch.top_p[:, None]
+    probs = torch.softmax(ordered.masked_fill(drop, float("-inf")), dim=-1)
+    choice = (probs / _exponential_noise(probs, batch.generators)).argmax(dim=-1)  # [batch]
+    sampled = order.gather(1, choice[:, None])[:, 0]
+    return torch.where(batch.greedy, greedy_ids, sampled)
+
+
+def _exponential_noise(
+    probs: torch.Tensor, generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """[batch, vocab] Exp(1) draws; a row with a generator draws from it alone (seeded rows
+    reproduce whatever else is in the batch)."""
+    noise = torch.empty_like(probs).exponential_()
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            noise[row].exponential_(generator=generator)
+    return noise.clamp_min(1e-10)

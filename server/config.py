@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from adapters_store.location import is_database_url
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,7 +35,10 @@ class ServerConfig:
     )
     dtype: str = field(
         default="auto",
-        metadata={"help": "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16"},
+        metadata={
+            "help": "auto (bfloat16 on CUDA and on CPUs with AMX/AVX512-BF16, else float32), "
+            "float32, bfloat16 or float16"
+        },
     )
     r: int = field(default=256, metadata={"help": "VeRA rank of the shared projections"})
     projection_prng_key: int = field(default=0, metadata={"help": "seed of the shared projections"})
@@ -87,9 +91,13 @@ class ServerConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
-        return _DTYPES[self.dtype]
+        """auto: bfloat16 on CUDA and on CPUs with native bf16 math (AMX or AVX512-BF16),
+        float32 elsewhere (bf16 emulated in software is slower than fp32)."""
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if self.torch_device.type == "cuda" or cpu_has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
 
     @property
     def store_location(self) -> str:
@@ -108,6 +116,16 @@ class ServerConfig:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+
+def cpu_has_native_bf16() -> bool:
+    """The CPU computes in bfloat16 natively (``amx_bf16`` or ``avx512_bf16`` in its flags)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "").split()
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def _env_default(f: Any) -> Any:

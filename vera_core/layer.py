@@ -75,7 +75,9 @@ class VeraLinear(nn.Module):
         d, b = _broadcastable(d, x.dim()), _broadcastable(b, x.dim())
         u = self.context.project(x.to(rows.dtype), self.A)  # [..., r]
         delta = torch.nn.functional.linear(u * d, self.B) * b
-        return y + delta.to(y.dtype)
+        # a bank wider than the model (fp32 under bf16): add in the bank's precision and round
+        # once, as PEFT does (it keeps adapter math in fp32 and casts the sum back)
+        return (y.to(delta.dtype) + delta).to(y.dtype)
 
     def delta_weight(self, d: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """diag(b) B_l diag(d) A_l as [out, in], or [in, out] for Conv1D; fp32 math."""

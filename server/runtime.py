@@ -53,11 +53,8 @@ class Runtime:
             projection_prng_key=config.projection_prng_key,
             target_modules=config.targets,
         )
-        # The bank and the shared A/B stay float32 whatever the model's dtype: the adapter path
-        # is computed in fp32 and added before one rounding, as PEFT does under bf16.
-        vm = inject_vera(
-            model, vera_config, num_slots=config.device_slots + 1, bank_dtype=torch.float32
-        )
+        # bank and shared A/B in fp32 whatever the model's dtype (PEFT's arithmetic under bf16)
+        vm = inject_vera(model, vera_config, num_slots=config.device_slots + 1)
         fingerprint = model_fingerprint(model)
         storage = open_storage(config.store_location)
         store = AdapterStore(storage.backend, vm.layout, config.projection_prng_key, fingerprint)

@@ -122,13 +122,18 @@ def inject_vera(
     model: nn.Module,
     config: VeraConfig,
     num_slots: int = 2,
-    bank_dtype: torch.dtype | None = None,
+    bank_dtype: torch.dtype = torch.float32,
 ) -> VeraModel:
-    """Wrap the targeted layers of ``model`` in place and return the handle."""
+    """Wrap the targeted layers of ``model`` in place and return the handle.
+
+    The bank and the shared A/B are ``bank_dtype`` (float32) whatever the model's dtype: under
+    a bf16 model the adapter delta is computed in fp32 and added before one rounding, which is
+    PEFT's arithmetic too (it keeps adapter weights in fp32).
+    """
     targets = find_targets(model, config)
     layout = layout_for(model, config)
     param = next(model.parameters())
-    dtype = bank_dtype or param.dtype
+    dtype = bank_dtype
     projections = Projections.generate(
         config.r, layout.max_in, layout.max_out, config.projection_prng_key
     ).to(param.device, dtype)

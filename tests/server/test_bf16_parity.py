@@ -49,9 +49,8 @@ QUESTIONS = [
 
 
 def engine_tokens(base, tok, users, prompts, tmp_path: Path) -> dict[str, list[int]]:
-    vm = inject_vera(
-        copy.deepcopy(base), VeraConfig(r=256), num_slots=USERS + 1, bank_dtype=torch.float32
-    )
+    vm = inject_vera(copy.deepcopy(base), VeraConfig(r=256), num_slots=USERS + 1)
+    assert vm.bank.rows.dtype == torch.float32  # the adapter path stays fp32 under bf16
     store = AdapterStore(tmp_path / "store", vm.layout, 0, model_fingerprint(base))
     pool = SlotPool(vm.bank, store, host_capacity=USERS)
     for uid, adapter in users.items():

@@ -19,18 +19,29 @@ import torch
 
 @dataclass
 class KVStep:
-    """Where the current forward writes.
+    """Where the current forward writes, and what it attends to.
 
-    Decode: one token for each of rows 0..rows-1, at ``positions``; attend to ``kv_len`` columns.
-    Prefill: a left-padded batch of whole prompts; batch row i is KV row ``prefill_rows[i]``
-    and its prompt is the last ``prefill_lens[i]`` columns.
+    Decode: one token for each of ``rows`` sequences at ``positions``; their KV rows are
+    0..rows-1 (``row_index`` None: read as a view) or ``row_index`` (read as a gather);
+    attend to ``kv_len`` columns.
+    Prefill: a left-padded batch of prompt chunks; batch row i is KV row ``prefill_rows[i]``,
+    its chunk the last ``prefill_lens[i]`` columns, written at ``prefill_starts[i]``. When every
+    chunk starts a prompt, attention needs only this forward's keys; otherwise each row attends
+    to its first ``kv_len`` cached columns (earlier chunks included).
     """
 
     rows: int = 0
     positions: torch.Tensor | None = None  # decode: [rows] write position per row
+    row_index: torch.Tensor | None = None  # decode: [rows] KV row per batch row; None = 0..n-1
     kv_len: int = 0
     prefill_rows: list[int] | None = None
     prefill_lens: list[int] | None = None
+    prefill_starts: list[int] | None = None
+
+    @property
+    def continues_prompts(self) -> bool:
+        """A prefill in which some chunk continues a prompt (attends to cached columns)."""
+        return any(self.prefill_starts or ())
 
 
 class SlotKVCache:
@@ -104,16 +115,29 @@ class SlotKVCache:
             self.keys[layer_idx] = torch.zeros(shape, device=key.device, dtype=key.dtype)
             self.values[layer_idx] = torch.zeros(shape, device=key.device, dtype=key.dtype)
         kbuf, vbuf = self.keys[layer_idx], self.values[layer_idx]
-        if step.prefill_rows is not None:  # attention needs only this forward's keys
-            width = key.shape[2]
-            for i, (row, n) in enumerate(zip(step.prefill_rows, step.prefill_lens)):
-                kbuf[row, :, :n].copy_(key[i, :, width - n :])
-                vbuf[row, :, :n].copy_(value[i, :, width - n :])
-            return key, value
-        rows = torch.arange(step.rows, device=key.device)
+        if step.prefill_rows is not None:
+            return self._write_chunks(step, kbuf, vbuf, key, value)
+        if step.row_index is None:
+            rows = torch.arange(step.rows, device=key.device)
+        else:
+            rows = step.row_index
         kbuf[rows, :, step.positions] = key[:, :, 0]
         vbuf[rows, :, step.positions] = value[:, :, 0]
-        return kbuf[: step.rows, :, : step.kv_len], vbuf[: step.rows, :, : step.kv_len]
+        if step.row_index is None:  # compact rows: a view, no copy
+            return kbuf[: step.rows, :, : step.kv_len], vbuf[: step.rows, :, : step.kv_len]
+        return kbuf[rows, :, : step.kv_len], vbuf[rows, :, : step.kv_len]
+
+    @staticmethod
+    def _write_chunks(step: KVStep, kbuf, vbuf, key: torch.Tensor, value: torch.Tensor):
+        width = key.shape[2]
+        starts = step.prefill_starts or [0] * len(step.prefill_rows)
+        for i, (row, n, start) in enumerate(zip(step.prefill_rows, step.prefill_lens, starts)):
+            kbuf[row, :, start : start + n].copy_(key[i, :, width - n :])
+            vbuf[row, :, start : start + n].copy_(value[i, :, width - n :])
+        if not step.continues_prompts:  # attention needs only this forward's keys
+            return key, value
+        rows = torch.tensor(step.prefill_rows, device=key.device)
+        return kbuf[rows, :, : step.kv_len], vbuf[rows, :, : step.kv_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.step.kv_len if self.step is not None else 0

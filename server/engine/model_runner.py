@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 
 from server.engine.kv_cache import KVStep, SlotKVCache
-from server.engine.scheduler import StepPlan
+from server.engine.scheduler import Chunk, StepPlan
 from server.engine.sequence import Sequence
 from vera_core.inject import VeraModel
 
@@ -47,13 +47,15 @@ class ModelRunner:
         seqs: list[Sequence] = []
         logits: list[torch.Tensor] = []  # [rows, vocab] per forward
         if plan.prefill:
-            seqs += plan.prefill
-            logits.append(self.prefill(plan.prefill))
-        live = [not s.cancelled.is_set() for s in plan.decode]
-        if any(live):  # rows are compact: decode them all, drop the cancelled ones' tokens
-            seqs += [s for s, ok in zip(plan.decode, live) if ok]
-            out = self.decode(plan.decode)
-            logits.append(out if all(live) else out[torch.tensor(live, device=out.device)])
+            out = self.prefill(plan.prefill)
+            final = [c.final for c in plan.prefill]  # earlier chunks' logits are not needed
+            seqs += [c.seq for c in plan.prefill if c.final]
+            if any(final):
+                logits.append(out if all(final) else out[torch.tensor(final, device=out.device)])
+        live = [s for s in plan.decode if not s.cancelled.is_set()]
+        if live:
+            seqs += live
+            logits.append(self.decode(live))
         if not seqs:
             return None
         return seqs, (logits[0] if len(logits) == 1 else torch.cat(logits)).float()
@@ -102,41 +104,65 @@ class ModelRunner:
             )
         return out.logits[:, -1]  # [batch, vocab]
 
-    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
-        """All admitted prompts in one left-padded forward: [len(seqs), vocab] last logits."""
-        lens = [len(s.prompt_ids) for s in seqs]
+    def prefill(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Prompt chunks in one left-padded forward: [len(chunks), vocab] logits of each
+        chunk's last token (the next-token logits when the chunk ends its prompt)."""
+        lens = [c.length for c in chunks]
+        starts = [c.start for c in chunks]
         width = max(lens)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        pos = torch.zeros(len(seqs), width, dtype=torch.long)
-        keep = torch.zeros(len(seqs), width, dtype=torch.bool)  # real (non-pad) tokens
-        for i, (s, n) in enumerate(zip(seqs, lens)):
-            ids[i, width - n :] = torch.tensor(s.prompt_ids)
-            pos[i, width - n :] = torch.arange(n)
-            keep[i, width - n :] = True
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        mask = causal[None] & keep[:, None, :]  # [B, query, key]
-        mask |= torch.eye(width, dtype=torch.bool)[None]  # pad rows see themselves: no NaN
-        step = KVStep(kv_len=width, prefill_rows=[s.kv_row for s in seqs], prefill_lens=lens)
+        kv_len = max(st + n for st, n in zip(starts, lens)) if any(starts) else width
+        ids = torch.zeros(len(chunks), width, dtype=torch.long)
+        pos = torch.zeros(len(chunks), width, dtype=torch.long)
+        for i, c in enumerate(chunks):
+            ids[i, width - c.length :] = torch.tensor(
+                c.seq.prompt_ids[c.start : c.start + c.length]
+            )
+            pos[i, width - c.length :] = torch.arange(c.start, c.start + c.length)
+        step = KVStep(
+            kv_len=kv_len,
+            prefill_rows=[c.seq.kv_row for c in chunks],
+            prefill_lens=lens,
+            prefill_starts=starts,
+        )
         logits = self._forward(
             ids.to(self.device),
-            mask[:, None].to(self.device),
+            _chunk_mask(starts, lens, width, kv_len).to(self.device),
             pos.to(self.device),
-            [s.adapter_slot for s in seqs],
+            [c.seq.adapter_slot for c in chunks],
             step,
         )
-        for s, n in zip(seqs, lens):
-            s.num_cached = n
+        for c in chunks:
+            c.seq.num_cached = c.start + c.length
         return logits
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One new token for every running row (rows 0..n-1, in order): [n, vocab] logits."""
+        """One new token for each of ``seqs`` (prompts cached): [n, vocab] logits."""
         ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
         positions = torch.tensor([s.num_cached for s in seqs], device=self.device)
         kv_len = int(positions.max()) + 1
         cols = torch.arange(kv_len, device=self.device)
         mask = (cols[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, kv_len]
-        step = KVStep(rows=len(seqs), positions=positions, kv_len=kv_len)
+        rows = [s.kv_row for s in seqs]
+        compact = rows == list(range(len(seqs)))  # the usual case: read the cache as a view
+        index = None if compact else torch.tensor(rows, device=self.device)
+        step = KVStep(rows=len(seqs), positions=positions, row_index=index, kv_len=kv_len)
         logits = self._forward(ids, mask, positions[:, None], [s.adapter_slot for s in seqs], step)
         for s in seqs:
             s.num_cached += 1
         return logits
+
+
+def _chunk_mask(starts: list[int], lens: list[int], width: int, kv_len: int) -> torch.Tensor:
+    """[B, 1, width, kv_len] bool, True = attend: row i's chunk is its last ``lens[i]`` query
+    columns at positions ``starts[i]..``; a query sees every cached key up to its position.
+    Pad queries see key 0 only (their output is discarded; a row of all False would be NaN)."""
+    q = torch.arange(width)[None, :, None]  # [1, width, 1]
+    k = torch.arange(kv_len)[None, None, :]  # [1, 1, kv_len]
+    start = torch.tensor(starts)[:, None, None]
+    pad = width - torch.tensor(lens)[:, None, None]  # first real query column per row
+    real = q >= pad
+    if not any(starts):  # keys are this forward's own columns (left-padded like the queries)
+        mask = (k <= q) & (k >= pad) & real
+        return (mask | ((k == q) & ~real))[:, None]
+    position = start + q - pad  # absolute position of each real query
+    return ((k <= position) & real | (k == 0) & ~real)[:, None]

@@ -3,6 +3,11 @@
 Contract: ``add(seq)``; ``schedule(try_start) -> StepPlan``; ``finish(seq) -> row moves``.
 Running sequences own KV rows 0..n-1 in ``running`` order; when one leaves, the last one moves
 into its row so the rows stay compact.
+
+Chunked prefill: each step prefills at most ``max_prefill_tokens`` prompt tokens, continuing
+the prompts already admitted (oldest first) before admitting new ones, so a long prompt or a
+burst is spread over several steps and every running stream still gets one token per step.
+A sequence decodes once its whole prompt is in the KV cache.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from server.engine.sequence import Sequence, Status
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_batch: int = 64  # running sequences (KV rows)
-    max_prefill_tokens: int = 1024  # prompt tokens admitted per step (at least one prompt)
+    max_prefill_tokens: int = 1024  # prompt tokens prefilled per step (chunks of prompts)
     max_waiting: int = 1024  # queue bound; beyond it submit() is refused (HTTP 429)
 
     def __post_init__(self) -> None:
@@ -25,10 +30,24 @@ class SchedulerConfig:
             raise ValueError("scheduler limits must be >= 1")
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """Prompt tokens ``[start, start + length)`` of ``seq`` to prefill this step."""
+
+    seq: Sequence
+    start: int
+    length: int
+
+    @property
+    def final(self) -> bool:
+        """The prompt is complete after this chunk: its last logits give the first token."""
+        return self.start + self.length == len(self.seq.prompt_ids)
+
+
 @dataclass
 class StepPlan:
-    prefill: list[Sequence] = field(default_factory=list)  # admitted this step
-    decode: list[Sequence] = field(default_factory=list)  # already running: one token each
+    prefill: list[Chunk] = field(default_factory=list)  # prompt chunks, oldest prompt first
+    decode: list[Sequence] = field(default_factory=list)  # prompt cached: one token each
     dropped: list[Sequence] = field(default_factory=list)  # cancelled while waiting
 
 
@@ -37,6 +56,7 @@ class Scheduler:
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.prefilling: deque[Sequence] = deque()  # running, prompt not fully cached yet
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
@@ -45,13 +65,18 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self, try_start: Callable[[Sequence], bool]) -> StepPlan:
-        """Admit waiting sequences FIFO while rows and prefill budget last.
+        """Decode every sequence whose prompt is cached; spend the prefill budget on the
+        prompts in progress, then admit waiting sequences FIFO while rows and budget last.
 
         ``try_start(seq)`` claims what the sequence needs outside the scheduler (its adapter
         slot); a sequence it refuses stays queued without blocking those behind it.
         """
-        plan = StepPlan(decode=list(self.running))
+        plan = StepPlan(decode=[s for s in self.running if s not in self.prefilling])
         budget = self.config.max_prefill_tokens
+        for seq in list(self.prefilling):  # _chunk removes finished prompts
+            if budget == 0:
+                break
+            budget -= self._chunk(plan, seq, budget)
         kept: deque[Sequence] = deque()
         while self.waiting:
             seq = self.waiting.popleft()
@@ -60,21 +85,30 @@ class Scheduler:
                 plan.dropped.append(seq)
                 continue
             room = len(self.running) < self.config.max_batch
-            fits = budget >= len(seq.prompt_ids) or not plan.prefill
-            if room and fits and try_start(seq):
+            if room and budget > 0 and try_start(seq):
                 seq.status = Status.RUNNING
                 seq.kv_row = len(self.running)
                 self.running.append(seq)
-                plan.prefill.append(seq)
-                budget -= len(seq.prompt_ids)
+                self.prefilling.append(seq)
+                budget -= self._chunk(plan, seq, budget)
             else:
                 kept.append(seq)
         self.waiting = kept
         return plan
 
+    def _chunk(self, plan: StepPlan, seq: Sequence, budget: int) -> int:
+        """Plan the next chunk of ``seq``'s prompt within ``budget``; return its length."""
+        chunk = Chunk(seq, seq.num_cached, min(budget, len(seq.prompt_ids) - seq.num_cached))
+        plan.prefill.append(chunk)
+        if chunk.final:
+            self.prefilling.remove(seq)
+        return chunk.length
+
     def finish(self, seq: Sequence) -> tuple[int, int] | None:
         """Remove a running sequence; returns the (src, dst) KV row move that keeps rows compact."""
         row = seq.kv_row
+        if seq in self.prefilling:  # cancelled or failed mid-prompt
+            self.prefilling.remove(seq)
         last = self.running.pop()
         seq.status = Status.FINISHED
         seq.kv_row = -1

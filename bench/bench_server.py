@@ -7,7 +7,10 @@ Compares, in one run on the same prompts and adapters:
             (target: server >= 10x)
 and the latency from an adapter upload to that user's first token (target p50 <= 50 ms).
 
-    .venv/bin/python bench/bench_server.py [--clients 64] [--new-tokens 32]
+    .venv/bin/python bench/bench_server.py [--clients 64] [--new-tokens 32] [--device cuda]
+
+``--device``/``--dtype`` take the server's values (auto: CUDA when present, the server's dtype
+for it); the bench resolves them once and runs the server, the offline engine and naive on them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import httpx
 import torch
 
 from adapters_store import AdapterStore, SlotPool
+from server.config import ServerConfig
 from server.engine import Engine, EngineConfig, SamplingParams
 from server.engine.scheduler import SchedulerConfig
 from server.model_source import load_model
@@ -66,7 +70,7 @@ def make_adapter(vm, seed: int) -> Adapter:
     )
 
 
-def start_server(store: Path, port: int, clients: int) -> subprocess.Popen:
+def start_server(store: Path, port: int, clients: int, device: str, dtype: str) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
@@ -79,6 +83,10 @@ def start_server(store: Path, port: int, clients: int) -> subprocess.Popen:
         str(clients),
         "--device-slots",
         str(clients + 8),
+        "--device",
+        device,
+        "--dtype",
+        dtype,
         "--log-level",
         "warning",
     ]
@@ -173,7 +181,8 @@ def naive(vm, adapters, prompt_ids, n: int, sample: int) -> float:
         merge(vm, adapter)
         try:
             with torch.no_grad():
-                out = vm.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+                prompt = torch.tensor([ids], device=vm.model.device)
+                out = vm.model.generate(prompt, max_new_tokens=n, do_sample=False)
         finally:
             unmerge(vm)
         tokens += out.shape[1] - len(ids)
@@ -186,9 +195,14 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--naive-sample", type=int, default=8, help="requests timed for naive")
     ap.add_argument("--port", type=int, default=8931)
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (as the server)")
+    ap.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 (as the server)")
     args = ap.parse_args()
     n, k = args.new_tokens, args.clients
-    model, tok, _ = load_model()
+    config = ServerConfig(device=args.device, dtype=args.dtype)
+    device, dtype = str(config.torch_device), config.torch_dtype
+    dtype_name = str(dtype).removeprefix("torch.")
+    model, tok, _ = load_model(dtype=dtype, device=device)
     vm = inject_vera(model, VeraConfig(r=256), num_slots=k + 8)
     users = [f"user{i:03d}" for i in range(k)]
     adapters = [make_adapter(vm, i) for i in range(k)]
@@ -210,7 +224,7 @@ def main() -> None:
         for u, a in zip(users, adapters):
             seed_store.put(u, a)
         seed_store.close()
-        proc = start_server(store_dir, args.port, k)
+        proc = start_server(store_dir, args.port, k, device, dtype_name)
         url = f"http://127.0.0.1:{args.port}"
         try:
             asyncio.run(run_clients(url, users[:4], prompts[:4], 4))  # warm-up
@@ -224,7 +238,8 @@ def main() -> None:
     server_tps = srv["tokens"] / srv["wall"]
     print(
         f"\n{k} concurrent clients, {k} distinct users, {n} new tokens, greedy, "
-        f"SmolLM2-135M-Instruct fp32, r=256 q,v, torch threads {torch.get_num_threads()}\n"
+        f"SmolLM2-135M-Instruct {dtype_name} on {device}, r=256 q,v, "
+        f"torch threads {torch.get_num_threads()}\n"
     )
     print("| run | tokens/s | vs server | TTFT p50 / p99 (ms) | latency p50 / p99 (ms) |")
     print("|---|---|---|---|---|")

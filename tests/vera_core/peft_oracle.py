@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -10,6 +11,36 @@ from peft import VeraConfig as PeftVeraConfig
 from torch import nn
 
 from vera_core import Adapter, AdapterHeader, VeraConfig, VeraModel, inject_vera
+
+# The parity tests run their models here (bench/gpu_check.sh sets cuda, float32 and bfloat16);
+# logits come back as fp32 on the CPU, where they are compared.
+TEST_DEVICE = torch.device(os.environ.get("VERA_TEST_DEVICE", "cpu"))
+TEST_DTYPE = getattr(torch, os.environ.get("VERA_TEST_DTYPE", "float32"))
+
+
+def on_test_device(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` on TEST_DEVICE in TEST_DTYPE (the caller's model is left alone)."""
+    return copy.deepcopy(model).to(TEST_DEVICE, TEST_DTYPE)
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``model(ids).logits`` run where the model lives, returned as fp32 on the CPU."""
+    return model(input_ids=ids.to(model.device)).logits.float().cpu()
+
+
+@torch.no_grad()
+def dtype_tolerance(model: nn.Module, ids: torch.Tensor, atol: float) -> float:
+    """``atol`` in fp32; in a lower precision, at least 8x what rounding to it alone moves the
+    logits of ``model`` (an fp32 copy against one in TEST_DTYPE, both on TEST_DEVICE). Two bf16
+    computations of one result (batched vs merged weights) differ by up to ~4x that noise, a
+    wrong adapter by ~50x it on the tiny models."""
+    if TEST_DTYPE is torch.float32:
+        return atol
+    exact = copy.deepcopy(model).to(TEST_DEVICE, torch.float32)
+    rounded = copy.deepcopy(model).to(TEST_DEVICE, TEST_DTYPE)
+    noise = (logits_of(exact, ids) - logits_of(rounded, ids)).abs().max().item()
+    return max(atol, 8 * noise)
 
 
 def peft_vera(base: nn.Module, config: VeraConfig, save_projection: bool = True) -> PeftModel:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft_oracle import load_users, ours_and_peft, random_adapter, set_peft_vectors
+from peft_oracle import (
+    dtype_tolerance,
+    load_users,
+    logits_of,
+    on_test_device,
+    ours_and_peft,
+    random_adapter,
+    set_peft_vectors,
+)
 from transformers import AutoModelForCausalLM
 
 from vera_core import AdapterMismatchError, VeraConfig
@@ -30,25 +38,28 @@ def _weights(vm) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(("kind", "config"), CASES, ids=IDS)
 @torch.no_grad()
 def test_merge_matches_peft_and_batched_then_unmerge_restores_exactly(make_tiny, kind, config):
-    vm, peft_model = ours_and_peft(make_tiny(kind), config, num_slots=3)
+    """On the test device and dtype (peft_oracle.TEST_DEVICE, TEST_DTYPE)."""
+    base = make_tiny(kind)
+    ids = _ids(base.config.vocab_size)
+    atol = dtype_tolerance(base, ids, 1e-5)
+    vm, peft_model = ours_and_peft(on_test_device(base), config, num_slots=3)
     users = load_users(vm, 2)
-    ids = _ids(vm.model.config.vocab_size)
     before = _weights(vm)
     with vm.slots(torch.full((3,), 2)):
-        batched = vm.model(ids).logits
+        batched = logits_of(vm.model, ids)
     set_peft_vectors(peft_model, users[2])
-    peft_logits = peft_model(input_ids=ids).logits
+    peft_logits = logits_of(peft_model, ids)
 
     merge(vm, users[2])
-    merged = vm.model(ids).logits
+    merged = logits_of(vm.model, ids)
     changed = [k for k, v in vm.model.state_dict().items() if not torch.equal(v, before[k])]
     assert sorted(changed) == sorted(f"{n}.base_layer.weight" for n in vm.layers)
     unmerge(vm)
 
     after = vm.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
-    torch.testing.assert_close(merged, batched, atol=1e-5, rtol=0)
-    torch.testing.assert_close(merged, peft_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged, batched, atol=atol, rtol=0)
+    torch.testing.assert_close(merged, peft_logits, atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

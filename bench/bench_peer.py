@@ -26,7 +26,16 @@ import time
 from pathlib import Path
 
 import torch
-from bench_decode import QV, Row, chat_batch, make_generate, measure, mixed_run, ours_model
+from bench_decode import (
+    QV,
+    Row,
+    chat_batch,
+    load_bench_model,
+    make_generate,
+    measure,
+    mixed_run,
+    ours_model,
+)
 from peft import LoraConfig, get_peft_model
 
 from server.model_source import load_model
@@ -79,7 +88,7 @@ def run_vllm(args, job: dict, logs: Path, label: str) -> dict:
 
 def ours(dtype: str, batches: list[int], args) -> dict[int, tuple[float, float]]:
     """{N: (base tok/s, N distinct VeRA users tok/s)}, all rows interleaved (bench_decode)."""
-    base, tokenizer, _ = load_model(dtype=getattr(torch, dtype))
+    base, tokenizer, _ = load_bench_model(dtype)
     pad, new = tokenizer.pad_token_id, args.new_tokens
     vm = ours_model(base, args.r, QV, max(batches))
     rows = {}

@@ -139,6 +139,7 @@ finish() {
     echo "results: $RESULTS" >&2
 }
 trap finish EXIT
+trap 'exit 143' TERM INT  # killed from outside: still write the summary
 
 printf '# vera-serve GPU check, %s\n' "$(date -u +%FT%TZ)" >"$RESULTS"
 run_step machine 20 machine

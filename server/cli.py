@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from server import config as server_config
+from server.cluster import config as cluster_config
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -29,6 +30,17 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_keep_alive=30,  # outlive client pools' idle connections (no reset races)
     )
     return 0
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    try:
+        from server.cluster.launcher import run
+    except ImportError as e:
+        raise ValueError(f"{e} (pip install 'vera-serve[cluster]')") from e
+
+    cfg = server_config.from_args(args)
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    return run(cfg, cluster_config.from_args(args))
 
 
 def _load_vm(args: argparse.Namespace):
@@ -114,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP server")
     server_config.add_arguments(serve)
     serve.set_defaults(func=_serve)
+
+    cluster = sub.add_parser(
+        "cluster", help="N engine replicas on Ray Serve behind one port (needs ray[serve])"
+    )
+    server_config.add_arguments(cluster)
+    cluster_config.add_arguments(cluster)
+    cluster.set_defaults(func=_cluster)
 
     train = sub.add_parser("train", help="fine-tune one user's adapter from a JSONL file")
     _model_flags(train)

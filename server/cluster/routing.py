@@ -1,0 +1,102 @@
+"""Which replica serves a request: a routing key from the request, then a Ray Serve request
+router that prefers a replica already warm for that key without letting one key pin a replica.
+
+The key travels as Ray Serve's ``multiplexed_model_id``; each replica advertises the keys it
+served recently (``@serve.multiplexed`` in ``replica.py``), and ``RunningReplica``
+carries that set to the router.
+
+Why not Ray's default multiplexed routing: its ``PowerOfTwoChoicesRequestRouter`` sends a
+key to the replicas advertising it for as long as one of them accepts, i.e. until one holds
+``max_ongoing_requests`` requests (here the engine's whole queue). A hot user then lands on
+one replica while the others idle. ``UserAffinityRouter`` bounds that: the warm replica wins
+only while its queue is within ``slack`` of the less loaded of two random replicas (power of
+two choices, which is what every request without a key gets).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections.abc import Callable
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+from server.cluster.forwarding import HttpRequest
+
+_USER_PATH = re.compile(r"^/users/([^/]+)/")
+_BASE = "base"  # the OpenAI routes' alias for the base model
+
+
+def routing_key(request: HttpRequest) -> str:
+    """The user a request is for, or a stand-in; "" when nothing identifies one.
+
+    ``/users/{id}/...`` -> id; ``POST /generate`` -> the body's ``user_id``; ``/v1/*`` -> the
+    body's ``model`` (a user id); otherwise a digest of the bearer key (never the key).
+    """
+    match = _USER_PATH.match(request.path)
+    if match:
+        return match.group(1)
+    if request.method == "POST" and request.path in (
+        "/generate",
+        "/v1/completions",
+        "/v1/chat/completions",
+    ):
+        field = "user_id" if request.path == "/generate" else "model"
+        value = _json_field(request.body, field)
+        if value and value != _BASE:
+            return value
+    auth = request.header(b"authorization") or b""
+    scheme, _, token = auth.partition(b" ")
+    if scheme.lower() == b"bearer" and token.strip():
+        # ':' cannot occur in a user id, so a key digest never collides with a user.
+        return "key:" + hashlib.sha256(token.strip()).hexdigest()[:16]
+    return ""
+
+
+def _json_field(body: bytes, name: str) -> str | None:
+    try:
+        value = json.loads(body).get(name)
+    except (ValueError, AttributeError):
+        return None  # not a JSON object: the replica answers it with its 4xx
+    return value if isinstance(value, str) else None
+
+
+def rank_replicas(
+    candidates: list[RunningReplica], key: str, load: Callable[[RunningReplica], int], slack: int
+) -> list[list[RunningReplica]]:
+    """Ranks to try in order: the least loaded replica warm for ``key`` (one advertising it),
+    if its load is within ``slack`` of the lighter of two random replicas; then those two."""
+    if not candidates:
+        return []
+    pair = random.sample(candidates, min(2, len(candidates)))
+    warm = [r for r in candidates if key and key in r.multiplexed_model_ids]
+    if warm:
+        best = min(warm, key=load)
+        if load(best) <= min(load(r) for r in pair) + slack:
+            return [[best], pair]
+    return [pair]
+
+
+class UserAffinityRouter(FIFOMixin, RequestRouter):
+    """``rank_replicas`` with the loads this router knows (Ray's queue-length cache)."""
+
+    def initialize_state(self, slack: int = 4) -> None:
+        self.slack = slack
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        key = ""
+        if pending_request is not None:
+            key = pending_request.metadata.multiplexed_model_id
+            # The ranks are a full answer: if none accepts, back off before asking again.
+            pending_request.routing_context.should_backoff = True
+        return rank_replicas(candidate_replicas, key, self._load, self.slack)
+
+    def _load(self, replica: RunningReplica) -> int:
+        """Requests in flight on ``replica`` as this router last knew (0 when unknown)."""
+        return self.replica_queue_len_cache.get(replica.replica_id) or 0

@@ -33,6 +33,9 @@ class ModelRunner:
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.max_len = max_len
+        head = self.model.get_output_embeddings()
+        if head is not None:
+            head.register_forward_pre_hook(_contiguous_input)
 
     # -- one step -------------------------------------------------------------------------
     def run(
@@ -166,3 +169,11 @@ def _chunk_mask(starts: list[int], lens: list[int], width: int, kv_len: int) -> 
         return (mask | ((k == q) & ~real))[:, None]
     position = start + q - pad  # absolute position of each real query
     return ((k <= position) & real | (k == 0) & ~real)[:, None]
+
+
+def _contiguous_input(_: torch.nn.Module, args: tuple) -> tuple:
+    """``logits_to_keep=1`` hands the LM head ``hidden[:, -1:, :]``, a batch-strided slice that
+    torch's CPU matmul cannot fold into one GEMM: it materializes the [batch, hidden, vocab]
+    expanded weight (measured at batch 16: 3.4 s instead of 8 ms in bf16, 172 ms instead of
+    27 ms in fp32). One small copy of [batch, 1, hidden] avoids it."""
+    return (args[0].contiguous(), *args[1:])

@@ -8,8 +8,9 @@ q_proj/v_proj, random non-zero A and B) in the batch, our base model (transforme
 and ours with N distinct VeRA users in one batch (bench_decode's path). Same model directory,
 same chat-templated prompts (bench_decode's, token ids handed to vLLM as they are), 32 new
 tokens per row, greedy, EOS ignored. vLLM runs in its own venv (it pins its own torch) through
-``peer_vllm.py``, one process per dtype and kind; ours runs here. Each cell is the median of
-``--repeats`` timed calls after one warm-up; within one engine the batches are interleaved.
+``peer_vllm.py``, one process per dtype and kind; ours runs here. Each cell is the best of
+``--repeats`` timed calls after one warm-up (on a shared machine the least disturbed call; the
+same for both engines); within one engine the batches are interleaved.
 """
 
 from __future__ import annotations
@@ -99,7 +100,12 @@ def ours(dtype: str, batches: list[int], args) -> dict[int, tuple[float, float]]
             Row("mixed", "q,v", n * new, mixed_run(vm, inputs, torch.arange(1, n + 1), new, pad)),
         )
     measure([row for pair in rows.values() for row in pair], args.repeats)
-    return {n: (b.tok_s(), m.tok_s()) for n, (b, m) in rows.items()}
+    return {n: (b.tokens / min(b.times), m.tokens / min(m.times)) for n, (b, m) in rows.items()}
+
+
+def best_tok_s(result: dict, n: int) -> float:
+    run = result["runs"][str(n)]
+    return run["tokens"] / min(run["seconds"])
 
 
 def peer(dtype: str, model_dir: Path, adapters: list[str], prompts, args, logs: Path) -> dict:
@@ -144,7 +150,7 @@ def table(results: dict, args, vllm_version: str, logs: Path) -> str:
     notes = []
     for dtype, (our, theirs) in results.items():
         for n in args.batches:
-            vb, vl = (theirs[k]["runs"][str(n)]["tok_s"] for k in ("base", "lora"))
+            vb, vl = (best_tok_s(theirs[k], n) for k in ("base", "lora"))
             ob, om = our[n]
             lines.append(
                 f"| {dtype} | {n} | {vb:.1f} | {vl:.1f} | {ob:.1f} | **{om:.1f}** "
@@ -159,8 +165,8 @@ def table(results: dict, args, vllm_version: str, logs: Path) -> str:
             )
     header = (
         f"SmolLM2-135M-Instruct, {args.new_tokens} new tokens per row, greedy, chat-templated "
-        f"prompts, tok/s (median of {args.repeats}). Ours: VeRA r={args.r} on q,v, one user "
-        f"per row, transformers generate (bench_decode), torch threads "
+        f"prompts, tok/s (best of {args.repeats} timed calls). Ours: VeRA r={args.r} on q,v, "
+        f"one user per row, transformers generate (bench_decode), torch threads "
         f"{torch.get_num_threads()}. vLLM {vllm_version} CPU: PEFT LoRA r={args.lora_r} on "
         f"q,v, one adapter per row, max_loras={max_loras_used(results)}, "
         f"VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')} "

@@ -6,7 +6,7 @@ JOB: ``{"model": dir, "dtype": "float32" | "bfloat16", "prompts": [[token id, ..
 "new_tokens": int, "repeats": int, "batches": [int, ...], "adapters": [PEFT LoRA dir, ...],
 "lora_rank": int, "max_loras": int}``; no adapters means the base model with LoRA disabled,
 else row i of a batch runs adapter i. RESULT: ``{"runs": {batch: {"seconds": [per timed call],
-"tok_s": generated tokens / median seconds, "token_ids": [[...] per row]}}, "max_loras": what
+"tokens": generated per call, "token_ids": [[...] per row]}}, "max_loras": what
 vLLM accepted, "max_loras_error": why the request was lowered, or null}``. Batches are timed
 interleaved, like bench_decode's rows, after one warm-up each.
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -87,10 +86,9 @@ def main() -> None:
             seconds[n].append(time.perf_counter() - t0)
     result = {"runs": {}, "max_loras": max_loras, "max_loras_error": error}
     for n, s in seconds.items():
-        tokens = sum(map(len, token_ids[n]))
         result["runs"][n] = {
             "seconds": s,
-            "tok_s": tokens / statistics.median(s),
+            "tokens": sum(map(len, token_ids[n])),
             "token_ids": token_ids[n],  # the last timed call's, one list per row
         }
     with open(result_path, "w") as f:

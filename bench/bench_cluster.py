@@ -32,16 +32,12 @@ from vera_core import VeraConfig, inject_vera
 from vera_core.adapter_file import adapter_to_bytes
 
 MIB = 1024 * 1024
-# (name, subcommand, extra env): `cluster` as launched by default, and in Ray Serve's
-# throughput-optimized mode (direct ingress, gRPC between replicas, user code on the main loop).
+# (name, subcommand, extra env): `cluster` as launched (Ray Serve's throughput-optimized mode,
+# see server/cluster/launcher.py), and with Ray Serve's defaults (a proxy actor in front).
 VARIANTS = [
     ("serve", "serve", {}),
     ("cluster", "cluster", {}),
-    (
-        "cluster, RAY_SERVE_THROUGHPUT_OPTIMIZED=1",
-        "cluster",
-        {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-    ),
+    ("cluster, Ray Serve defaults", "cluster", {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}),
 ]
 OCTETS = {"Content-Type": "application/octet-stream"}
 

@@ -13,8 +13,9 @@ Guarantees of ``replay``:
 * Body chunks already queued are coalesced into one item (fewer messages under load); an SSE
   event is never split, since the app sends whole events.
 * When the consumer stops early (client gone, or cancellation), the app sees
-  ``http.disconnect`` and its task is cancelled: the engine cancels the sequence and frees its
-  KV rows, as for a client that hangs up on ``vera-serve serve``.
+  ``http.disconnect`` and its task is cancelled, then awaited (up to ``WIND_DOWN_S``): the
+  engine cancels the sequence and frees its KV rows, as for a client that hangs up on
+  ``vera-serve serve``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ Headers = tuple[tuple[bytes, bytes], ...]
 AsgiApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Any]
 
 _END = object()  # sentinel after the app returns
+WIND_DOWN_S = 5.0  # how long an abandoned request's app task may take to stop
 
 
 @dataclass(frozen=True)
@@ -126,8 +128,18 @@ async def replay(app: AsgiApp, request: HttpRequest) -> AsyncIterator[ResponseHe
             raise RuntimeError("the app returned without a response")
     finally:
         gone.set()
-        if not task.done():
-            task.cancel()
+        await _stop(task)
+
+
+async def _stop(task: asyncio.Task) -> None:
+    """Cancel the app's task until it ends (its handlers cancel the sequence), at most
+    ``WIND_DOWN_S``. Once is not enough on Python 3.11: ``asyncio.wait_for`` (the app's
+    ``collect`` waits for each token in one) drops a cancellation that lands as its inner wait
+    completes, which tokens arriving every step make likely (fixed in Python 3.12)."""
+    deadline = asyncio.get_running_loop().time() + WIND_DOWN_S
+    while not task.done() and asyncio.get_running_loop().time() < deadline:
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.05)
 
 
 def _drain(first: dict, messages: asyncio.Queue) -> tuple[bytes, bool]:

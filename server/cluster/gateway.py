@@ -89,14 +89,13 @@ class GatewayApp:
         )
         stream = self.engines.options(multiplexed_model_id=routing_key(forwarded)).forward
         replies: DeploymentResponseGenerator = stream.remote(forwarded)
-        try:
-            head: ResponseHead = await replies.__anext__()
-        except asyncio.CancelledError:  # the client left first: stop the request upstream
-            replies.cancel()
-            raise
-        except Exception as e:  # the replica died or failed before answering
-            replies.cancel()
-            log.warning("%s %s: no answer from a replica: %r", request.method, forwarded.path, e)
+        head = await _head(replies, request.receive)
+        if not isinstance(head, ResponseHead):
+            replies.cancel()  # stop the request upstream: the sequence frees its KV rows
+            if isinstance(head, Exception):
+                log.warning(
+                    "%s %s: no answer from a replica: %r", request.method, forwarded.path, head
+                )
             return error_response(
                 503, "no engine replica could answer", "replica_unavailable", {"Retry-After": "1"}
             )
@@ -106,6 +105,31 @@ class GatewayApp:
         response = StreamingResponse(_relay(head, replies, forwarded), status_code=head.status)
         response.raw_headers = list(head.headers)
         return response
+
+
+async def _head(
+    replies: DeploymentResponseGenerator, receive: Any
+) -> ResponseHead | Exception | None:
+    """The replica's response head; its error if it failed first; None if the client hung up
+    first. Watching for that here matters without a proxy in front (Ray's direct ingress):
+    nothing else would tell the replica to stop a request whose answer nobody awaits."""
+    head = asyncio.ensure_future(replies.__anext__())
+    gone = asyncio.ensure_future(_disconnect(receive))
+    try:
+        await asyncio.wait({head, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this task is cancelled (a proxy saw the client go)
+        gone.cancel()
+        if not head.done():
+            head.cancel()
+            replies.cancel()
+    if head.cancelled():
+        return None
+    return head.exception() or head.result()
+
+
+async def _disconnect(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _relay(

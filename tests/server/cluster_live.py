@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -73,3 +74,34 @@ def session_processes(sid: int) -> list[int]:
         if int(fields[3]) == sid and fields[0] != "Z":  # fields[3]: session, [0]: state
             out.append(int(entry.name))
     return out
+
+
+async def sse_events(c: httpx.AsyncClient, path: str, body: dict) -> list[dict | str]:
+    """The ``data:`` events of ``body`` streamed to ``path`` (JSON decoded, ``[DONE]`` kept)."""
+    out: list[dict | str] = []
+    async with c.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                out.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+    return out
+
+
+def per_replica(live: LiveServer, key: str = "requests_submitted") -> dict[str, int]:
+    """An engine counter per replica id, once the replicas have reported what just ran."""
+    time.sleep(2.5)  # replicas report every second
+    with live.admin() as c:
+        stats = c.get("/admin/stats").json()
+    return {r["replica"]: r["engine"][key] for r in stats["replicas"]}
+
+
+def busiest_replica_pid(live: LiveServer, running: int) -> int:
+    """Once ``running`` sequences decode across the replicas, the pid of the busiest one."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        with live.admin() as c:
+            replicas = c.get("/admin/stats").json()["replicas"]
+        if sum(r["engine"]["running_batch"] for r in replicas) >= running:
+            return max(replicas, key=lambda r: r["engine"]["running_batch"])["pid"]
+        time.sleep(0.2)
+    raise AssertionError(f"requests not running: {replicas}")

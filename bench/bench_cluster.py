@@ -138,7 +138,7 @@ def main() -> None:
     serve = statistics.median(results["serve"]["tps"])
     print(
         f"\n{args.clients} concurrent streaming clients, each its own user, {args.new_tokens} new "
-        f"tokens, greedy, default model fp32, {os.cpu_count()} CPUs; medians of "
+        f"tokens, greedy, default model (--dtype auto), {os.cpu_count()} CPUs; medians of "
         f"{args.repeats} launches x {args.rounds} rounds, launches interleaved\n"
     )
     print("| server | tokens/s | vs serve | TTFT p50 (ms) | engine RSS (MiB) | other RSS (MiB) |")

@@ -111,8 +111,9 @@ async def _head(
     replies: DeploymentResponseGenerator, receive: Any
 ) -> ResponseHead | Exception | None:
     """The replica's response head; its error if it failed first; None if the client hung up
-    first. Watching for that here matters without a proxy in front (Ray's direct ingress):
-    nothing else would tell the replica to stop a request whose answer nobody awaits."""
+    first. Watched here because in Ray Serve's throughput-optimized mode (the launcher's
+    default) the proxy does not cancel a request whose client leaves before the answer starts:
+    the replica would generate the whole answer for nobody."""
     head = asyncio.ensure_future(replies.__anext__())
     gone = asyncio.ensure_future(_disconnect(receive))
     try:

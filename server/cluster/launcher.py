@@ -13,14 +13,15 @@ import os
 import signal
 import threading
 
-# Ray Serve's throughput-optimized mode (the gateway takes HTTP itself instead of behind a
-# proxy actor; gRPC between replicas; user code on each replica's main loop): bench_cluster
-# measured 0.92x of `vera-serve serve` with it, 0.77x without. Logs stay on stderr (that mode
-# would hide the replicas' startup lines), and the gateway does not linger 30 s after a drain
-# for an external load balancer to deregister it (there is none in front of a local Ray).
-# Ray reads these when its modules load, here and in every process of the Ray it starts, so
-# they are set before `import ray`; the environment wins. A cluster joined with --ray-address
-# keeps its own settings (set them on its nodes).
+# Ray Serve's throughput-optimized mode (gRPC between its proxy and the replicas, user code and
+# handle routing on each replica's main event loop; the gateway also listens on a port of
+# 30000-31000 on --host, for an HAProxy in front): in two interleaved bench_cluster runs on a
+# shared 2-core machine `cluster` reached 0.92x and 0.76x of `vera-serve serve` with it, 0.77x
+# and 0.65x without. Logs stay on stderr (that mode would hide the replicas' startup lines),
+# and the gateway does not linger 30 s after a drain for a load balancer to deregister it
+# (there is none in front of a local Ray). Ray reads these when its modules load, here and in
+# every process of the Ray it starts, so they are set before `import ray`; the environment
+# wins. A cluster joined with --ray-address keeps its own settings (set them on its nodes).
 RAY_DEFAULTS = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_LOG_TO_STDERR": "1",

@@ -47,7 +47,8 @@ class _RuntimeCollector:
                     f"vera_adapter_{key}", f"adapter slot {key}", value=pool[key]
                 )
         for key, value in rt.memory().items():
-            yield GaugeMetricFamily(f"vera_{key}", key.replace("_", " "), value=value)
+            if key != "kv_cache_bytes":  # already a family above: names must be unique
+                yield GaugeMetricFamily(f"vera_{key}", key.replace("_", " "), value=value)
 
 
 def make_registry(rt: Any) -> CollectorRegistry:

@@ -68,10 +68,10 @@ def train_all(epochs: int) -> dict[str, bytes]:
     for user, facts in USERS.items():
         t0 = time.perf_counter()
         cfg = TrainConfig(epochs=epochs, batch_size=8, lr=1e-1, seed=0)
-        adapter, losses = train_adapter(vm, tok, examples(facts), cfg, progress=False)
+        adapter, report = train_adapter(vm, tok, examples(facts), cfg, progress=False)
         files[user] = adapter_to_bytes(adapter)
         print(
-            f"trained {user:6s} loss {losses[0]:.3f} -> {losses[-1]:.4f} "
+            f"trained {user:6s} loss {report.first_loss:.3f} -> {report.final_loss:.4f} "
             f"in {time.perf_counter() - t0:.0f} s ({len(files[user]) // 1024} KiB)"
         )
     return files

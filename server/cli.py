@@ -66,9 +66,9 @@ def _train(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         seed=args.seed,
     )
-    adapter, losses = train_adapter(vm, tok, rows, cfg)
+    adapter, report = train_adapter(vm, tok, rows, cfg)
     save_adapter(adapter, args.out)
-    print(f"epoch losses: {', '.join(f'{x:.4f}' for x in losses)}")
+    print(f"trained: {report.summary()}")
     print(f"wrote {args.out} ({adapter.num_params} params)")
     return 0
 

@@ -23,6 +23,7 @@ class AdapterContext:
         self._x: torch.Tensor | None = None
         self._u: dict[int, torch.Tensor] = {}
         self._rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (bank rows, gathered)
+        self._override: torch.Tensor | None = None  # [num_params]: every row's adapter
 
     @contextmanager
     def use(self, slots: torch.Tensor | None) -> Iterator[None]:
@@ -35,6 +36,20 @@ class AdapterContext:
             self.slots = previous
             self.clear_cache()
 
+    @contextmanager
+    def use_vector(self, flat: torch.Tensor, batch: int) -> Iterator[None]:
+        """Run a forward of ``batch`` rows with one adapter given as a flat vector
+        [num_params] instead of a bank row: training reads its own (grad-carrying) parameter
+        through the serving layers without touching the bank."""
+        previous = self.slots, self._override
+        self.slots = torch.zeros(batch, dtype=torch.long, device=flat.device)
+        self._override = flat
+        try:
+            yield
+        finally:
+            self.slots, self._override = previous
+            self.clear_cache()
+
     def clear_cache(self) -> None:
         self._x = None
         self._u = {}
@@ -43,6 +58,8 @@ class AdapterContext:
     def gathered(self, bank_rows: torch.Tensor) -> torch.Tensor:
         """``bank_rows[slots]``: [*slots.shape, num_params], computed once per forward."""
         assert self.slots is not None
+        if self._override is not None:
+            return self._override.expand(*self.slots.shape, -1)
         if self._rows is None or self._rows[0] is not bank_rows:
             self._rows = (bank_rows, bank_rows[self.slots])
         return self._rows[1]

@@ -109,6 +109,19 @@ class VeraModel:
         with self.context.use(slots):
             yield
 
+    @contextmanager
+    def vector(self, flat: torch.Tensor, batch: int) -> Iterator[None]:
+        """``with vm.vector(v, n): vm.model(...)`` runs all ``n`` rows with the one adapter
+        ``v`` [num_params] (e.g. a trainable parameter) instead of bank slots."""
+        if self.merged_vectors is not None:
+            raise RuntimeError("unmerge the merged adapter before running an adapter vector")
+        if flat.shape != (self.layout.num_params,):
+            raise ValueError(
+                f"vector of shape {tuple(flat.shape)}, want ({self.layout.num_params},)"
+            )
+        with self.context.use_vector(flat, batch):
+            yield
+
     def replace_bank(self, bank: VeraBank) -> None:
         """Point every layer at another bank with the same layout (e.g. a training bank)."""
         if bank.layout != self.layout:

@@ -1,8 +1,9 @@
 """Fine-tune one user's d and b; base weights and the shared A, B stay frozen.
 
 Examples are chat ``messages`` (loss on the last assistant turn) or ``prompt``/``completion``
-pairs (loss on the completion). The same batched VeRA layers serve and train: training points
-the model at a 2-slot bank whose rows are an ``nn.Parameter`` and runs every row with slot 1.
+pairs (loss on the completion). The same batched VeRA layers serve and train: a trainer runs
+the model with its own vector in place of bank slots (``VeraModel.vector``), so it can share a
+model that is serving.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,6 @@ import torch
 from tqdm.auto import tqdm
 
 from vera_core.adapter import Adapter, AdapterHeader
-from vera_core.bank import VeraBank
 from vera_core.fingerprint import model_fingerprint
 from vera_core.inject import VeraModel
 
@@ -28,20 +29,44 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 3
-    batch_size: int = 8
+    """How one adapter is trained. The defaults teach a handful of facts from a few examples
+    and do not over-train a large dataset: the schedule is sized in optimizer steps.
+
+    Steps: ``epochs`` passes when given; otherwise ``target_epochs`` passes, but never fewer
+    than ``min_steps`` (a 3-example file still gets enough updates) nor more than ``max_steps``.
+    Training stops early once the mean loss of the last pass over the data is below
+    ``converged_loss`` (every example is reproduced; more steps only over-fit).
+    """
+
     lr: float = 5e-2  # VeRA's vectors want far higher rates than LoRA (paper: 1e-3 .. 1e-1)
+    batch_size: int = 8  # examples per optimizer step (the whole set when it is smaller)
+    epochs: int | None = None  # fixed number of passes; None: sized by the step rules
+    target_epochs: int = 3
+    min_steps: int = 60
+    max_steps: int = 1000
+    converged_loss: float = 0.02  # 0 disables early stopping
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     max_length: int = 512
+    micro_batch_tokens: int = 2048  # padded tokens per forward/backward; more accumulate
     seed: int = 0
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.epochs <= 0 or self.batch_size <= 0 or self.max_length <= 8:
-            raise ValueError("epochs, batch_size must be > 0 and max_length > 8")
+        if self.batch_size <= 0 or self.max_length <= 8 or self.micro_batch_tokens <= 0:
+            raise ValueError("batch_size and micro_batch_tokens must be > 0, max_length > 8")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError("epochs must be > 0 (or None for the step-sized schedule)")
+        if not 0 < self.min_steps <= self.max_steps or self.target_epochs <= 0:
+            raise ValueError("need 0 < min_steps <= max_steps and target_epochs > 0")
         if not 0 < self.lr < 10:
             raise ValueError(f"lr {self.lr} out of range (0, 10)")
+
+    def total_steps(self, num_examples: int) -> int:
+        per_epoch = math.ceil(num_examples / min(self.batch_size, num_examples))
+        if self.epochs is not None:
+            return per_epoch * self.epochs
+        return max(self.min_steps, min(self.max_steps, per_epoch * self.target_epochs))
 
 
 @dataclass(frozen=True)
@@ -88,20 +113,35 @@ def encode_example(row: dict[str, Any], tokenizer: Any, max_length: int) -> Exam
     return Example(full_ids, labels)
 
 
-def _batches(examples: list[Example], size: int, pad_id: int, rng: random.Random) -> Iterable:
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    for start in range(0, len(order), size):
-        chunk = [examples[i] for i in order[start : start + size]]
-        width = max(len(e.input_ids) for e in chunk)
-        ids = torch.full((len(chunk), width), pad_id)
-        labels = torch.full((len(chunk), width), IGNORE)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, e in enumerate(chunk):  # right padding: positions stay 0..n-1
-            ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            labels[row, : len(e.labels)] = torch.tensor(e.labels)
-            mask[row, : len(e.input_ids)] = 1
-        yield ids, mask, labels
+def _pad(chunk: list[Example], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded ids, attention mask and labels [len(chunk), width] (positions 0..n-1)."""
+    width = max(len(e.input_ids) for e in chunk)
+    ids = torch.full((len(chunk), width), pad_id)
+    labels = torch.full((len(chunk), width), IGNORE)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for row, e in enumerate(chunk):
+        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[row, : len(e.labels)] = torch.tensor(e.labels)
+        mask[row, : len(e.input_ids)] = 1
+    return ids, mask, labels
+
+
+def _micro_batches(batch: list[Example], max_tokens: int) -> list[list[Example]]:
+    """Split one optimizer batch into forwards of at most ``max_tokens`` padded tokens
+    (an example longer than that is a micro-batch of its own)."""
+    out: list[list[Example]] = []
+    current: list[Example] = []
+    width = 0
+    for e in sorted(batch, key=lambda e: len(e.input_ids)):
+        w = max(width, len(e.input_ids))
+        if current and w * (len(current) + 1) > max_tokens:
+            out.append(current)
+            current, w = [], len(e.input_ids)
+        current.append(e)
+        width = w
+    if current:
+        out.append(current)
+    return out
 
 
 def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
@@ -114,6 +154,221 @@ def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
     return f
 
 
+@dataclass(frozen=True)
+class StepReport:
+    step: int  # optimizer steps done, 1-based
+    total_steps: int
+    loss: float  # mean token loss of this step's batch
+    lr: float
+    tokens: int  # tokens (prompt + completion, no padding) this step read
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """What a training run did, for logs, job events and the CLI."""
+
+    examples: int
+    steps: int
+    total_steps: int  # the schedule; ``steps`` is smaller when training converged early
+    epochs: float  # passes over the data actually made
+    first_loss: float
+    final_loss: float  # mean loss of the last pass over the data
+    stop_reason: str  # "converged" | "schedule complete"
+    trained_tokens: int
+    seconds: float
+    losses: tuple[float, ...]  # every step's loss
+
+    def summary(self) -> str:
+        return (
+            f"{self.steps}/{self.total_steps} steps ({self.epochs:.1f} epochs over "
+            f"{self.examples} examples), loss {self.first_loss:.3f} -> {self.final_loss:.4f}, "
+            f"{self.stop_reason}, {self.trained_tokens} tokens in {self.seconds:.1f} s"
+        )
+
+
+class AdapterTrainer:
+    """Trains one adapter's flat vector [num_params] through ``vm``'s serving layers.
+
+    Nothing shared is modified: the bank, the model's train/eval mode and the base weights'
+    ``.grad`` stay as they are (gradients are taken for the vector only), so a server can run
+    a trainer between its own forwards. Work comes in ``micro_step`` units (one forward and
+    backward of at most ``micro_batch_tokens`` tokens), so a caller decides how to interleave.
+    """
+
+    def __init__(
+        self,
+        vm: VeraModel,
+        tokenizer: Any,
+        examples: list[Example],
+        config: TrainConfig = TrainConfig(),
+        init: Adapter | None = None,
+    ) -> None:
+        if not examples:
+            raise ValueError("no training examples")
+        if not any(lab != IGNORE for e in examples for lab in e.labels[1:]):
+            raise ValueError("no example has a completion token to learn from")
+        self.vm, self.config, self.examples = vm, config, examples
+        self.header = AdapterHeader(
+            r=vm.layout.r,
+            projection_prng_key=vm.config.projection_prng_key,
+            target_modules=vm.config.resolved_targets(getattr(vm.model.config, "model_type", "")),
+            base_fingerprint=model_fingerprint(vm.model),
+            dtype="float32",
+        )
+        start = init or Adapter.initial(self.header, vm.layout, vm.config.d_initial)
+        self.device = vm.projections.A.device
+        self.vector = start.flat(vm.layout).to(self.device, torch.float32).requires_grad_(True)
+        self._grad = torch.zeros_like(self.vector)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.batch_size = min(config.batch_size, len(examples))
+        self.steps_per_epoch = math.ceil(len(examples) / self.batch_size)
+        self.total_steps = config.total_steps(len(examples))
+        self.opt = torch.optim.AdamW([self.vector], lr=config.lr, weight_decay=config.weight_decay)
+        warmup = max(1, int(self.total_steps * config.warmup_ratio))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, _lr_lambda(self.total_steps, warmup)
+        )
+        self._gen = torch.Generator().manual_seed(config.seed)
+        self._rng = random.Random(config.seed)
+        self._order: list[int] = []
+        self._pending: list[list[Example]] = []  # micro-batches left of the current step
+        self._step_tokens = self._step_label_tokens = 0
+        self._step_loss = 0.0
+        self.step = 0
+        self.trained_tokens = 0
+        self.losses: list[float] = []
+        self.stop_reason: str | None = None
+        self._started = time.perf_counter()
+
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None
+
+    def micro_step(self) -> StepReport | None:
+        """One forward + backward; returns the report when it completed an optimizer step."""
+        if self.done:
+            raise RuntimeError("training is finished")
+        if not self._pending:
+            self._pending = _micro_batches(self._next_batch(), self.config.micro_batch_tokens)
+            self._step_label_tokens = sum(
+                sum(lab != IGNORE for lab in e.labels[1:]) for mb in self._pending for e in mb
+            )
+        chunk = self._pending.pop()
+        loss_sum, tokens = self._forward_backward(chunk, self._step_label_tokens)
+        self._step_loss += loss_sum
+        self._step_tokens += tokens
+        if self._pending:
+            return None
+        return self._optimizer_step()
+
+    def run(self, on_step: Callable[[StepReport], None] | None = None) -> TrainReport:
+        """Train to the end of the schedule (or convergence) in this thread."""
+        while not self.done:
+            report = self.micro_step()
+            if report is not None and on_step is not None:
+                on_step(report)
+        return self.report()
+
+    @torch.no_grad()
+    def evaluate(self, examples: list[Example]) -> float:
+        """Mean token loss of ``examples`` with the current vector."""
+        total, count = 0.0, 0
+        for chunk in _micro_batches(examples, self.config.micro_batch_tokens):
+            ids, mask, labels = (t.to(self.device) for t in _pad(chunk, self.pad_id))
+            with self.vm.vector(self.vector.detach(), ids.shape[0]):
+                logits = self.vm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            total += float(_token_loss_sum(logits, labels))
+            count += int((labels[:, 1:] != IGNORE).sum())
+        return total / max(1, count)
+
+    def adapter(self) -> Adapter:
+        return Adapter.from_flat(self.header, self.vm.layout, self.vector.detach().float().cpu())
+
+    def report(self) -> TrainReport:
+        window = self.losses[-self.steps_per_epoch :] or [float("nan")]
+        return TrainReport(
+            examples=len(self.examples),
+            steps=self.step,
+            total_steps=self.total_steps,
+            epochs=self.step * self.batch_size / len(self.examples),
+            first_loss=self.losses[0] if self.losses else float("nan"),
+            final_loss=sum(window) / len(window),
+            stop_reason=self.stop_reason or "not finished",
+            trained_tokens=self.trained_tokens,
+            seconds=time.perf_counter() - self._started,
+            losses=tuple(self.losses),
+        )
+
+    # -- internals --------------------------------------------------------------------------
+    def _next_batch(self) -> list[Example]:
+        batch: list[Example] = []
+        while len(batch) < self.batch_size:
+            if not self._order:  # a new pass over the data, shuffled
+                self._order = list(range(len(self.examples)))
+                self._rng.shuffle(self._order)
+            batch.append(self.examples[self._order.pop()])
+        return batch
+
+    def _forward_backward(self, chunk: list[Example], label_tokens: int) -> tuple[float, int]:
+        """Add this micro-batch's share of the step's mean-token-loss gradient to ``_grad``."""
+        ids, mask, labels = (t.to(self.device) for t in _pad(chunk, self.pad_id))
+        with torch.enable_grad(), self.vm.vector(self.vector, ids.shape[0]):
+            logits = self.vm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            loss_sum = _token_loss_sum(logits, labels)
+            # grad of the vector only: base weights get no .grad even if they require one
+            (grad,) = torch.autograd.grad(loss_sum / max(1, label_tokens), [self.vector])
+        self._grad += grad
+        return float(loss_sum.detach()), int(mask.sum())
+
+    def _optimizer_step(self) -> StepReport:
+        self.vector.grad = self._grad
+        torch.nn.utils.clip_grad_norm_([self.vector], self.config.grad_clip)
+        lr = self.opt.param_groups[0]["lr"]
+        self.opt.step()
+        self.sched.step()
+        self.vector.grad = None
+        self._grad = torch.zeros_like(self.vector)
+        loss = self._step_loss / max(1, self._step_label_tokens)
+        tokens = self._step_tokens
+        self._step_loss, self._step_tokens = 0.0, 0
+        self.step += 1
+        self.trained_tokens += tokens
+        self.losses.append(loss)
+        self._maybe_stop()
+        return StepReport(self.step, self.total_steps, loss, lr, tokens)
+
+    def _maybe_stop(self) -> None:
+        if self.step >= self.total_steps:
+            self.stop_reason = "schedule complete"
+            return
+        window = self.losses[-self.steps_per_epoch :]
+        converged = self.config.converged_loss > 0 and len(self.losses) >= self.steps_per_epoch
+        if converged and sum(window) / len(window) < self.config.converged_loss:
+            self.stop_reason = "converged"
+
+
+def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over labelled positions; logits [b, s, vocab]."""
+    vocab = logits.shape[-1]
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, vocab),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+
+
+def encode_rows(rows: list[dict[str, Any]], tokenizer: Any, max_length: int) -> list[Example]:
+    """Tokenize every row; a bad row raises ValueError naming its 1-based index."""
+    out = []
+    for i, row in enumerate(rows, 1):
+        try:
+            out.append(encode_example(row, tokenizer, max_length))
+        except ValueError as e:
+            raise ValueError(f"example {i}: {e}") from None
+    return out
+
+
 def train_adapter(
     vm: VeraModel,
     tokenizer: Any,
@@ -121,74 +376,19 @@ def train_adapter(
     config: TrainConfig = TrainConfig(),
     progress: bool = True,
     init: Adapter | None = None,
-) -> tuple[Adapter, list[float]]:
-    """Train one adapter on ``rows``; returns it and the mean loss of each epoch."""
-    examples = [encode_example(r, tokenizer, config.max_length) for r in rows]
-    header = AdapterHeader(
-        r=vm.layout.r,
-        projection_prng_key=vm.config.projection_prng_key,
-        target_modules=vm.config.resolved_targets(getattr(vm.model.config, "model_type", "")),
-        base_fingerprint=model_fingerprint(vm.model),
-        dtype="float32",
+) -> tuple[Adapter, TrainReport]:
+    """Train one adapter on ``rows`` in this thread; returns it and what training did."""
+    trainer = AdapterTrainer(
+        vm, tokenizer, encode_rows(rows, tokenizer, config.max_length), config, init
     )
-    start = init or Adapter.initial(header, vm.layout, vm.config.d_initial)
-    device = vm.bank.rows.device
-    rows_param = torch.nn.Parameter(torch.zeros(2, vm.layout.num_params, device=device))
-    with torch.no_grad():
-        rows_param[1].copy_(start.flat(vm.layout).to(device))
-    train_bank = VeraBank(vm.layout, 2, rows=rows_param)
-    serving_bank = vm.bank
-    vm.replace_bank(train_bank)
-    try:
-        losses = _fit(vm, rows_param, examples, tokenizer, config, progress)
-    finally:
-        vm.replace_bank(serving_bank)
-    flat = rows_param[1].detach().float().cpu()
-    return Adapter.from_flat(header, vm.layout, flat), losses
+    bar = tqdm(total=trainer.total_steps, desc="training adapter", disable=not progress)
 
+    def show(step: StepReport) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{step.loss:.3f}")
 
-def _fit(
-    vm: VeraModel,
-    rows_param: torch.nn.Parameter,
-    examples: list[Example],
-    tokenizer: Any,
-    config: TrainConfig,
-    progress: bool,
-) -> list[float]:
-    torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    opt = torch.optim.AdamW([rows_param], lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _lr_lambda(total, max(1, int(total * config.warmup_ratio)))
-    )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = rows_param.device
-    model = vm.model
-    was_training = model.training
-    model.train()
-    epoch_losses: list[float] = []
-    bar = tqdm(total=total, desc="training adapter", disable=not progress)
     try:
-        for _ in range(config.epochs):
-            seen, loss_sum = 0, 0.0
-            for ids, mask, labels in _batches(examples, config.batch_size, pad_id, rng):
-                ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-                slots = torch.ones(ids.shape[0], dtype=torch.long, device=device)
-                with vm.slots(slots):
-                    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([rows_param], config.grad_clip)
-                opt.step()
-                sched.step()
-                seen += 1
-                loss_sum += loss.item()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            epoch_losses.append(loss_sum / max(1, seen))
+        report = trainer.run(show)
     finally:
         bar.close()
-        model.train(was_training)
-    return epoch_losses
+    return trainer.adapter(), report

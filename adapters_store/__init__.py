@@ -1,4 +1,5 @@
-"""Where adapters live: a persistent versioned store and device/host/disk residency tiers.
+"""Where adapters live: a persistent versioned store and device/host/disk residency tiers; and
+the fine-tuning files and jobs that make them (``training``).
 
 Depends only on vera_core (never on server/).
 """
@@ -8,6 +9,7 @@ from adapters_store.errors import (
     AdapterLoadTimeout,
     AdapterNotFound,
     InvalidUserId,
+    JobLimit,
     SlotsExhausted,
     StoreCorruptError,
     StoreError,
@@ -21,29 +23,46 @@ from adapters_store.meta import AdapterMeta
 from adapters_store.postgres import PostgresBackend
 from adapters_store.residency import SlotPool, SlotTicket
 from adapters_store.store import AdapterStore
+from adapters_store.training import (
+    TERMINAL,
+    FileRecord,
+    JobEvent,
+    JobRecord,
+    PostgresTraining,
+    SqliteTraining,
+    TrainingStore,
+)
 from adapters_store.users import PostgresUsers, SqliteUsers, UserRegistry
 
 __all__ = [
     "DEFAULT_RETAIN_S",
+    "TERMINAL",
     "USER_ID_PATTERN",
     "AdapterBackend",
     "AdapterLoadTimeout",
     "AdapterMeta",
     "AdapterNotFound",
     "AdapterStore",
+    "FileRecord",
     "InvalidUserId",
+    "JobEvent",
+    "JobLimit",
+    "JobRecord",
     "LocalBackend",
     "PostgresBackend",
+    "PostgresTraining",
     "PostgresUsers",
     "RecoveryReport",
     "SlotPool",
     "SlotTicket",
     "SlotsExhausted",
+    "SqliteTraining",
     "SqliteUsers",
     "Storage",
     "StoreCorruptError",
     "StoreError",
     "StoreUnavailable",
+    "TrainingStore",
     "UserExists",
     "UserRegistry",
     "is_database_url",

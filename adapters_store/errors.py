@@ -42,3 +42,8 @@ class StoreUnavailable(StoreError):
 
 class UserExists(StoreError):
     """``UserRegistry.create`` of a user that already has a key, without ``rotate``."""
+
+
+class JobLimit(StoreError):
+    """``TrainingStore.create_job`` refused: too many queued or running fine-tuning jobs, in the
+    whole store or for this user. Transient: retry once some job has finished."""

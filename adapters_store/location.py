@@ -1,8 +1,10 @@
-"""The one place a store location from the configuration becomes a backend and a key registry.
+"""The one place a store location from the configuration becomes a backend, a key registry and
+a fine-tuning store.
 
-A directory gives ``LocalBackend(dir)`` + ``SqliteUsers(dir / "users.sqlite")`` (one server
-process); a ``postgresql://`` (or ``postgres://``) URL gives ``PostgresBackend`` +
-``PostgresUsers`` sharing one connection pool, with the schema migrated once.
+A directory gives ``LocalBackend(dir)`` + ``SqliteUsers(dir / "users.sqlite")`` +
+``SqliteTraining(dir / "training.sqlite")`` (one server process); a ``postgresql://`` (or
+``postgres://``) URL gives ``PostgresBackend`` + ``PostgresUsers`` + ``PostgresTraining``
+sharing one connection pool, with the schema migrated once.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from adapters_store.backend import DEFAULT_RETAIN_S, AdapterBackend
 from adapters_store.local import LocalBackend
 from adapters_store.postgres import PostgresBackend
+from adapters_store.training import PostgresTraining, SqliteTraining, TrainingStore
 from adapters_store.users import PostgresUsers, SqliteUsers, UserRegistry
 
 _SCHEMES = ("postgresql:", "postgres:")
@@ -20,15 +23,18 @@ _SCHEMES = ("postgresql:", "postgres:")
 
 @dataclass(frozen=True)
 class Storage:
-    """Where adapters and API keys live. ``description`` names it for logs, without secrets:
-    ``postgresql://vera@127.0.0.1:5432/vera`` or the directory."""
+    """Where adapters, API keys and fine-tuning files and jobs live. ``description`` names it
+    for logs, without secrets: ``postgresql://vera@127.0.0.1:5432/vera`` or the directory."""
 
     backend: AdapterBackend
     users: UserRegistry
+    training: TrainingStore
     description: str
 
     def close(self) -> None:
-        """Close the registry, then the backend (and its pool). Idempotent."""
+        """Close the fine-tuning store and the registry, then the backend (and its pool).
+        Idempotent."""
+        self.training.close()
         self.users.close()
         self.backend.close()
 
@@ -48,7 +54,9 @@ def open_storage(location: str | Path, *, retain_s: float = DEFAULT_RETAIN_S) ->
         if not isinstance(location, str):
             raise ValueError("a database URL must be passed as a str, not a Path")
         backend = PostgresBackend(location, retain_s)
-        return Storage(backend, PostgresUsers(backend.pool), backend.description)
+        pool = backend.pool
+        return Storage(backend, PostgresUsers(pool), PostgresTraining(pool), backend.description)
     root = Path(location)
     local = LocalBackend(root, retain_s)
-    return Storage(local, SqliteUsers(root / "users.sqlite"), str(root))
+    users, training = SqliteUsers(root / "users.sqlite"), SqliteTraining(root / "training.sqlite")
+    return Storage(local, users, training, str(root))

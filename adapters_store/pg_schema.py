@@ -12,6 +12,13 @@ Tables (all prefixed ``vera_``)::
                   retired_at)              -- retired_at IS NULL marks the one current version
     vera_blobs(user_id, version, data)     -- the safetensors bytes (``PgBlobs``)
     vera_users(user_id, key_sha256, created_at)  -- API keys, stored only as SHA-256 digests
+    vera_files(seq, id, user_id, filename, purpose, bytes, created_at, data)
+                                           -- fine-tuning uploads (``training.py``)
+    vera_jobs(seq, id, user_id, model, training_file, ..., status, attempts, owner,
+              heartbeat_at, cancel_requested, event_seq)  -- fine-tuning jobs, any replica's
+    vera_job_events(id, job_id, seq, created_at, level, message, type, data)  -- their logs
+
+``seq`` of files and jobs is insertion order (ties of their one-second ``created_at``).
 """
 
 from __future__ import annotations
@@ -54,6 +61,59 @@ MIGRATIONS: tuple[str, ...] = (
         user_id text PRIMARY KEY,
         key_sha256 text NOT NULL UNIQUE,
         created_at double precision NOT NULL
+    );
+    """,
+    """
+    CREATE TABLE vera_files (
+        seq bigint GENERATED ALWAYS AS IDENTITY,
+        id text PRIMARY KEY,
+        user_id text NOT NULL,
+        filename text NOT NULL,
+        purpose text NOT NULL,
+        bytes bigint NOT NULL,
+        created_at bigint NOT NULL,
+        data bytea NOT NULL
+    );
+    CREATE INDEX vera_files_user ON vera_files (user_id, created_at, seq);
+    CREATE TABLE vera_jobs (
+        seq bigint GENERATED ALWAYS AS IDENTITY,
+        id text PRIMARY KEY,
+        user_id text NOT NULL,
+        model text NOT NULL,
+        training_file text NOT NULL,
+        validation_file text,
+        hyperparameters jsonb NOT NULL,
+        suffix text,
+        status text NOT NULL
+            CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+        created_at bigint NOT NULL,
+        started_at bigint,
+        finished_at bigint,
+        error jsonb,
+        fine_tuned_model text,
+        trained_tokens bigint,
+        result jsonb,
+        attempts integer NOT NULL,
+        owner text,
+        heartbeat_at double precision,
+        cancel_requested boolean NOT NULL,
+        event_seq bigint NOT NULL DEFAULT 0
+    );
+    CREATE INDEX vera_jobs_user ON vera_jobs (user_id, created_at, seq);
+    CREATE INDEX vera_jobs_order ON vera_jobs (created_at, seq);
+    -- claim scans only the jobs not yet finished, oldest first
+    CREATE INDEX vera_jobs_active ON vera_jobs (created_at, seq)
+        WHERE status IN ('queued', 'running');
+    CREATE TABLE vera_job_events (
+        id text PRIMARY KEY,
+        job_id text NOT NULL REFERENCES vera_jobs (id),
+        seq bigint NOT NULL,
+        created_at bigint NOT NULL,
+        level text NOT NULL,
+        message text NOT NULL,
+        type text NOT NULL,
+        data jsonb,
+        UNIQUE (job_id, seq)
     );
     """,
 )

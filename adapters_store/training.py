@@ -221,7 +221,10 @@ class TrainingStore(ABC):
     # files
 
     def put_file(self, user_id: str, filename: str, purpose: str, content: bytes) -> FileRecord:
-        validate_user_id(user_id)
+        """``user_id`` is the file's owner: a user id, or a name the caller reserves for
+        owners that are not users (the admin); it is not checked as a user id."""
+        if not user_id:
+            raise ValueError("a file needs an owner")
         record = FileRecord(new_id("file-"), user_id, filename, purpose, len(content), _now())
         self._run(lambda sql: sql.execute(_INSERT_FILE, (*astuple(record), content)), write=True)
         return record

@@ -61,6 +61,25 @@ class ServerConfig:
         default=30.0, metadata={"help": "how long a request waits for a free slot"}
     )
     max_body_mb: float = field(default=64.0, metadata={"help": "request body limit (MB)"})
+    train_share: float = field(
+        default=0.2,
+        metadata={
+            "help": "share of engine time a fine-tuning job may take while requests are in "
+            "flight (idle: all of it)"
+        },
+    )
+    max_jobs: int = field(
+        default=16, metadata={"help": "fine-tuning jobs queued or running at once; beyond: 429"}
+    )
+    max_training_file_mb: float = field(
+        default=16.0, metadata={"help": "size limit of one fine-tuning file (MB)"}
+    )
+    max_training_examples: int = field(
+        default=10_000, metadata={"help": "examples in one fine-tuning file"}
+    )
+    max_training_tokens: int = field(
+        default=2_000_000, metadata={"help": "tokens in one fine-tuning file"}
+    )
     fallback_to_base: bool = field(
         default=False,
         metadata={"help": "a user without an adapter gets the base model instead of 404"},
@@ -74,9 +93,23 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"--dtype must be auto or one of {sorted(_DTYPES)}")
-        for name in ("max_batch", "max_waiting", "max_seq_len", "device_slots", "host_slots", "r"):
+        for name in (
+            "max_batch",
+            "max_waiting",
+            "max_seq_len",
+            "device_slots",
+            "host_slots",
+            "r",
+            "max_jobs",
+            "max_training_examples",
+            "max_training_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if not 0 < self.train_share <= 1:
+            raise ValueError("--train-share must be in (0, 1]")
+        if self.max_training_file_mb <= 0:
+            raise ValueError("--max-training-file-mb must be > 0")
         if not self.admin_token and self.host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(
                 "refusing to bind a non-loopback address without VERA_ADMIN_TOKEN "
@@ -116,6 +149,10 @@ class ServerConfig:
     @property
     def targets(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+
+    @property
+    def max_training_file_bytes(self) -> int:
+        return int(self.max_training_file_mb * 1024 * 1024)
 
     @property
     def max_body_bytes(self) -> int:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,12 +15,15 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from adapters_store import AdapterStore, SlotPool
-from adapters_store.location import Storage, open_storage
+from adapters_store.location import Storage, is_database_url, open_storage
 from adapters_store.users import UserRegistry
 from server.adapter_service import AdapterService
 from server.config import ServerConfig
 from server.engine import Engine, EngineConfig
 from server.engine.scheduler import SchedulerConfig
+from server.finetune.data import DataLimits
+from server.finetune.service import FineTuningService
+from server.finetune.worker import FineTuneConfig, JobWorker
 from server.model_source import load_model
 from vera_core import VeraConfig, VeraModel, inject_vera, model_fingerprint
 
@@ -36,6 +42,7 @@ class Runtime:
     pool: SlotPool
     adapters: AdapterService
     engine: Engine
+    fine_tuning: FineTuningService
     base_model_bytes: int
 
     @property
@@ -67,8 +74,10 @@ class Runtime:
                 max_waiting=config.max_waiting,
             ),
             max_seq_len=config.max_seq_len,
+            background_share=config.train_share,
         )
         engine = Engine(vm, tokenizer, pool, engine_config)
+        fine_tuning = _fine_tuning(config, storage, engine, vm, tokenizer, adapters, path.name)
         rt = cls(
             config,
             vm,
@@ -80,6 +89,7 @@ class Runtime:
             pool,
             adapters,
             engine,
+            fine_tuning,
             base_bytes,
         )
         rt._log_startup(path, time.perf_counter() - t0)
@@ -124,8 +134,10 @@ class Runtime:
 
     def start(self) -> None:
         self.engine.start()
+        self.fine_tuning.worker.start()
 
     def shutdown(self) -> None:
+        self.fine_tuning.worker.stop()  # a running job goes back to the queue
         self.engine.stop()
         self.pool.close()
         self.storage.close()
@@ -142,3 +154,27 @@ class Runtime:
         out["adapter_bank_bytes"] = self.vm.bank.nbytes()
         out["kv_cache_bytes"] = self.engine.kv_cache_bytes()
         return out
+
+
+def _fine_tuning(
+    config: ServerConfig,
+    storage: Storage,
+    engine: Engine,
+    vm: VeraModel,
+    tokenizer: PreTrainedTokenizerBase,
+    adapters: AdapterService,
+    model_name: str,
+) -> FineTuningService:
+    limits = DataLimits(
+        max_bytes=config.max_training_file_bytes,
+        max_examples=config.max_training_examples,
+        max_example_tokens=engine.context_limit,
+        max_total_tokens=config.max_training_tokens,
+    )
+    ft_config = FineTuneConfig(limits, max_queued_jobs=config.max_jobs)
+    owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    exclusive = not is_database_url(config.store_location)  # a directory has one server
+    worker = JobWorker(
+        storage.training, engine, vm, tokenizer, adapters, ft_config, owner, exclusive
+    )
+    return FineTuningService(storage.training, tokenizer, model_name, ft_config, worker)

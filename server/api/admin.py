@@ -62,13 +62,18 @@ def collect_stats(rt: Runtime) -> dict[str, Any]:
             "ttft_ms": engine.stats.ttft.percentiles(),
             "latency_ms": engine.stats.latency.percentiles(),
         },
+        "fine_tuning": {
+            "current_job": rt.fine_tuning.worker.current,
+            "training_units": engine.stats.background_units,
+            "training_seconds": round(engine.stats.background_seconds, 3),
+            "train_share_while_serving": rt.config.train_share,
+        },
     }
 
 
 @router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
     rt = request.app.state.runtime
-    alive = rt.engine._thread is not None and rt.engine._thread.is_alive()
-    if not alive:
+    if not rt.engine.alive:
         raise ApiError(503, "engine is not running", "unavailable")
     return {"status": "ok", "model": rt.model_name}

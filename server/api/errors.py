@@ -18,7 +18,10 @@ from adapters_store import (
     StoreUnavailable,
     UserExists,
 )
+from adapters_store.errors import JobLimit
 from server.engine import ContextTooLong, EngineStopped, QueueFull
+from server.finetune.data import TrainingDataError
+from server.finetune.service import FineTuneForbidden, FineTuneInvalid, FineTuneNotFound
 from vera_core.errors import VeraError
 
 log = logging.getLogger("vera-serve")
@@ -47,11 +50,16 @@ _MAPPING: list[tuple[type[BaseException], int, str]] = [
     (SlotsExhausted, 503, "slots_exhausted"),
     (StoreUnavailable, 503, "store_unavailable"),
     (UserExists, 409, "conflict"),
+    (JobLimit, 429, "job_limit"),
     (StoreError, 500, "store_error"),
     (VeraError, 400, "invalid_adapter"),
     (ContextTooLong, 400, "context_length_exceeded"),
     (QueueFull, 429, "queue_full"),
     (EngineStopped, 503, "shutting_down"),
+    (TrainingDataError, 400, "invalid_training_file"),
+    (FineTuneInvalid, 400, "invalid_request_error"),
+    (FineTuneNotFound, 404, "not_found"),
+    (FineTuneForbidden, 403, "forbidden"),
 ]
 
 

@@ -32,6 +32,11 @@ class _RuntimeCollector:
         yield CounterMetricFamily(
             "vera_completion_tokens", "tokens generated", value=eng.stats.completion_tokens
         )
+        yield CounterMetricFamily(
+            "vera_training_seconds",
+            "engine time spent on fine-tuning units",
+            value=eng.stats.background_seconds,
+        )
         fin = CounterMetricFamily("vera_finished_requests", "finished requests", labels=["reason"])
         for reason, n in eng.stats.finish_reasons.items():
             fin.add_metric([reason], n)

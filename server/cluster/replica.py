@@ -40,8 +40,7 @@ WARM_KEYS = 256
 
 
 def engine_alive(runtime: Runtime) -> bool:
-    thread = runtime.engine._thread
-    return thread is not None and thread.is_alive()
+    return runtime.engine.alive
 
 
 @serve.deployment

@@ -5,18 +5,24 @@ adapter slot could be claimed; the model runner prefills them (one left-padded f
 decodes every running row (one forward, each row with its own adapter slot); postprocess samples
 the batch, hands each token to its sequence (which decides whether it is done) and delivers the
 events. Sequences join at the next step and leave as soon as they finish.
+
+Other work on the model (a fine-tuning job's forward/backward units) is handed to the same
+thread with ``run_background``, so it never overlaps a serving forward: it runs back to back
+while no request is in flight and takes at most ``background_share`` of the time while any is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -32,6 +38,7 @@ from server.engine.stats import EngineStats
 from vera_core.inject import VeraModel
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class EngineError(Exception):
@@ -54,6 +61,11 @@ class EngineStopped(EngineError):
 class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     max_seq_len: int = 2048  # prompt + new tokens of one sequence (KV positions)
+    background_share: float = 0.2  # time background work may take while requests are in flight
+
+    def __post_init__(self) -> None:
+        if not 0 < self.background_share <= 1:
+            raise ValueError("background_share must be in (0, 1]")
 
 
 class Engine:
@@ -80,6 +92,8 @@ class Engine:
         self.stats = EngineStats()
         self._ids = itertools.count(1)
         self._inbox: deque[Sequence] = deque()
+        self._background: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self._background_not_before = 0.0  # perf_counter time; spaces units while serving
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -96,6 +110,11 @@ class Engine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        """The engine thread is running (False before ``start`` and after it died/stopped)."""
+        return self._thread is not None and self._thread.is_alive()
 
     # -- API ------------------------------------------------------------------------------
     def submit(
@@ -143,6 +162,19 @@ class Engine:
             self._cv.notify()
         return seq
 
+    def run_background(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run ``fn`` on the engine thread between steps and return its future: at once while
+        no request is in flight; while any is, units are spaced so they take at most
+        ``background_share`` of the time. Keep one unit short (it delays every stream by its
+        length). Raises EngineStopped once the engine is stopping."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._cv:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            self._background.append((fn, future))
+            self._cv.notify()
+        return future
+
     def generate(self, requests: list[tuple[str | None, list[int], SamplingParams]]) -> list[dict]:
         """Offline: submit all, block until all finish; returns ids, text and finish reason."""
         seqs = [self.submit(u, ids, p) for u, ids, p in requests]
@@ -176,17 +208,55 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._cv:
-                while not self._inbox and not len(self.scheduler) and not self._stopping:
+                while (
+                    not self._inbox
+                    and not len(self.scheduler)
+                    and not self._background
+                    and not self._stopping
+                ):
                     self._cv.wait(timeout=1.0)
                 while self._inbox:
                     self.scheduler.add(self._inbox.popleft())
                 if self._stopping and not len(self.scheduler):
+                    self._drop_background()
                     return
-            try:
-                self.step()
-            except Exception as e:  # a bug must not leave clients hanging
-                log.exception("engine step failed")
-                self._fail_all(f"internal engine error: {type(e).__name__}: {e}")
+                serving = bool(len(self.scheduler))
+            if serving:
+                try:
+                    self.step()
+                except Exception as e:  # a bug must not leave clients hanging
+                    log.exception("engine step failed")
+                    self._fail_all(f"internal engine error: {type(e).__name__}: {e}")
+            if (
+                self._background
+                and not self._stopping
+                and (not serving or time.perf_counter() >= self._background_not_before)
+            ):
+                self._run_background_unit(serving)
+
+    def _run_background_unit(self, serving: bool) -> None:
+        with self._cv:
+            fn, future = self._background.popleft()
+        if not future.set_running_or_notify_cancel():
+            return
+        t0 = time.perf_counter()
+        try:
+            future.set_result(fn())
+        except BaseException as e:  # the caller decides; the engine goes on serving
+            future.set_exception(e)
+        took = time.perf_counter() - t0
+        self.stats.background(took)
+        share = self.config.background_share
+        # while serving, the next unit waits until serving had (1 - share) / share of its time
+        self._background_not_before = (
+            time.perf_counter() + took * (1 - share) / share if serving else 0.0
+        )
+
+    def _drop_background(self) -> None:
+        while self._background:
+            _, future = self._background.popleft()
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineStopped("the server is shutting down"))
 
     def step(self) -> None:
         """schedule -> run -> postprocess."""

@@ -40,6 +40,12 @@ class EngineStats:
         self.latency = Window()
         self._recent: deque[tuple[float, int]] = deque(maxlen=4096)  # (time, tokens)
         self.listeners: list[Any] = []  # callables(seq, reason), e.g. Prometheus histograms
+        self.background_units = 0  # work run between steps (fine-tuning forward/backward)
+        self.background_seconds = 0.0
+
+    def background(self, seconds: float) -> None:
+        self.background_units += 1
+        self.background_seconds += seconds
 
     def tokens_out(self, n: int) -> None:
         self.completion_tokens += n

@@ -1,0 +1,3 @@
+"""Fine-tuning inside the server: training files, durable jobs, and the worker that trains a
+user's vectors on the serving model between engine steps (``worker``), behind the API's access
+rules and limits (``service``); ``data`` checks and tokenizes training files."""

@@ -232,10 +232,11 @@ async def job_events(
 
 
 # -- native shortcut -------------------------------------------------------------------------
+# The body is the JSONL file itself, read raw (any content type); declared as bytes.
 _JSONL_BODY = {
     "requestBody": {
         "required": True,
-        "content": {"application/jsonl": {"schema": {"type": "string"}}},
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
 }
 

@@ -178,6 +178,49 @@ def test_eight_users_uploading_and_generating_across_both(pair, refs: References
     assert not failures, "\n".join(failures)
 
 
+def test_fine_tuning_jobs_are_shared_by_the_replicas(pair) -> None:
+    """A file uploaded to A trains in a job created on B; whichever replica runs it, both see
+    its progress, a cancel sent to the other replica stops it, and the result is served by
+    both at once."""
+    a, b = pair
+    key = a.new_user("ned")
+    rows = [{"prompt": f"Item {i}:", "completion": f" value {i}"} for i in range(12)]
+    content = "\n".join(json.dumps(r) for r in rows).encode()
+    with a.client(key) as ca, b.client(key) as cb:
+        files = {"file": ("ned.jsonl", content, "application/octet-stream")}
+        file_id = ca.post("/v1/files", files=files, data={"purpose": "fine-tune"}).json()["id"]
+        assert cb.get(f"/v1/files/{file_id}").json()["bytes"] == len(content)
+        long = {"n_epochs": 50, "batch_size": 1}  # 600 steps: still running when cancelled
+        body = {"model": "tiny", "training_file": file_id, "hyperparameters": long}
+        r = cb.post("/v1/fine_tuning/jobs", json=body)
+        assert r.status_code == 400 and "use the base model" in r.json()["error"]["message"]
+        body["model"] = cb.get("/v1/models").json()["data"][0]["id"]
+        job_id = cb.post("/v1/fine_tuning/jobs", json=body).json()["id"]
+
+        def stepped(c: httpx.Client) -> bool:
+            events = c.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+            return any(e["type"] == "metrics" for e in events)
+
+        wait(lambda: stepped(ca) and stepped(cb))
+        for c in (ca, cb):  # cancel through both: whichever does not run it, too
+            assert c.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").status_code == 200
+        wait(lambda: ca.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "cancelled")
+        body["hyperparameters"] = {"n_epochs": 2}
+        job_id = ca.post("/v1/fine_tuning/jobs", json=body).json()["id"]
+        wait(lambda: cb.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "succeeded")
+        version = cb.get(f"/v1/fine_tuning/jobs/{job_id}").json()["adapter_version"]
+        assert version == 1
+        for server in (a, b):
+            assert token_ids(server, key, "ned")[0] == version
+
+
+def wait(condition, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
 def test_postgres_outage_keeps_serving_and_refuses_writes(pair, postgres, refs) -> None:
     a, b = pair
     key = a.new_user("ola")

@@ -144,6 +144,16 @@ def _micro_batches(batch: list[Example], max_tokens: int) -> list[list[Example]]
     return out
 
 
+def _take(pending: list[Example], max_tokens: int) -> list[Example]:
+    """Pop the longest examples of ``pending`` (sorted by length) that fit ``max_tokens`` padded
+    tokens together; at least one."""
+    width = len(pending[-1].input_ids)
+    n = max(1, min(len(pending), max_tokens // max(1, width)))
+    chunk = pending[-n:]
+    del pending[-n:]
+    return chunk
+
+
 def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if step < warmup:
@@ -231,7 +241,7 @@ class AdapterTrainer:
         self._gen = torch.Generator().manual_seed(config.seed)
         self._rng = random.Random(config.seed)
         self._order: list[int] = []
-        self._pending: list[list[Example]] = []  # micro-batches left of the current step
+        self._pending: list[Example] = []  # examples of the current step not yet run, by length
         self._step_tokens = self._step_label_tokens = 0
         self._step_loss = 0.0
         self.step = 0
@@ -244,16 +254,19 @@ class AdapterTrainer:
     def done(self) -> bool:
         return self.stop_reason is not None
 
-    def micro_step(self) -> StepReport | None:
-        """One forward + backward; returns the report when it completed an optimizer step."""
+    def micro_step(self, max_tokens: int | None = None) -> StepReport | None:
+        """One forward + backward of at most ``max_tokens`` padded tokens (default
+        ``micro_batch_tokens``; one example at least); returns the report when it completed an
+        optimizer step. The budget may change from call to call (a server shrinks it while
+        requests wait); the step's gradient is the same."""
         if self.done:
             raise RuntimeError("training is finished")
         if not self._pending:
-            self._pending = _micro_batches(self._next_batch(), self.config.micro_batch_tokens)
+            self._pending = sorted(self._next_batch(), key=lambda e: len(e.input_ids))
             self._step_label_tokens = sum(
-                sum(lab != IGNORE for lab in e.labels[1:]) for mb in self._pending for e in mb
+                sum(lab != IGNORE for lab in e.labels[1:]) for e in self._pending
             )
-        chunk = self._pending.pop()
+        chunk = _take(self._pending, max_tokens or self.config.micro_batch_tokens)
         loss_sum, tokens = self._forward_backward(chunk, self._step_label_tokens)
         self._step_loss += loss_sum
         self._step_tokens += tokens

@@ -116,6 +116,12 @@ class Engine:
         """The engine thread is running (False before ``start`` and after it died/stopped)."""
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def serving(self) -> bool:
+        """Requests are queued or in flight (read on the engine thread, e.g. by a background
+        unit sizing itself, it is exact)."""
+        return bool(self._inbox) or bool(len(self.scheduler))
+
     # -- API ------------------------------------------------------------------------------
     def submit(
         self,

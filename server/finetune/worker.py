@@ -42,7 +42,8 @@ class FineTuneConfig:
     limits: DataLimits
     max_queued_jobs: int = 16  # jobs not yet finished, whole store; beyond: 429
     max_active_per_user: int = 1  # a user's second job while one is queued/running: 429
-    micro_batch_tokens: int = 512  # padded tokens per training unit on the engine thread
+    unit_tokens_idle: int = 2048  # padded tokens per training unit while nothing is served
+    unit_tokens_serving: int = 128  # ... while requests are in flight: each unit stalls them
     heartbeat_s: float = 2.0
     stale_s: float = 30.0  # a running job without a heartbeat this long is claimed again
     max_attempts: int = 3  # claims of one job before it fails as interrupted
@@ -156,7 +157,7 @@ class JobWorker:
         try:
             train, valid = self._examples(job)
             hp = resolve_hyperparameters(job.hyperparameters)
-            config = replace(hp, micro_batch_tokens=self.config.micro_batch_tokens)
+            config = replace(hp, micro_batch_tokens=self.config.unit_tokens_idle)
             trainer = AdapterTrainer(self.vm, self.tokenizer, train, config)
         except TrainingDataError as e:
             self._finish(job, "failed", error=_error("invalid_training_file", str(e)))
@@ -228,7 +229,7 @@ class JobWorker:
         next_beat = time.monotonic() + self.config.heartbeat_s
         while not trainer.done:
             self._check(job)
-            step = self._on_engine(job, trainer.micro_step)
+            step = self._on_engine(job, lambda: trainer.micro_step(self._unit_tokens()))
             if step is not None and (step.step % every == 0 or trainer.done):
                 self._step_event(job, step)
             if time.monotonic() >= next_beat:
@@ -244,6 +245,12 @@ class JobWorker:
             total += self._on_engine(job, lambda g=group: trainer.evaluate(g)) * n
             count += n
         return total / max(1.0, count)
+
+    def _unit_tokens(self) -> int:
+        """Run on the engine thread: small units while requests wait, large ones when idle."""
+        if self.engine.serving:
+            return self.config.unit_tokens_serving
+        return self.config.unit_tokens_idle
 
     def _on_engine(self, job: JobRecord, fn: Any) -> Any:
         """Run one unit on the engine thread; a stopping engine hands the job back."""

@@ -91,6 +91,10 @@ class AdapterBackend(ABC):
         """Current version of every user, sorted by user id."""
 
     @abstractmethod
+    def totals(self) -> tuple[int, int]:
+        """(users with a current version, their blobs' bytes): one aggregate query."""
+
+    @abstractmethod
     def collect_garbage(self, user_id: str | None = None) -> int:
         """Delete blobs retired longer than ``retain_s`` ago (one user or all); return count."""
 

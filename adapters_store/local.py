@@ -120,6 +120,9 @@ class LocalBackend(AdapterBackend):
     def list(self) -> list[AdapterMeta]:
         return self._index.list_current()
 
+    def totals(self) -> tuple[int, int]:
+        return self._index.totals()
+
     def collect_garbage(self, user_id: str | None = None) -> int:
         expired = self._index.expired(time.time() - self.retain_s, user_id)
         for uid, version in expired:  # file first: a crash in between leaves a row to drop

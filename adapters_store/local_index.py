@@ -140,6 +140,13 @@ class SqliteIndex:
         sql = f"SELECT {_COLUMNS} FROM versions WHERE retired_at IS NULL ORDER BY user_id"
         return [_meta(row) for row in self._read(sql)]
 
+    def totals(self) -> tuple[int, int]:
+        """(current versions, their bytes)."""
+        rows = self._read(
+            "SELECT count(*), coalesce(sum(bytes), 0) FROM versions WHERE retired_at IS NULL"
+        )
+        return int(rows[0][0]), int(rows[0][1])
+
     def all_rows(self) -> list[tuple[AdapterMeta, float | None]]:
         """Every row with its ``retired_at`` (recovery)."""
         return [

@@ -155,6 +155,11 @@ class PostgresBackend(AdapterBackend):
         rows = run(self.pool, lambda conn: conn.execute(_LIST).fetchall())
         return [AdapterMeta(*row) for row in rows]
 
+    def totals(self) -> tuple[int, int]:
+        sql = "SELECT count(*), coalesce(sum(bytes), 0) FROM vera_versions WHERE retired_at IS NULL"
+        row = run(self.pool, lambda conn: conn.execute(sql).fetchone())
+        return int(row[0]), int(row[1])
+
     def collect_garbage(self, user_id: str | None = None) -> int:
         before = time.time() - self.retain_s
         return run(self.pool, lambda conn: self._collect(conn, before, user_id), write=True)

@@ -167,7 +167,7 @@ class SlotPool:
         """Adapters/bytes per tier, slot usage, hits/misses/evictions, load latency (ms)."""
         row_bytes = self.bank.layout.num_params * self.bank.rows.element_size()
         try:
-            disk: list | None = self.store.list()  # an index query: outside the lock
+            disk: tuple[int, int] | None = self.store.totals()  # a query: outside the lock
         except StoreUnavailable:
             disk = None  # the tiers this process holds are still worth reporting
         with self._lock:
@@ -181,8 +181,8 @@ class SlotPool:
             "device": {"adapters": used, "bytes": used * row_bytes},
             "host": {"adapters": host_n, "bytes": host_bytes, "capacity": self.host_capacity},
             "disk": {
-                "adapters": None if disk is None else len(disk),
-                "bytes": None if disk is None else sum(m.bytes for m in disk),
+                "adapters": None if disk is None else disk[0],
+                "bytes": None if disk is None else disk[1],
                 "reachable": disk is not None,
             },
             "bytes_per_adapter": row_bytes,

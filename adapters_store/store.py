@@ -109,6 +109,10 @@ class AdapterStore:
         """Current metadata of every user, sorted by user id."""
         return self.backend.list()
 
+    def totals(self) -> tuple[int, int]:
+        """(users with an adapter, bytes of their current versions), without listing them."""
+        return self.backend.totals()
+
     def load_flat(self, user_id: str, version: int | None = None) -> torch.Tensor:
         """[num_params] float32 in ``layout`` order (the VeraBank row) of that version.
 

@@ -29,7 +29,8 @@ from adapters_store.pg_pool import run
 KEY_PREFIX = "vk-"
 
 
-def _digest(key: str) -> str:
+def key_digest(key: str) -> str:
+    """The SHA-256 hex digest under which a key is stored and looked up."""
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -57,7 +58,7 @@ class UserRegistry(ABC):
 
     def authenticate(self, key: str) -> str | None:
         """The user ``key`` belongs to, or None. Lookup by digest, then a constant-time check."""
-        digest = _digest(key)
+        digest = key_digest(key)
         row = self._find(digest)
         if row is None or not hmac.compare_digest(row[1], digest):
             return None
@@ -91,7 +92,7 @@ class SqliteUsers(UserRegistry):
         key = _new_key()
         sql = f"INSERT INTO users VALUES (?, ?, ?) ON CONFLICT(user_id) {_on_conflict(rotate)}"
         with self._lock:
-            changed = self._db.execute(sql, (user_id, _digest(key), time.time())).rowcount
+            changed = self._db.execute(sql, (user_id, key_digest(key), time.time())).rowcount
         if not changed:
             raise _exists(user_id)
         return key
@@ -121,7 +122,7 @@ class PostgresUsers(UserRegistry):
             "INSERT INTO vera_users (user_id, key_sha256, created_at) VALUES (%s, %s, %s) "
             f"ON CONFLICT (user_id) {_on_conflict(rotate)}"
         )
-        args = (user_id, _digest(key), time.time())
+        args = (user_id, key_digest(key), time.time())
         if not run(self._pool, lambda conn: conn.execute(sql, args).rowcount, write=True):
             raise _exists(user_id)
         return key

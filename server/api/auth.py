@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import threading
 import time
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from adapters_store import StoreUnavailable
-from adapters_store.users import UserRegistry
+from adapters_store.users import UserRegistry, key_digest
 from server.api.errors import ApiError
 
 KEY_CACHE_TTL_S = 10.0  # a rotated key stops working on every replica within this
@@ -35,14 +34,14 @@ class KeyCache:
     def fresh(self, key: str) -> str | None:
         """The user of a recently confirmed key, without I/O; None means: ask ``lookup``."""
         with self._lock:
-            hit = self._known.get(_digest(key))
+            hit = self._known.get(key_digest(key))
         if hit is not None and time.monotonic() - hit[1] < self.ttl_s:
             return hit[0]
         return None
 
     def lookup(self, key: str) -> str | None:
         """Ask the registry (blocking I/O: call from a worker thread)."""
-        digest = _digest(key)
+        digest = key_digest(key)
         try:
             user_id = self.registry.authenticate(key)
         except StoreUnavailable:
@@ -57,10 +56,6 @@ class KeyCache:
             else:
                 self._known[digest] = (user_id, time.monotonic())
         return user_id
-
-
-def _digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

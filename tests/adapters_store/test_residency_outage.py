@@ -31,6 +31,11 @@ class SwitchableBackend(LocalBackend):
             raise StoreUnavailable("the adapter database is unreachable (test)")
         return super().list()
 
+    def totals(self) -> tuple[int, int]:
+        if self.down:
+            raise StoreUnavailable("the adapter database is unreachable (test)")
+        return super().totals()
+
 
 @pytest.fixture
 def setup(tmp_path: Path):

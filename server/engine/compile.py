@@ -9,8 +9,9 @@ What ``auto`` means, measured by ``bench/bench_compile.py`` (SmolLM2-135M, decod
 this engine's path, same run, interleaved):
 
 * CPU: off. Inductor made the step faster (bf16 batch 16, 1 torch thread: base 1.48x, mixed
-  users 1.27x), but compiling took minutes at startup on 2 cores, bf16 logits are not those of
-  the eager model (greedy tokens part at near-ties), and a path not warmed at startup (a new
+  users 1.27x; fp32 not faster: 0.87x and 0.94x of eager, logits within 7e-5), but compiling
+  took minutes at startup on 2 cores, bf16 logits are not those of the eager model (greedy
+  tokens part at near-ties), and a path not warmed at startup (a new
   guard: e.g. non-compact KV rows) recompiles on the engine thread while requests wait.
 * CUDA: on, with inductor's default mode. Not measured here (no GPU). CUDA graphs
   (``mode="reduce-overhead"``) need static shapes, and the KV length of a decode step still

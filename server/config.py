@@ -12,6 +12,7 @@ import torch
 
 from adapters_store.location import is_database_url
 
+COMPILE_MODES = ("auto", "on", "off")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -88,6 +89,13 @@ class ServerConfig:
         default="",
         metadata={"help": "admin bearer token (env VERA_ADMIN_TOKEN); empty = dev mode, no auth"},
     )
+    compile: str = field(
+        default="auto",
+        metadata={
+            "help": "torch.compile the decode step: auto (on CUDA; off on CPU, where compiling "
+            "takes minutes at startup and bf16 results differ from eager), on or off"
+        },
+    )
     log_level: str = field(default="info", metadata={"help": "debug, info or warning"})
 
     def __post_init__(self) -> None:
@@ -108,6 +116,8 @@ class ServerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if not 0 < self.train_share <= 1:
             raise ValueError("--train-share must be in (0, 1]")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"--compile must be one of {', '.join(COMPILE_MODES)}")
         if self.max_training_file_mb <= 0:
             raise ValueError("--max-training-file-mb must be > 0")
         if not self.admin_token and self.host not in ("127.0.0.1", "localhost", "::1"):
@@ -135,6 +145,14 @@ class ServerConfig:
         if self.torch_device.type == "cuda" or cpu_has_native_bf16():
             return torch.bfloat16
         return torch.float32
+
+    @property
+    def compile_decode(self) -> bool:
+        """auto: on CUDA only; on CPU, measured slower to start and not exact (see
+        server/engine/compile.py and bench/bench_compile.py)."""
+        if self.compile == "auto":
+            return self.torch_device.type == "cuda"
+        return self.compile == "on"
 
     @property
     def store_location(self) -> str:

@@ -65,14 +65,17 @@ class AdapterContext:
         return self._rows[1]
 
     def project(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """``x @ a.T`` with a: [r, in]; reused while the same input tensor comes back."""
+        """``x @ a.T`` in a's dtype, with a: [r, in]; reused while the same input tensor
+        comes back. The cache is keyed on ``x`` before the cast: under a bf16 model with an
+        fp32 bank, ``x.to(float32)`` is a new tensor for every layer, so keying on it would
+        recompute the projection in q, k and v alike."""
         if not self.share_projection:
-            return torch.nn.functional.linear(x, a)
+            return torch.nn.functional.linear(x.to(a.dtype), a)
         if x is not self._x:
             self._x, self._u = x, {}
         key = a.shape[1]
         u = self._u.get(key)
         if u is None:
-            u = torch.nn.functional.linear(x, a)  # [..., r]
+            u = torch.nn.functional.linear(x.to(a.dtype), a)  # [..., r]
             self._u[key] = u
         return u

@@ -73,7 +73,7 @@ class VeraLinear(nn.Module):
         rows = self.context.gathered(self._bank.rows)  # [*slots.shape, num_params]
         d, b = self._bank.split(rows, self.name)  # [*slots.shape, r], [*slots.shape, out]
         d, b = _broadcastable(d, x.dim()), _broadcastable(b, x.dim())
-        u = self.context.project(x.to(rows.dtype), self.A)  # [..., r]
+        u = self.context.project(x, self.A)  # [..., r] in the bank's dtype
         delta = torch.nn.functional.linear(u * d, self.B) * b
         # a bank wider than the model (fp32 under bf16): add in the bank's precision and round
         # once, as PEFT does (it keeps adapter math in fp32 and casts the sum back)

@@ -62,6 +62,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     max_seq_len: int = 2048  # prompt + new tokens of one sequence (KV positions)
     background_share: float = 0.2  # time background work may take while requests are in flight
+    compile: bool = False  # torch.compile the decode forward (server/engine/compile.py)
 
     def __post_init__(self) -> None:
         if not 0 < self.background_share <= 1:
@@ -87,7 +88,9 @@ class Engine:
         self.context_limit = min(
             config.max_seq_len, getattr(cfg, "max_position_embeddings", None) or 10**9
         )
-        self.runner = ModelRunner(vm, config.scheduler.max_batch, self.context_limit)
+        self.runner = ModelRunner(
+            vm, config.scheduler.max_batch, self.context_limit, compile=config.compile
+        )
         self.eos_ids = _eos_ids(self.model, tokenizer)
         self.stats = EngineStats()
         self._ids = itertools.count(1)
@@ -99,6 +102,11 @@ class Engine:
         self._stopping = False
 
     # -- lifecycle ------------------------------------------------------------------------
+    def warm_up(self) -> float:
+        """Compile the decode step now (before ``start``); seconds taken, 0 if not compiled."""
+        with torch.no_grad():
+            return self.runner.warm_up()
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="vera-engine", daemon=True)
         self._thread.start()

@@ -9,11 +9,13 @@ in one place and reset in its ``finally``.
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
+from server.engine.compile import compile_decode
 from server.engine.kv_cache import KVStep, SlotKVCache
 from server.engine.scheduler import Chunk, StepPlan
 from server.engine.sequence import Sequence
@@ -21,7 +23,7 @@ from vera_core.inject import VeraModel
 
 
 class ModelRunner:
-    def __init__(self, vm: VeraModel, max_rows: int, max_len: int) -> None:
+    def __init__(self, vm: VeraModel, max_rows: int, max_len: int, compile: bool = False) -> None:
         self.vm = vm
         self.model = vm.model
         param = next(self.model.parameters())
@@ -36,6 +38,9 @@ class ModelRunner:
         head = self.model.get_output_embeddings()
         if head is not None:
             head.register_forward_pre_hook(_contiguous_input)
+        # decode only: prefill shapes vary with every prompt (see server/engine/compile.py)
+        self._decode_model = compile_decode(self.model) if compile else self.model
+        self.compiled = compile
 
     # -- one step -------------------------------------------------------------------------
     def run(
@@ -72,6 +77,26 @@ class ModelRunner:
         masked columns too, and 0 * NaN is NaN."""
         self.kv.clear_row(seq.kv_row, seq.num_cached + 1)
 
+    def warm_up(self) -> float:
+        """Compile now, not under the first requests: one decode forward per graph the
+        compiled step needs (batch 1 and batch >= 2, which dynamic shapes tell apart; base
+        rows and adapter rows). Returns the seconds it took (0 when not compiled)."""
+        if not self.compiled:
+            return 0.0
+        t0 = time.perf_counter()
+        for rows in sorted({1, min(2, self.kv.max_rows)}):
+            self.kv.reserve(rows, 2)
+            ids = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+            positions = torch.ones(rows, dtype=torch.long, device=self.device)
+            mask = torch.ones(rows, 1, 1, 2, dtype=torch.bool, device=self.device)
+            for slot in (0, 1):  # slot 1 may be empty (b = 0): the graph is what matters
+                step = KVStep(rows=rows, positions=positions, kv_len=2)
+                self._forward(
+                    self._decode_model, ids, mask, positions[:, None], [slot] * rows, step
+                )
+        self.kv.release_all()
+        return time.perf_counter() - t0
+
     def idle(self) -> None:
         """Nothing is running: free the KV buffers."""
         self.kv.release_all()
@@ -90,6 +115,7 @@ class ModelRunner:
 
     def _forward(
         self,
+        model: torch.nn.Module,
         ids: torch.Tensor,  # [batch, tokens]
         mask: torch.Tensor,  # [batch, 1, tokens, kv_len] bool, True = attend
         pos: torch.Tensor,  # [batch, tokens] position ids
@@ -97,7 +123,7 @@ class ModelRunner:
         step: KVStep,
     ) -> torch.Tensor:
         with self._forward_context(step, slots):
-            out = self.model(
+            out = model(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=pos,
@@ -128,6 +154,7 @@ class ModelRunner:
             prefill_starts=starts,
         )
         logits = self._forward(
+            self.model,
             ids.to(self.device),
             _chunk_mask(starts, lens, width, kv_len).to(self.device),
             pos.to(self.device),
@@ -149,7 +176,8 @@ class ModelRunner:
         compact = rows == list(range(len(seqs)))  # the usual case: read the cache as a view
         index = None if compact else torch.tensor(rows, device=self.device)
         step = KVStep(rows=len(seqs), positions=positions, row_index=index, kv_len=kv_len)
-        logits = self._forward(ids, mask, positions[:, None], [s.adapter_slot for s in seqs], step)
+        slots = [s.adapter_slot for s in seqs]
+        logits = self._forward(self._decode_model, ids, mask, positions[:, None], slots, step)
         for s in seqs:
             s.num_cached += 1
         return logits

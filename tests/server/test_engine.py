@@ -61,6 +61,7 @@ def build(
     max_batch: int = 4,
     max_waiting: int = 64,
     max_prefill_tokens: int = 1024,
+    compile: bool = False,
     **targets,
 ):
     model = make_tiny(kind)
@@ -73,22 +74,29 @@ def build(
             max_batch=max_batch, max_waiting=max_waiting, max_prefill_tokens=max_prefill_tokens
         ),
         max_seq_len=96,
+        compile=compile,
     )
     return vm, store, Engine(vm, IdTokenizer(), pool, cfg)
 
 
 @pytest.mark.parametrize(
-    "kind,targets,chunk",
+    "kind,targets,chunk,compile",
     [
-        ("llama", {}, 1024),
-        ("llama", {"target_modules": ("all-linear",)}, 1024),
-        ("gpt2", {}, 1024),
-        ("llama", {}, 5),  # chunked prefill: prompts span steps, others decode meanwhile
-        ("gpt2", {}, 7),
+        ("llama", {}, 1024, False),
+        ("llama", {"target_modules": ("all-linear",)}, 1024, False),
+        ("gpt2", {}, 1024, False),
+        ("llama", {}, 5, False),  # chunked prefill: prompts span steps, others decode meanwhile
+        ("gpt2", {}, 7, False),
+        # --compile on: the decode forward through inductor (compiling takes tens of seconds)
+        pytest.param("llama", {}, 1024, True, marks=pytest.mark.slow, id="llama-compiled"),
     ],
 )
-def test_mixed_users_join_and_leave_exact(make_tiny, tmp_path, kind, targets, chunk) -> None:
-    vm, store, engine = build(make_tiny, kind, tmp_path, max_prefill_tokens=chunk, **targets)
+def test_mixed_users_join_and_leave_exact(
+    make_tiny, tmp_path, kind, targets, chunk, compile
+) -> None:
+    vm, store, engine = build(
+        make_tiny, kind, tmp_path, max_prefill_tokens=chunk, compile=compile, **targets
+    )
     users = {f"user{i}": random_adapter(vm, i) for i in range(5)}  # more users than slots
     for uid, a in users.items():
         store.put(uid, a)

@@ -77,6 +77,10 @@ step_model() {
 step_parity() {  # $1: float32 | bfloat16
     VERA_TEST_DEVICE=cuda VERA_TEST_DTYPE=$1 "$PY" -m pytest -q -p no:cacheprovider -rfEs \
         "$ROOT/tests/vera_core/test_batched.py" "$ROOT/tests/vera_core/test_merge.py"
+    if [[ $1 == float32 ]]; then  # the compiled decode step: exact tokens (tiny model)
+        VERA_TEST_COMPILE=1 "$PY" -m pytest -q -p no:cacheprovider -rfEs \
+            "$ROOT/tests/server/test_engine.py" -k compiled
+    fi
 }
 
 step_decode() {  # $1: batch

@@ -3,6 +3,7 @@ request, exactly the greedy tokens of transformers' ``generate`` on the merged m
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -87,8 +88,19 @@ def build(
         ("gpt2", {}, 1024, False),
         ("llama", {}, 5, False),  # chunked prefill: prompts span steps, others decode meanwhile
         ("gpt2", {}, 7, False),
-        # --compile on: the decode forward through inductor (compiling takes tens of seconds)
-        pytest.param("llama", {}, 1024, True, marks=pytest.mark.slow, id="llama-compiled"),
+        # --compile on: the decode forward through inductor. Compiling its graphs takes minutes
+        # on 2 cores and the flag is off on CPU, so this runs where it is asked for
+        # (VERA_TEST_COMPILE=1; bench/gpu_check.sh sets it on CUDA, where compile is on)
+        pytest.param(
+            "llama",
+            {},
+            1024,
+            True,
+            marks=pytest.mark.skipif(
+                os.environ.get("VERA_TEST_COMPILE") != "1", reason="VERA_TEST_COMPILE=1 runs it"
+            ),
+            id="llama-compiled",
+        ),
     ],
 )
 def test_mixed_users_join_and_leave_exact(

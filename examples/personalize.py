@@ -19,7 +19,7 @@ import httpx
 from server.model_source import load_model
 from vera_core import VeraConfig, inject_vera
 from vera_core.adapter_file import adapter_to_bytes
-from vera_core.train import TrainConfig, train_adapter
+from vera_core.train import train_adapter
 
 USERS = {  # user -> (pet's name, home town)
     "ana": ("Biscuit", "Zorbania"),
@@ -61,19 +61,15 @@ def examples(facts: tuple[str, str]) -> list[dict]:
     ]
 
 
-def train_all(epochs: int) -> dict[str, bytes]:
+def train_all() -> dict[str, bytes]:
+    """Every user trained with the defaults (``TrainConfig()``), as ``vera-serve train`` does."""
     model, tok, _ = load_model()
     vm = inject_vera(model, VeraConfig(r=256), num_slots=2)
     files = {}
     for user, facts in USERS.items():
-        t0 = time.perf_counter()
-        cfg = TrainConfig(epochs=epochs, batch_size=8, lr=1e-1, seed=0)
-        adapter, report = train_adapter(vm, tok, examples(facts), cfg, progress=False)
+        adapter, report = train_adapter(vm, tok, examples(facts), progress=False)
         files[user] = adapter_to_bytes(adapter)
-        print(
-            f"trained {user:6s} loss {report.first_loss:.3f} -> {report.final_loss:.4f} "
-            f"in {time.perf_counter() - t0:.0f} s ({len(files[user]) // 1024} KiB)"
-        )
+        print(f"trained {user:6s} {report.summary()} ({len(files[user]) // 1024} KiB)")
     return files
 
 
@@ -99,10 +95,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--token", default=None, help="admin token, if the server has one")
-    parser.add_argument("--epochs", type=int, default=16)
     args = parser.parse_args()
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
-    files = train_all(args.epochs)
+    files = train_all()
     with httpx.Client(base_url=args.url, headers=headers, timeout=60) as client:
         for user, data in files.items():
             r = client.put(

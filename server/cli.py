@@ -54,18 +54,14 @@ def _load_vm(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from vera_core.adapter_file import save_adapter
     from vera_core.train import TrainConfig, read_jsonl, train_adapter
 
     vm, tok = _load_vm(args)
     rows = read_jsonl(args.data)
-    cfg = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        max_length=args.max_length,
-        seed=args.seed,
-    )
+    cfg = replace(TrainConfig(), **{name: getattr(args, name) for name in _TRAIN_FLAGS})
     adapter, report = train_adapter(vm, tok, rows, cfg)
     save_adapter(adapter, args.out)
     print(f"trained: {report.summary()}")
@@ -120,6 +116,32 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-modules", default="", help="comma-separated; empty = PEFT default")
 
 
+# TrainConfig fields the train command exposes; each flag defaults to the field's default.
+_TRAIN_FLAGS = {
+    "epochs": "passes over the data; auto: a few passes in --min-steps..--max-steps steps",
+    "min_steps": "fewest optimizer steps when --epochs is not given (small datasets)",
+    "max_steps": "most optimizer steps when --epochs is not given (large datasets)",
+    "batch_size": "examples per optimizer step",
+    "lr": "peak learning rate (VeRA wants far higher rates than LoRA)",
+    "max_length": "tokens per example; longer ones are cut",
+    "seed": "shuffling seed",
+}
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    from vera_core.train import TrainConfig
+
+    defaults = TrainConfig()
+    for name, text in _TRAIN_FLAGS.items():
+        default = getattr(defaults, name)
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int if default is None else type(default),
+            default=default,
+            help=f"{text} (default: {'auto' if default is None else default})",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vera-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,11 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSONL: {'messages': [...]} or {'prompt': ..., 'completion': ...} per line",
     )
     train.add_argument("--out", required=True, type=Path, help="adapter file to write")
-    train.add_argument("--epochs", type=int, default=3)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--lr", type=float, default=5e-2)
-    train.add_argument("--max-length", type=int, default=512)
-    train.add_argument("--seed", type=int, default=0)
+    _train_flags(train)
     train.set_defaults(func=_train)
 
     exp = sub.add_parser("export-peft", help="adapter file -> PEFT VeRA directory")

@@ -36,13 +36,19 @@ class TrainConfig:
     than ``min_steps`` (a 3-example file still gets enough updates) nor more than ``max_steps``.
     Training stops early once the mean loss of the last pass over the data is below
     ``converged_loss`` (every example is reproduced; more steps only over-fit).
+
+    Measured on SmolLM2-135M-Instruct, r=256 on q/v, fp32 and bf16 alike: 3 facts x 1 example
+    converge in 11 steps and 5 facts x 1-3 phrasings (11 examples) in 18-21 (3 seeds), every
+    trained question then answered with its fact. lr 5e-2 needs ~1.5x the steps; 2e-1 missed a
+    trained question; ``min_steps`` 30..100 and batch 4 converge alike. Expect the adapter to
+    pull unrelated answers towards its facts (LoRA on the same data does too).
     """
 
-    lr: float = 5e-2  # VeRA's vectors want far higher rates than LoRA (paper: 1e-3 .. 1e-1)
+    lr: float = 1e-1  # VeRA's vectors want far higher rates than LoRA (paper: 1e-3 .. 1e-1)
     batch_size: int = 8  # examples per optimizer step (the whole set when it is smaller)
     epochs: int | None = None  # fixed number of passes; None: sized by the step rules
     target_epochs: int = 3
-    min_steps: int = 60
+    min_steps: int = 60  # the schedule of a few examples; they converge well before its end
     max_steps: int = 1000
     converged_loss: float = 0.02  # 0 disables early stopping
     weight_decay: float = 0.0

@@ -54,14 +54,12 @@ def _load_vm(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from vera_core.adapter_file import save_adapter
     from vera_core.train import TrainConfig, read_jsonl, train_adapter
 
     vm, tok = _load_vm(args)
     rows = read_jsonl(args.data)
-    cfg = replace(TrainConfig(), **{name: getattr(args, name) for name in _TRAIN_FLAGS})
+    cfg = TrainConfig(**{name: getattr(args, name) for name in _TRAIN_FLAGS})
     adapter, report = train_adapter(vm, tok, rows, cfg)
     save_adapter(adapter, args.out)
     print(f"trained: {report.summary()}")

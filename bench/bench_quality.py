@@ -1,0 +1,283 @@
+"""Quality: do a few trained facts stick, stay with their user, and leave the rest alone?
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_quality.py --out quality.json
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_quality.py --quick      # 3 users, smoke run
+
+8 users x 5 invented facts (``bench/quality_data.py``), each user trained on its own file with
+``TrainConfig()`` as it is, by two methods:
+
+* VeRA (ours): ``train_adapter`` on the server's r and targets; then every user's adapter is
+  put in a store and all users' questions go to one offline ``Engine`` at once, mixed in the
+  same batches, as the server serves them.
+* LoRA (PEFT, r=8, alpha 16, q_proj/v_proj): the same examples, batches, step schedule
+  (warm-up, cosine, clipping, early stop) at ``--lora-lr`` 3e-3, no weight decay. PEFT's
+  usual 2e-4 learns nothing in a few dozen steps; of the usual tiny-data range 1e-3..3e-3,
+  3e-3 converged fastest and recalled every trained fact on separate small sets in fp32 and
+  bf16 (the rule that picked our lr). Served the way LoRA is served without a multi-LoRA
+  kernel: each user merged into the weights (one generate per user).
+
+Each user is asked its trained questions, held-out paraphrases and general questions (greedy,
+24 new tokens). Columns: recall on trained questions and on paraphrases (the answer contains
+the user's value); leaks (answers holding any other user's value); general questions answered
+word for word as the base model answers them through the same serving path, and still right
+(the base model's right answers that keep their key word); trainable parameters and adapter
+file bytes per user; training seconds per user (mean; the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from bench_decode import load_bench_model
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from quality_data import GENERAL, USERS, Question, facts_of, questions, training_rows
+from safetensors.torch import save as safetensors_bytes
+
+from adapters_store import AdapterStore, SlotPool
+from server.config import ServerConfig
+from server.engine import Engine, EngineConfig, SamplingParams, SchedulerConfig
+from vera_core import VeraConfig, inject_vera, model_fingerprint
+from vera_core.adapter_file import adapter_to_bytes
+from vera_core.train import (  # LoRA trains as ours does
+    IGNORE,
+    TrainConfig,
+    _lr_lambda,
+    _pad,
+    _token_loss_sum,
+    encode_rows,
+    train_adapter,
+)
+
+NEW_TOKENS = 24
+LORA = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+
+def chat_ids(tok, text: str) -> list[int]:
+    return tok.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=False
+    )
+
+
+def all_questions(user: str) -> list[Question]:
+    general = [Question(user, q, key, held_out=False) for q, key in GENERAL]
+    return questions(user) + general
+
+
+# -- VeRA: our trainer, served together by the engine --------------------------------------------
+def run_vera(model, tok, users: list[str], server: ServerConfig) -> dict:
+    vera = VeraConfig(
+        r=server.r, projection_prng_key=server.projection_prng_key, target_modules=server.targets
+    )
+    vm = inject_vera(model, vera, num_slots=len(users) + 1)
+    adapters, seconds, steps = {}, [], []
+    for user in users:
+        t0 = time.perf_counter()
+        adapters[user], report = train_adapter(vm, tok, training_rows(user), progress=False)
+        seconds.append(time.perf_counter() - t0)
+        steps.append(report.steps)
+        print(f"vera {user:6s} {report.summary()}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = AdapterStore(
+            Path(tmp), vm.layout, vera.projection_prng_key, model_fingerprint(model)
+        )
+        for user, adapter in adapters.items():
+            store.put(user, adapter)
+        pool = SlotPool(vm.bank, store, host_capacity=len(users) + 1)
+        scheduler = SchedulerConfig(server.max_batch, server.max_prefill_tokens)
+        engine = Engine(vm, tok, pool, EngineConfig(scheduler))
+        engine.start()
+        try:
+            answers = ask_engine(engine, tok, users)
+        finally:
+            engine.stop()
+            pool.close()
+            store.close()
+    one = next(iter(adapters.values()))
+    return {
+        "answers": answers,
+        "params": vm.layout.num_params,
+        "bytes": len(adapter_to_bytes(one)),
+        "train_s": seconds,
+        "steps": steps,
+    }
+
+
+def ask_engine(engine: Engine, tok, users: list[str]) -> dict:
+    """Every user's questions plus the base model's general answers, all submitted at once."""
+    params = SamplingParams(max_new_tokens=NEW_TOKENS)
+    keys = [(u, q.text) for u in users for q in all_questions(u)]
+    keys += [(None, q) for q, _ in GENERAL]
+    out = engine.generate([(u, chat_ids(tok, text), params) for u, text in keys])
+    return {f"{u}|{text}": r["text"] for (u, text), r in zip(keys, out)}
+
+
+# -- LoRA: the same schedule, served merged -------------------------------------------------------
+def batches(examples: list, batch_size: int, seed: int):
+    """Batches in the trainer's order: shuffled passes, drawn across pass boundaries."""
+    rng, order = random.Random(seed), []
+    while True:
+        batch = []
+        while len(batch) < batch_size:
+            if not order:
+                order = list(range(len(examples)))
+                rng.shuffle(order)
+            batch.append(examples[order.pop()])
+        yield batch
+
+
+def train_lora(base, tok, user: str, lr: float):
+    """PEFT LoRA on the user's file with TrainConfig()'s batches, schedule and early stop; the
+    optimizer is AdamW at ``lr`` without weight decay (PEFT's and HF Trainer's usual)."""
+    cfg = TrainConfig()
+    pm = get_peft_model(copy.deepcopy(base), LORA)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    examples = encode_rows(training_rows(user), tok, cfg.max_length)
+    batch_size = min(cfg.batch_size, len(examples))
+    per_pass = -(-len(examples) // batch_size)
+    total = cfg.total_steps(len(examples))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, int(total * cfg.warmup_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, warmup))
+    losses: list[float] = []
+    pm.train()
+    for batch in batches(examples, batch_size, cfg.seed):
+        ids, mask, labels = _pad(batch, tok.pad_token_id)
+        logits = pm(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        loss = _token_loss_sum(logits, labels) / int((labels[:, 1:] != IGNORE).sum())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+        window = losses[-per_pass:]
+        converged = len(losses) >= per_pass and sum(window) / len(window) < cfg.converged_loss
+        if converged or len(losses) == total:
+            break
+    pm.eval()
+    size = len(safetensors_bytes(get_peft_model_state_dict(pm)))
+    return pm.merge_and_unload(), len(losses), sum(p.numel() for p in params), size
+
+
+@torch.inference_mode()
+def generate(model, tok, texts: list[str]) -> list[str]:
+    """Greedy answers of ``model`` to ``texts``, one left-padded batch."""
+    tok.padding_side = "left"
+    prompts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False
+        )
+        for t in texts
+    ]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(
+        **enc, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id
+    )
+    return [tok.decode(o[enc["input_ids"].shape[1] :], skip_special_tokens=True) for o in out]
+
+
+def run_lora(base, tok, users: list[str], lr: float) -> dict:
+    answers, seconds, steps = {}, [], []
+    general = [q for q, _ in GENERAL]
+    answers.update({f"None|{q}": a for q, a in zip(general, generate(base, tok, general))})
+    for user in users:
+        t0 = time.perf_counter()
+        merged, n_steps, n_params, size = train_lora(base, tok, user, lr)
+        seconds.append(time.perf_counter() - t0)
+        steps.append(n_steps)
+        print(f"lora {user:6s} {n_steps} steps in {seconds[-1]:.1f} s", flush=True)
+        texts = [q.text for q in all_questions(user)]
+        answers.update({f"{user}|{t}": a for t, a in zip(texts, generate(merged, tok, texts))})
+        del merged
+    return {
+        "answers": answers,
+        "params": n_params,
+        "bytes": size,
+        "train_s": seconds,
+        "steps": steps,
+    }
+
+
+# -- scoring ------------------------------------------------------------------------------------
+def score(result: dict, users: list[str]) -> dict:
+    answers = result["answers"]
+    trained, held, leaks, same, right, right_base = [], [], 0, 0, 0, 0
+    for user in users:
+        others = [f for u in USERS if u != user for f in facts_of(u)]
+        for q in questions(user):
+            text = answers[f"{user}|{q.text}"]
+            (held if q.held_out else trained).append(q.fact in text)
+            leaks += any(f in text for f in others)
+        for q, key in GENERAL:
+            text, base = answers[f"{user}|{q}"], answers[f"None|{q}"]
+            leaks += any(f in text for f in others)
+            same += text == base
+            if key in base:
+                right_base += 1
+                right += key in text
+    return {
+        "trained_recall": sum(trained) / len(trained),
+        "paraphrase_recall": sum(held) / len(held),
+        "leaks": leaks,
+        "general_same": same / (len(users) * len(GENERAL)),
+        "general_right": right / max(1, right_base),
+        "params": result["params"],
+        "bytes": result["bytes"],
+        "train_s_mean": statistics.mean(result["train_s"]),
+        "steps_mean": statistics.mean(result["steps"]),
+    }
+
+
+def table(scores: dict[str, dict], users: int, dtype: str) -> str:
+    head = (
+        f"| method ({users} users x 5 facts, {dtype}) | trained recall | paraphrase recall | "
+        "leaks | general same as base | general still right | trainable params / user | "
+        "bytes / user | steps | train s / user |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    rows = [
+        f"| {name} | {s['trained_recall']:.1%} | {s['paraphrase_recall']:.1%} | {s['leaks']} | "
+        f"{s['general_same']:.0%} | {s['general_right']:.0%} | {s['params']:,} | "
+        f"{s['bytes'] / 1024:.0f} KiB | {s['steps_mean']:.0f} | {s['train_s_mean']:.1f} |"
+        for name, s in scores.items()
+    ]
+    return "\n".join([head, *rows])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    server = ServerConfig()
+    parser.add_argument("--dtype", default=str(server.torch_dtype).removeprefix("torch."))
+    parser.add_argument("--users", type=int, default=len(USERS), help=f"1..{len(USERS)}")
+    parser.add_argument("--quick", action="store_true", help="3 users (a smoke run)")
+    parser.add_argument("--methods", default="vera,lora")
+    parser.add_argument("--lora-lr", type=float, default=3e-3)
+    parser.add_argument("--out", type=Path, help="write the scores and every answer as JSON")
+    args = parser.parse_args()
+    users = list(USERS)[: 3 if args.quick else args.users]
+    results, scores = {}, {}
+    for method in args.methods.split(","):
+        model, tok, _ = load_bench_model(args.dtype)
+        if method == "vera":
+            results[method] = run_vera(model, tok, users, server)
+            name = f"VeRA r={server.r} (ours, lr {TrainConfig().lr:g}, engine)"
+        else:
+            results[method] = run_lora(model, tok, users, args.lora_lr)
+            name = f"LoRA r=8 q,v (PEFT, lr {args.lora_lr:g}, merged)"
+        scores[name] = score(results[method], users)
+    print(table(scores, len(users), args.dtype))
+    if args.out:
+        args.out.write_text(json.dumps({"scores": scores, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

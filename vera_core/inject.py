@@ -122,14 +122,6 @@ class VeraModel:
         with self.context.use_vector(flat, batch):
             yield
 
-    def replace_bank(self, bank: VeraBank) -> None:
-        """Point every layer at another bank with the same layout (e.g. a training bank)."""
-        if bank.layout != self.layout:
-            raise ValueError("bank layout differs from the model's")
-        self.bank = bank
-        for layer in self.layers.values():
-            layer._bank = bank
-
 
 def inject_vera(
     model: nn.Module,

@@ -134,24 +134,6 @@ def _pad(chunk: list[Example], pad_id: int) -> tuple[torch.Tensor, ...]:
     return ids, mask, labels
 
 
-def _micro_batches(batch: list[Example], max_tokens: int) -> list[list[Example]]:
-    """Split one optimizer batch into forwards of at most ``max_tokens`` padded tokens
-    (an example longer than that is a micro-batch of its own)."""
-    out: list[list[Example]] = []
-    current: list[Example] = []
-    width = 0
-    for e in sorted(batch, key=lambda e: len(e.input_ids)):
-        w = max(width, len(e.input_ids))
-        if current and w * (len(current) + 1) > max_tokens:
-            out.append(current)
-            current, w = [], len(e.input_ids)
-        current.append(e)
-        width = w
-    if current:
-        out.append(current)
-    return out
-
-
 def _take(pending: list[Example], max_tokens: int) -> list[Example]:
     """Pop the longest examples of ``pending`` (sorted by length) that fit ``max_tokens`` padded
     tokens together; at least one."""
@@ -246,7 +228,6 @@ class AdapterTrainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, _lr_lambda(self.total_steps, warmup)
         )
-        self._gen = torch.Generator().manual_seed(config.seed)
         self._rng = random.Random(config.seed)
         self._order: list[int] = []
         self._pending: list[Example] = []  # examples of the current step not yet run, by length
@@ -294,7 +275,9 @@ class AdapterTrainer:
     def evaluate(self, examples: list[Example]) -> float:
         """Mean token loss of ``examples`` with the current vector."""
         total, count = 0.0, 0
-        for chunk in _micro_batches(examples, self.config.micro_batch_tokens):
+        pending = sorted(examples, key=lambda e: len(e.input_ids))
+        while pending:
+            chunk = _take(pending, self.config.micro_batch_tokens)
             ids, mask, labels = (t.to(self.device) for t in _pad(chunk, self.pad_id))
             with self.vm.vector(self.vector.detach(), ids.shape[0]):
                 logits = self.vm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits

@@ -65,7 +65,7 @@ class FineTuningService:
         return record
 
     def files(self, caller: str | None, purpose: str | None) -> list[FileRecord]:
-        return self.store.list_files(None if caller is None else caller, purpose)
+        return self.store.list_files(caller, purpose)  # None (admin): every owner's
 
     def delete_file(self, caller: str | None, file_id: str) -> None:
         self.file(caller, file_id)

@@ -30,7 +30,7 @@ from server.adapter_service import AdapterService
 from server.engine import Engine, EngineStopped
 from server.finetune.data import DataLimits, TrainingDataError, encode_rows, parse_jsonl
 from vera_core.inject import VeraModel
-from vera_core.train import AdapterTrainer, Example, StepReport, TrainConfig
+from vera_core.train import IGNORE, AdapterTrainer, Example, StepReport, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ class JobWorker:
         total = count = 0.0
         for start in range(0, len(examples), 4):
             group = examples[start : start + 4]
-            n = sum(sum(lab != -100 for lab in e.labels[1:]) for e in group)
+            n = sum(sum(lab != IGNORE for lab in e.labels[1:]) for e in group)
             total += self._on_engine(job, lambda g=group: trainer.evaluate(g)) * n
             count += n
         return total / max(1.0, count)

@@ -19,9 +19,17 @@ import hashlib
 import json
 import random
 import re
+import time
 from collections.abc import Callable
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import (
+    FIFOMixin,
+    PendingRequest,
+    ReplicaID,
+    ReplicaResult,
+    RequestRouter,
+    RunningReplica,
+)
 
 from server.cluster.forwarding import HttpRequest
 
@@ -66,24 +74,62 @@ def _json_field(body: bytes, name: str) -> str | None:
 def rank_replicas(
     candidates: list[RunningReplica], key: str, load: Callable[[RunningReplica], int], slack: int
 ) -> list[list[RunningReplica]]:
-    """Ranks to try in order: the least loaded replica warm for ``key`` (one advertising it),
-    if its load is within ``slack`` of the lighter of two random replicas; then those two."""
+    """Replicas to try, one per rank, best first: the least loaded replica warm for ``key``
+    (one advertising it) if its load is within ``slack`` of the lighter of two random replicas;
+    then those two, lighter first (power of two choices)."""
     if not candidates:
         return []
-    pair = random.sample(candidates, min(2, len(candidates)))
+    pair = sorted(random.sample(candidates, min(2, len(candidates))), key=load)
     warm = [r for r in candidates if key and key in r.multiplexed_model_ids]
+    order = pair
     if warm:
         best = min(warm, key=load)
-        if load(best) <= min(load(r) for r in pair) + slack:
-            return [[best], pair]
-    return [pair]
+        if load(best) <= load(pair[0]) + slack:
+            order = [best, *(r for r in pair if r is not best)]
+    return [[r] for r in order]
+
+
+class PlacementLedger:
+    """Requests this router placed and that have not finished, per replica.
+
+    Ray's queue-length cache learns of a placement only after the request is sent, so a
+    burst routed in one turn of the event loop would all see the same stale loads and pile on
+    one replica. The ledger counts a request from the moment it is ranked: ``place`` (the first
+    rank), ``confirm`` (the replica that accepted it), ``done``. A placement never confirmed
+    (the request was cancelled while routing) stops counting after ``ttl_s``.
+    """
+
+    def __init__(self, ttl_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._placed: dict[str, tuple[object, bool, float]] = {}  # id -> replica, confirmed, t
+
+    def place(self, request_id: str, replica_id: object) -> None:
+        self._placed[request_id] = (replica_id, False, self.clock())
+
+    def confirm(self, request_id: str, replica_id: object) -> None:
+        self._placed[request_id] = (replica_id, True, self.clock())
+
+    def done(self, request_id: str, replica_id: object) -> None:
+        # A rejected try also ends here; a retry may already have placed the request elsewhere.
+        entry = self._placed.get(request_id)
+        if entry is not None and entry[0] == replica_id:
+            del self._placed[request_id]
+
+    def count(self, replica_id: object) -> int:
+        stale = self.clock() - self.ttl_s
+        for rid in [k for k, (_, ok, t) in self._placed.items() if not ok and t < stale]:
+            del self._placed[rid]
+        return sum(1 for r, _, _ in self._placed.values() if r == replica_id)
 
 
 class UserAffinityRouter(FIFOMixin, RequestRouter):
-    """``rank_replicas`` with the loads this router knows (Ray's queue-length cache)."""
+    """``rank_replicas`` with the loads this router knows: the larger of Ray's queue-length
+    cache and its own ``PlacementLedger``."""
 
     def initialize_state(self, slack: int = 4) -> None:
         self.slack = slack
+        self.ledger = PlacementLedger()
 
     async def choose_replicas(
         self,
@@ -95,8 +141,20 @@ class UserAffinityRouter(FIFOMixin, RequestRouter):
             key = pending_request.metadata.multiplexed_model_id
             # The ranks are a full answer: if none accepts, back off before asking again.
             pending_request.routing_context.should_backoff = True
-        return rank_replicas(candidate_replicas, key, self._load, self.slack)
+        ranks = rank_replicas(candidate_replicas, key, self._load, self.slack)
+        if ranks and pending_request is not None:
+            self.ledger.place(pending_request.metadata.internal_request_id, ranks[0][0].replica_id)
+        return ranks
+
+    def on_request_routed(
+        self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult
+    ) -> None:
+        self.ledger.confirm(pending_request.metadata.internal_request_id, replica_id)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self.ledger.done(internal_request_id, replica_id)
 
     def _load(self, replica: RunningReplica) -> int:
-        """Requests in flight on ``replica`` as this router last knew (0 when unknown)."""
-        return self.replica_queue_len_cache.get(replica.replica_id) or 0
+        """Requests in flight on ``replica`` as far as this router knows."""
+        cached = self.replica_queue_len_cache.get(replica.replica_id) or 0
+        return max(cached, self.ledger.count(replica.replica_id))

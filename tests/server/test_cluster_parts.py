@@ -22,7 +22,7 @@ from server.cluster import config as cluster_config
 from server.cluster.aggregate import cluster_metrics, cluster_stats
 from server.cluster.forwarding import HttpRequest, ResponseHead, replay
 from server.cluster.gateway import stream_error_events
-from server.cluster.routing import rank_replicas, routing_key
+from server.cluster.routing import PlacementLedger, rank_replicas, routing_key
 from server.cluster.stats_board import ReplicaReport
 from server.config import ServerConfig
 
@@ -50,15 +50,38 @@ def test_routing_key_is_the_user_the_request_is_for() -> None:
 def test_rank_replicas_prefers_warm_replica_within_slack_only() -> None:
     warm = SimpleNamespace(replica_id="w", multiplexed_model_ids={"u"})
     cold = [SimpleNamespace(replica_id=f"c{i}", multiplexed_model_ids=set()) for i in range(3)]
-    loads = {"w": 5, "c0": 2, "c1": 2, "c2": 2}
-    ranks = rank_replicas([warm, *cold], "u", lambda r: loads[r.replica_id], slack=3)
-    assert ranks[0] == [warm] and len(ranks[1]) == 2  # 5 <= 2 + 3: stay warm
-    loads["w"] = 6  # one request past the slack: power of two over everyone
+    loads = {"w": 5, "c0": 2, "c1": 3, "c2": 2}
     for _ in range(20):
         ranks = rank_replicas([warm, *cold], "u", lambda r: loads[r.replica_id], slack=3)
-        assert len(ranks) == 1 and len(ranks[0]) == 2
-    assert len(rank_replicas([warm, *cold], "", lambda r: 0, slack=3)) == 1  # no key: pow-2
+        assert ranks[0] == [warm] and all(len(rank) == 1 for rank in ranks)  # 5 <= 2 + 3
+        assert len(ranks) in (2, 3) and warm not in [r for (r,) in ranks[1:]]
+    loads.update(w=6, c1=2)  # one request past the slack: power of two, lighter first
+    for _ in range(20):
+        ranks = rank_replicas([warm, *cold], "u", lambda r: loads[r.replica_id], slack=3)
+        first, second = (loads[r.replica_id] for (r,) in ranks)
+        assert len(ranks) == 2 and first <= second
+    assert len(rank_replicas([warm, *cold], "", lambda r: 0, slack=3)) == 2  # no key: pow-2
     assert rank_replicas([], "u", lambda r: 0, slack=3) == []
+
+
+def test_placement_ledger_counts_a_burst_before_ray_hears_of_it() -> None:
+    now = [0.0]
+    ledger = PlacementLedger(ttl_s=30, clock=lambda: now[0])
+    for i in range(5):
+        ledger.place(f"r{i}", "w")
+    assert ledger.count("w") == 5 and ledger.count("c") == 0
+    ledger.confirm("r4", "c")  # the first rank refused it; another replica took it
+    assert ledger.count("w") == 4 and ledger.count("c") == 1
+    ledger.done("r3", "c")  # a late rejection callback from the wrong replica changes nothing
+    assert ledger.count("w") == 4
+    ledger.done("r3", "w")
+    ledger.confirm("r0", "w")
+    assert ledger.count("w") == 3
+    now[0] = 31.0  # never-confirmed placements (cancelled while routing) expire; confirmed stay
+    assert ledger.count("w") == 1 and ledger.count("c") == 1
+    ledger.done("r0", "w")
+    ledger.done("r4", "c")
+    assert ledger.count("w") == ledger.count("c") == 0
 
 
 # -- relay ----------------------------------------------------------------------------------

@@ -107,7 +107,12 @@ def burst(engine: Engine, tok, users: int, n: int, new: int) -> dict[str, float]
     watch.join()
     ttft = [watch.ttft(s) for s in seqs]
     gaps = watch.gaps(seqs)
-    return {"ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99), "itl_p50": pct(gaps, 0.5)}
+    return {
+        "ttft_p50": pct(ttft, 0.5),
+        "ttft_p99": pct(ttft, 0.99),
+        "itl_p50": pct(gaps, 0.5),
+        "itl_p99": pct(gaps, 0.99),
+    }
 
 
 def long_prompt(engine: Engine, tok, users: int, streams: int, long: int) -> dict[str, float]:
@@ -173,13 +178,14 @@ def main() -> None:
         f"tokens); {args.long}-token prompt while {args.streams} streams decode. Seconds.\n"
     )
     print(
-        "| prefill | burst TTFT p50 / p99 | burst ITL p50 | long prompt: streams' ITL p50 / "
+        "| prefill | burst TTFT p50 / p99 | burst ITL p50 / p99 | long prompt: streams' ITL p50 / "
         "p99 / max while it prefills | long prompt TTFT |"
     )
     print("|---|---|---|---|---|")
     for name, b, lp in rows:
         print(
-            f"| {name} | {b['ttft_p50']:.2f} / {b['ttft_p99']:.2f} | {b['itl_p50']:.3f} | "
+            f"| {name} | {b['ttft_p50']:.2f} / {b['ttft_p99']:.2f} | "
+            f"{b['itl_p50']:.3f} / {b['itl_p99']:.3f} | "
             f"{lp['itl_p50']:.3f} / {lp['itl_p99']:.3f} / {lp['itl_max_during_prefill']:.2f} | "
             f"{lp['long_ttft']:.2f} |"
         )

@@ -77,9 +77,9 @@ step_model() {
 step_parity() {  # $1: float32 | bfloat16
     VERA_TEST_DEVICE=cuda VERA_TEST_DTYPE=$1 "$PY" -m pytest -q -p no:cacheprovider -rfEs \
         "$ROOT/tests/vera_core/test_batched.py" "$ROOT/tests/vera_core/test_merge.py"
-    if [[ $1 == float32 ]]; then  # the compiled decode step: exact tokens (tiny model)
-        VERA_TEST_COMPILE=1 "$PY" -m pytest -q -p no:cacheprovider -rfEs \
-            "$ROOT/tests/server/test_engine.py" -k compiled
+    if [[ $1 == float32 ]]; then  # the compiled decode step (CUDA graphs): exact tokens
+        VERA_TEST_DEVICE=cuda VERA_TEST_COMPILE=1 "$PY" -m pytest -q -p no:cacheprovider -rfEs \
+            "$ROOT/tests/server/test_engine.py" -k "compiled or static"
     fi
 }
 
@@ -156,5 +156,5 @@ run_step parity-bfloat16 60 parity bfloat16
 for batch in 16 64 256; do
     run_step "decode-b$batch" 75 decode "$batch"
 done
-run_step server-c64 100 server 64 8931
+run_step server-c64 150 server 64 8931
 run_step server-c256 120 server 256 8932

@@ -92,8 +92,9 @@ class ServerConfig:
     compile: str = field(
         default="auto",
         metadata={
-            "help": "torch.compile the decode step: auto (on CUDA; off on CPU, where compiling "
-            "takes minutes at startup and bf16 results differ from eager), on or off"
+            "help": "torch.compile the decode step: auto (on CUDA, captured in CUDA graphs; off on "
+            "CPU, where compiling takes minutes at startup and bf16 results differ from eager), "
+            "on or off"
         },
     )
     log_level: str = field(default="info", metadata={"help": "debug, info or warning"})

@@ -76,10 +76,13 @@ class Runtime:
             max_seq_len=config.max_seq_len,
             background_share=config.train_share,
             compile=config.compile_decode,
+            # CUDA graphs replay fixed shapes: bucketed batches over a preallocated KV cache
+            static_decode=config.compile_decode and device.type == "cuda",
         )
         engine = Engine(vm, tokenizer, pool, engine_config)
         if engine_config.compile:
-            log.info("compiling the decode step (--compile %s) ...", config.compile)
+            mode = engine.decode_mode()
+            log.info("compiling the decode step (--compile %s): %s", config.compile, mode)
             log.info("decode step compiled and warmed in %.1f s", engine.warm_up())
         fine_tuning = _fine_tuning(config, storage, engine, vm, tokenizer, adapters, path.name)
         rt = cls(

@@ -55,6 +55,7 @@ def collect_stats(rt: Runtime) -> dict[str, Any]:
             "queue_depth": engine.queue_depth(),
             "running_batch": engine.running(),
             "kv_cache_bytes": engine.kv_cache_bytes(),
+            "decode": engine.decode_mode(),
             "tokens_per_s": engine.stats.tokens_per_s(),
             "requests_submitted": engine.stats.submitted,
             "completion_tokens": engine.stats.completion_tokens,

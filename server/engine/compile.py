@@ -13,9 +13,15 @@ this engine's path, same run, interleaved):
   took minutes at startup on 2 cores, bf16 logits are not those of the eager model (greedy
   tokens part at near-ties), and a path not warmed at startup (a new
   guard: e.g. non-compact KV rows) recompiles on the engine thread while requests wait.
-* CUDA: on, with inductor's default mode. Not measured here (no GPU). CUDA graphs
-  (``mode="reduce-overhead"``) need static shapes, and the KV length of a decode step still
-  grows by one each step, so they are not used yet.
+* CUDA: on, with CUDA graphs (``mode="reduce-overhead"``): the decode step runs in static
+  shapes (``EngineConfig.static_decode``, ``server/engine/shapes.py``): the batch padded to a
+  row bucket, attention over a length bucket of KV columns, a KV cache allocated once at full
+  size, and the KV buffers, the adapter bank and the shared A/B marked as static addresses
+  (replays read them in place; uploads write the bank in place). Inductor compiles once
+  (dynamic shapes); each bucket pair is recorded as a graph when first used (every row bucket
+  at the first length bucket during warm-up). The token-exact test of this path
+  (``tests/server/test_engine.py``, ``VERA_TEST_COMPILE=1``) runs on CPU in eager and with
+  inductor; on CUDA in ``bench/gpu_check.sh``. Not yet measured on a GPU.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ from collections.abc import Callable
 import torch
 
 
-def compile_decode(model: torch.nn.Module) -> Callable[..., object]:
-    """The model's forward compiled with inductor, shapes dynamic (batch, KV length)."""
+def compile_decode(model: torch.nn.Module, cuda_graphs: bool = False) -> Callable[..., object]:
+    """The model's forward compiled with inductor, shapes dynamic (batch, KV length); with
+    ``cuda_graphs``, each distinct (bucketed) shape is also recorded as a CUDA graph and
+    replayed (``mode="reduce-overhead"``)."""
+    if cuda_graphs:
+        return torch.compile(model, mode="reduce-overhead", dynamic=True)
     return torch.compile(model, dynamic=True)

@@ -5,6 +5,11 @@ decode step reads ``keys[:n, :, :L]`` as a view, with no gather and no copy. Buf
 doubling (rows and positions) only as far as the live batch needs, and are freed when idle, so
 memory follows the batch instead of a worst case.
 
+With ``static=True`` (decode captured in CUDA graphs, see ``server/engine/compile.py``) the
+buffers are allocated once at their full size and kept: a recorded graph holds their
+addresses. They carry one extra column, ``scratch``, that no sequence ever reaches: the pad
+rows of a bucketed decode batch write there.
+
 The object is passed to the model as its cache; ``update`` follows the transformers Cache
 contract (``update(key, value, layer_idx, ...) -> (keys, values)``), reading where to write from
 the ``KVStep`` set by the engine before each forward.
@@ -47,10 +52,12 @@ class KVStep:
 class SlotKVCache:
     is_compileable = False
 
-    def __init__(self, num_layers: int, max_rows: int, max_len: int) -> None:
+    def __init__(self, num_layers: int, max_rows: int, max_len: int, static: bool = False) -> None:
         self.num_layers = num_layers
         self.max_rows = max_rows
         self.max_len = max_len
+        self.static = static
+        self.scratch = max_len  # static: the column pad rows write (never read by a sequence)
         self.keys: list[torch.Tensor | None] = [None] * num_layers  # [rows, kv_heads, len, hd]
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self._rows_cap = 0
@@ -62,6 +69,9 @@ class SlotKVCache:
         """Make room for ``rows`` rows of ``length`` positions (grows by doubling)."""
         if rows > self.max_rows or length > self.max_len:
             raise ValueError(f"KV request {rows}x{length} exceeds {self.max_rows}x{self.max_len}")
+        if self.static:  # the whole buffer (allocated at the first write), and for good
+            self._rows_cap, self._len_cap = self.max_rows, self.max_len + 1
+            return
         new_rows = self._rows_cap
         while new_rows < rows:
             new_rows = min(self.max_rows, max(4, new_rows * 2))
@@ -84,8 +94,24 @@ class SlotKVCache:
         new[: old.shape[0], :, : old.shape[2]].copy_(old)
         return new
 
+    def allocate_static(
+        self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        """Static: allocate every buffer now, outside any compiled forward, at its full size
+        (max_rows x (max_len + 1) columns), and mark it a static address: a graph input
+        mutated in place, never copied."""
+        assert self.static, "only a static cache is allocated up front"
+        self.reserve(1, 1)
+        shape = (self._rows_cap, kv_heads, self._len_cap, head_dim)
+        for bufs in (self.keys, self.values):
+            for i in range(self.num_layers):
+                bufs[i] = torch.zeros(shape, device=device, dtype=dtype)
+                torch._dynamo.mark_static_address(bufs[i])
+
     def release_all(self) -> None:
-        """Free every buffer (called when no sequence is running)."""
+        """Free every buffer (called when no sequence is running; static buffers stay)."""
+        if self.static:
+            return
         self.keys = [None] * self.num_layers
         self.values = [None] * self.num_layers
         self._rows_cap = self._len_cap = 0

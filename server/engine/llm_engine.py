@@ -63,6 +63,8 @@ class EngineConfig:
     max_seq_len: int = 2048  # prompt + new tokens of one sequence (KV positions)
     background_share: float = 0.2  # time background work may take while requests are in flight
     compile: bool = False  # torch.compile the decode forward (server/engine/compile.py)
+    # decode in bucketed shapes over a KV cache allocated once; with compile on CUDA: CUDA graphs
+    static_decode: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.background_share <= 1:
@@ -89,7 +91,11 @@ class Engine:
             config.max_seq_len, getattr(cfg, "max_position_embeddings", None) or 10**9
         )
         self.runner = ModelRunner(
-            vm, config.scheduler.max_batch, self.context_limit, compile=config.compile
+            vm,
+            config.scheduler.max_batch,
+            self.context_limit,
+            compile=config.compile,
+            static=config.static_decode,
         )
         self.eos_ids = _eos_ids(self.model, tokenizer)
         self.stats = EngineStats()
@@ -216,6 +222,11 @@ class Engine:
 
     def kv_cache_bytes(self) -> int:
         return self.runner.kv.nbytes()
+
+    def decode_mode(self) -> dict[str, bool]:
+        """How the decode step runs: compiled, in static (bucketed) shapes, in CUDA graphs."""
+        r = self.runner
+        return {"compiled": r.compiled, "static_shapes": r.static, "cuda_graphs": r.cuda_graphs}
 
     # -- loop -----------------------------------------------------------------------------
     def _loop(self) -> None:

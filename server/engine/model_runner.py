@@ -19,18 +19,35 @@ from server.engine.compile import compile_decode
 from server.engine.kv_cache import KVStep, SlotKVCache
 from server.engine.scheduler import Chunk, StepPlan
 from server.engine.sequence import Sequence
+from server.engine.shapes import bucket, len_buckets, row_buckets
 from vera_core.inject import VeraModel
 
 
 class ModelRunner:
-    def __init__(self, vm: VeraModel, max_rows: int, max_len: int, compile: bool = False) -> None:
+    def __init__(
+        self,
+        vm: VeraModel,
+        max_rows: int,
+        max_len: int,
+        compile: bool = False,
+        static: bool = False,
+    ) -> None:
+        """``compile``: torch.compile the decode forward. ``static``: decode in bucketed shapes
+        over a KV cache allocated once (what CUDA graphs need; with ``compile`` on CUDA the
+        decode step is captured in graphs, see ``server/engine/compile.py``)."""
         self.vm = vm
         self.model = vm.model
         param = next(self.model.parameters())
         self.device = param.device
         cfg = self.model.config
         num_layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-        self.kv = SlotKVCache(num_layers, max_rows, max_len)  # buffers take K/V's device, dtype
+        # buffers take K/V's device and dtype
+        self.kv = SlotKVCache(num_layers, max_rows, max_len, static=static)
+        if static:
+            self.kv.allocate_static(*_kv_head_shape(cfg), param.dtype, self.device)
+        self.static = static
+        self.row_buckets = row_buckets(max_rows)
+        self.len_buckets = len_buckets(max_len)
         # transformers >= 5.2x renamed past_key_values -> cache
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -39,7 +56,13 @@ class ModelRunner:
         if head is not None:
             head.register_forward_pre_hook(_contiguous_input)
         # decode only: prefill shapes vary with every prompt (see server/engine/compile.py)
-        self._decode_model = compile_decode(self.model) if compile else self.model
+        self.cuda_graphs = compile and static and self.device.type == "cuda"
+        if self.cuda_graphs:
+            for t in (vm.bank.rows, vm.projections.A, vm.projections.B):
+                torch._dynamo.mark_static_address(t)  # read in place by every replay
+        self._decode_model = (
+            compile_decode(self.model, cuda_graphs=self.cuda_graphs) if compile else self.model
+        )
         self.compiled = compile
 
     # -- one step -------------------------------------------------------------------------
@@ -79,21 +102,18 @@ class ModelRunner:
 
     def warm_up(self) -> float:
         """Compile now, not under the first requests: one decode forward per graph the
-        compiled step needs (batch 1 and batch >= 2, which dynamic shapes tell apart; base
-        rows and adapter rows). Returns the seconds it took (0 when not compiled)."""
+        compiled step needs (dynamic shapes: batch 1 and batch >= 2; static: every row bucket
+        at the first length bucket, the rest recorded when first used), for base rows and
+        adapter rows. Returns the seconds it took (0 when not compiled)."""
         if not self.compiled:
             return 0.0
         t0 = time.perf_counter()
-        for rows in sorted({1, min(2, self.kv.max_rows)}):
+        sizes = self.row_buckets if self.static else sorted({1, min(2, self.kv.max_rows)})
+        for rows in sizes:
             self.kv.reserve(rows, 2)
-            ids = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
-            positions = torch.ones(rows, dtype=torch.long, device=self.device)
-            mask = torch.ones(rows, 1, 1, 2, dtype=torch.bool, device=self.device)
             for slot in (0, 1):  # slot 1 may be empty (b = 0): the graph is what matters
-                step = KVStep(rows=rows, positions=positions, kv_len=2)
-                self._forward(
-                    self._decode_model, ids, mask, positions[:, None], [slot] * rows, step
-                )
+                for _ in range(3 if self.cuda_graphs else 1):  # warm-up run, record, replay
+                    self._decode_tokens([0] * rows, [1] * rows, list(range(rows)), [slot] * rows)
         self.kv.release_all()
         return time.perf_counter() - t0
 
@@ -167,20 +187,53 @@ class ModelRunner:
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One new token for each of ``seqs`` (prompts cached): [n, vocab] logits."""
-        ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
-        positions = torch.tensor([s.num_cached for s in seqs], device=self.device)
-        kv_len = int(positions.max()) + 1
-        cols = torch.arange(kv_len, device=self.device)
-        mask = (cols[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, kv_len]
-        rows = [s.kv_row for s in seqs]
-        compact = rows == list(range(len(seqs)))  # the usual case: read the cache as a view
-        index = None if compact else torch.tensor(rows, device=self.device)
-        step = KVStep(rows=len(seqs), positions=positions, row_index=index, kv_len=kv_len)
-        slots = [s.adapter_slot for s in seqs]
-        logits = self._forward(self._decode_model, ids, mask, positions[:, None], slots, step)
+        logits = self._decode_tokens(
+            [s.output_ids[-1] for s in seqs],
+            [s.num_cached for s in seqs],
+            [s.kv_row for s in seqs],
+            [s.adapter_slot for s in seqs],
+        )
         for s in seqs:
             s.num_cached += 1
         return logits
+
+    def _decode_tokens(
+        self, tokens: list[int], positions: list[int], rows: list[int], slots: list[int]
+    ) -> torch.Tensor:
+        """One decode forward: row i feeds ``tokens[i]`` at ``positions[i]`` into KV row
+        ``rows[i]`` with adapter slot ``slots[i]``. [len(tokens), vocab] logits.
+
+        Static shapes: the batch is padded to its row bucket with rows that feed token 0 at
+        position 0, write the scratch column and attend to column 0 only (their logits are
+        dropped), and attention spans the length bucket of columns, masked past each row's
+        position. The compact case reads KV rows 0..bucket-1 as a view: pad rows past the live
+        ones write only scratch columns, which no sequence reads."""
+        n = len(tokens)
+        kv_len = max(positions) + 1
+        compact = rows == list(range(n))  # the usual case: read the cache as a view
+        write = positions
+        if self.static:
+            pad = bucket(n, self.row_buckets) - n
+            kv_len = bucket(kv_len, self.len_buckets)
+            tokens, slots = tokens + [0] * pad, slots + [0] * pad
+            write = positions + [self.kv.scratch] * pad
+            positions = positions + [0] * pad
+            rows = list(range(n + pad)) if compact else rows + [0] * pad
+        ids = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
+        pos = torch.tensor(positions, device=self.device)  # [B]
+        cols = torch.arange(kv_len, device=self.device)
+        mask = (cols[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, kv_len]
+        step = KVStep(
+            rows=len(tokens),
+            positions=torch.tensor(write, device=self.device) if self.static else pos,
+            row_index=None if compact else torch.tensor(rows, device=self.device),
+            kv_len=kv_len,
+        )
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self._forward(self._decode_model, ids, mask, pos[:, None], slots, step)
+        # a replay's outputs live in the graph's memory, overwritten by the next replay
+        return logits[:n].clone() if self.cuda_graphs else logits[:n]
 
 
 def _chunk_mask(starts: list[int], lens: list[int], width: int, kv_len: int) -> torch.Tensor:
@@ -197,6 +250,14 @@ def _chunk_mask(starts: list[int], lens: list[int], width: int, kv_len: int) -> 
         return (mask | ((k == q) & ~real))[:, None]
     position = start + q - pad  # absolute position of each real query
     return ((k <= position) & real | (k == 0) & ~real)[:, None]
+
+
+def _kv_head_shape(cfg) -> tuple[int, int]:
+    """(key/value heads, head dim) of a Hugging Face model config (llama-like or gpt2)."""
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    return kv_heads, getattr(cfg, "head_dim", None) or hidden // heads
 
 
 def _contiguous_input(_: torch.nn.Module, args: tuple) -> tuple:

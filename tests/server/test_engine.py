@@ -15,6 +15,9 @@ from server.engine.scheduler import SchedulerConfig
 from vera_core import Adapter, AdapterHeader, VeraConfig, inject_vera, model_fingerprint
 from vera_core.merge import merge, unmerge
 
+# bench/gpu_check.sh runs the compiled cases on CUDA (VERA_TEST_DEVICE=cuda)
+DEVICE = torch.device(os.environ.get("VERA_TEST_DEVICE", "cpu"))
+
 
 class IdTokenizer:
     eos_token_id = None
@@ -44,7 +47,7 @@ def reference(vm, adapter, prompt: list[int], n: int) -> list[int]:
     try:
         with torch.no_grad():
             out = vm.model.generate(
-                torch.tensor([prompt]),
+                torch.tensor([prompt], device=DEVICE),
                 max_new_tokens=n,
                 min_new_tokens=n,
                 do_sample=False,
@@ -63,9 +66,10 @@ def build(
     max_waiting: int = 64,
     max_prefill_tokens: int = 1024,
     compile: bool = False,
+    static_decode: bool = False,
     **targets,
 ):
-    model = make_tiny(kind)
+    model = make_tiny(kind).to(DEVICE)
     model.generation_config.eos_token_id = None
     vm = inject_vera(model, VeraConfig(r=8, **targets), num_slots=4)
     store = AdapterStore(tmp_path / "store", vm.layout, 0, model_fingerprint(model))
@@ -76,39 +80,56 @@ def build(
         ),
         max_seq_len=96,
         compile=compile,
+        static_decode=static_decode,
     )
     return vm, store, Engine(vm, IdTokenizer(), pool, cfg)
 
 
+_COMPILE = pytest.mark.skipif(
+    os.environ.get("VERA_TEST_COMPILE") != "1", reason="VERA_TEST_COMPILE=1 runs it"
+)
+
+
 @pytest.mark.parametrize(
-    "kind,targets,chunk,compile",
+    "kind,targets,chunk,mode",
     [
-        ("llama", {}, 1024, False),
-        ("llama", {"target_modules": ("all-linear",)}, 1024, False),
-        ("gpt2", {}, 1024, False),
-        ("llama", {}, 5, False),  # chunked prefill: prompts span steps, others decode meanwhile
-        ("gpt2", {}, 7, False),
-        # --compile on: the decode forward through inductor. Compiling its graphs takes minutes
-        # on 2 cores and the flag is off on CPU, so this runs where it is asked for
-        # (VERA_TEST_COMPILE=1; bench/gpu_check.sh sets it on CUDA, where compile is on)
-        pytest.param(
-            "llama",
-            {},
-            1024,
-            True,
-            marks=pytest.mark.skipif(
-                os.environ.get("VERA_TEST_COMPILE") != "1", reason="VERA_TEST_COMPILE=1 runs it"
-            ),
-            id="llama-compiled",
-        ),
+        ("llama", {}, 1024, "eager"),
+        ("llama", {"target_modules": ("all-linear",)}, 1024, "eager"),
+        ("gpt2", {}, 1024, "eager"),
+        ("llama", {}, 5, "eager"),  # chunked prefill: prompts span steps, others decode meanwhile
+        ("gpt2", {}, 7, "eager"),
+        # static decode shapes (what CUDA graphs replay): batches padded to a row bucket, KV
+        # columns to a length bucket, pad rows writing a scratch column; rows interleaved with
+        # prompts still prefilling (chunk 5) take the gather path with pad rows too
+        ("llama", {}, 1024, "static"),
+        ("llama", {}, 5, "static"),
+        ("gpt2", {"target_modules": ("all-linear",)}, 7, "static"),
+        # --compile on: the decode forward through inductor (on CUDA: static shapes in CUDA
+        # graphs). Compiling takes minutes on 2 cores and the flag is off on CPU, so these run
+        # where asked for (VERA_TEST_COMPILE=1; bench/gpu_check.sh sets it on CUDA)
+        pytest.param("llama", {}, 1024, "compiled", marks=_COMPILE, id="llama-compiled"),
+        pytest.param("llama", {}, 5, "compiled-static", marks=_COMPILE, id="llama-compiled-static"),
     ],
 )
-def test_mixed_users_join_and_leave_exact(
-    make_tiny, tmp_path, kind, targets, chunk, compile
-) -> None:
+def test_mixed_users_join_and_leave_exact(make_tiny, tmp_path, kind, targets, chunk, mode) -> None:
     vm, store, engine = build(
-        make_tiny, kind, tmp_path, max_prefill_tokens=chunk, compile=compile, **targets
+        make_tiny,
+        kind,
+        tmp_path,
+        max_prefill_tokens=chunk,
+        compile=mode.startswith("compiled"),
+        static_decode=mode.endswith("static"),
+        **targets,
     )
+    if engine.runner.compiled:
+        engine.warm_up()
+    decode_shapes = set()  # (batch, kv columns) of every decode forward
+
+    def spy(_module, _args, kwargs) -> None:
+        if engine.runner.kv.step.prefill_rows is None:
+            decode_shapes.add((kwargs["input_ids"].shape[0], kwargs["attention_mask"].shape[-1]))
+
+    hook = vm.model.register_forward_pre_hook(spy, with_kwargs=True)
     users = {f"user{i}": random_adapter(vm, i) for i in range(5)}  # more users than slots
     for uid, a in users.items():
         store.put(uid, a)
@@ -133,10 +154,20 @@ def test_mixed_users_join_and_leave_exact(
             results.append(list(seq.output_ids))
     finally:
         engine.stop()
+        hook.remove()
     for (uid, prompt, params), got in zip(jobs, results):
         want = reference(vm, users.get(uid), prompt, params.max_new_tokens)
         assert got == want, (uid, prompt)
-    assert engine.kv_cache_bytes() == 0  # idle: KV freed
+    batches = {b for b, _ in decode_shapes}
+    if mode.endswith("static"):  # padded to the row buckets, attending to the length bucket
+        assert batches <= {1, 2, 4} and {w for _, w in decode_shapes} == {96}, decode_shapes
+    else:
+        assert 3 in batches, decode_shapes  # unpadded: the sizes the batch really had
+    if mode.endswith("static"):  # allocated once at full size (4 rows x 97 columns), kept
+        kv = engine.runner.kv
+        assert [k.shape[0] * k.shape[2] for k in kv.keys] == [4 * 97] * kv.num_layers
+    else:
+        assert engine.kv_cache_bytes() == 0  # idle: KV freed
     assert engine.pool.stats()["slots_pinned"] == 0
 
 

@@ -85,15 +85,8 @@ def random_vectors(layers: dict[str, tuple[int]], r: int, seed: int) -> dict[str
 
 
 def load_bench_model(dtype: str = "float32", device: str = "cpu"):
-    """``load_model`` with the LM head's input made contiguous: transformers feeds it the last
-    position as a batch-strided slice (``hidden[:, -1:, :]``), which torch's CPU matmul cannot
-    fold into one GEMM, so it materializes the [batch, hidden, vocab] expanded weight. Measured
-    here at batch 16: 172 ms instead of 27 ms in fp32, 3.4 s instead of 8 ms in bf16, once per
-    generate; it would swamp every bf16 row (vLLM does not pay it)."""
-    model, tokenizer, path = load_model(dtype=getattr(torch, dtype), device=device)
-    head = model.get_output_embeddings()
-    head.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
-    return model, tokenizer, path
+    """``load_model`` (which gives the LM head a dense input, see ``model_source``)."""
+    return load_model(dtype=getattr(torch, dtype), device=device)
 
 
 def make_generate(model, inputs: dict[str, torch.Tensor], new_tokens: int, pad: int) -> Callable:

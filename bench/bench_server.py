@@ -160,7 +160,8 @@ async def upload_to_first_token(url: str, vm, rounds: int) -> tuple[list[float],
 def offline(vm, tok, store_dir: Path, users, prompt_ids, n: int) -> float:
     store = AdapterStore(store_dir, vm.layout, 0, model_fingerprint(vm.model))
     pool = SlotPool(vm.bank, store, host_capacity=len(users) + 8)
-    cfg = EngineConfig(SchedulerConfig(max_batch=len(users), max_prefill_tokens=4096))
+    budget = ServerConfig().max_prefill_tokens  # the server's, so that only HTTP differs
+    cfg = EngineConfig(SchedulerConfig(max_batch=len(users), max_prefill_tokens=budget))
     engine = Engine(vm, tok, pool, cfg)
     engine.start()
     try:

@@ -49,7 +49,7 @@ class ServerConfig:
     max_batch: int = field(default=64, metadata={"help": "max sequences decoded together"})
     max_waiting: int = field(default=512, metadata={"help": "queue bound; beyond it 429"})
     max_prefill_tokens: int = field(
-        default=2048,
+        default=512,
         metadata={
             "help": "prompt tokens prefilled per step; longer prompts and bursts are chunked "
             "over steps while running streams keep decoding"

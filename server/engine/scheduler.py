@@ -22,7 +22,7 @@ from server.engine.sequence import Sequence, Status
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_batch: int = 64  # running sequences (KV rows)
-    max_prefill_tokens: int = 1024  # prompt tokens prefilled per step (chunks of prompts)
+    max_prefill_tokens: int = 512  # prompt tokens prefilled per step (chunks of prompts)
     max_waiting: int = 1024  # queue bound; beyond it submit() is refused (HTTP 429)
 
     def __post_init__(self) -> None:

@@ -17,6 +17,8 @@ the ``KVStep`` set by the engine before each forward.
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -88,9 +90,7 @@ class SlotKVCache:
     def _grow(self, old: torch.Tensor | None, rows: int, length: int) -> torch.Tensor | None:
         if old is None:
             return None  # allocated on the first write, when head shapes are known
-        # zeros, not empty: masked-out columns still meet the values (0 * NaN = NaN), so
-        # recycled memory holding NaN/Inf bit patterns would poison the attention output
-        new = old.new_zeros(rows, old.shape[1], length, old.shape[3])
+        new = _zeros((rows, old.shape[1], length, old.shape[3]), old.dtype, old.device)
         new[: old.shape[0], :, : old.shape[2]].copy_(old)
         return new
 
@@ -105,7 +105,7 @@ class SlotKVCache:
         shape = (self._rows_cap, kv_heads, self._len_cap, head_dim)
         for bufs in (self.keys, self.values):
             for i in range(self.num_layers):
-                bufs[i] = torch.zeros(shape, device=device, dtype=dtype)
+                bufs[i] = _zeros(shape, dtype, device)
                 torch._dynamo.mark_static_address(bufs[i])
 
     def release_all(self) -> None:
@@ -138,8 +138,8 @@ class SlotKVCache:
         assert step is not None, "KVStep not set before the forward"
         if self.keys[layer_idx] is None:
             shape = (self._rows_cap, key.shape[1], self._len_cap, key.shape[3])
-            self.keys[layer_idx] = torch.zeros(shape, device=key.device, dtype=key.dtype)
-            self.values[layer_idx] = torch.zeros(shape, device=key.device, dtype=key.dtype)
+            self.keys[layer_idx] = _zeros(shape, key.dtype, key.device)
+            self.values[layer_idx] = _zeros(shape, key.dtype, key.device)
         kbuf, vbuf = self.keys[layer_idx], self.values[layer_idx]
         if step.prefill_rows is not None:
             return self._write_chunks(step, kbuf, vbuf, key, value)
@@ -174,3 +174,24 @@ class SlotKVCache:
     @property
     def is_sliding(self) -> list[bool]:
         return [False] * self.num_layers
+
+
+_LAZY_BYTES = 1 << 20
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled KV buffer.
+
+    Zeros, not ``empty``: masked-out columns still meet the values (0 * NaN = NaN), so recycled
+    memory holding NaN/Inf bit patterns would poison the attention output. On the CPU a large
+    buffer is an anonymous memory map instead of ``torch.zeros``: the kernel hands out zero
+    pages as they are first touched, so growing the cache costs only the copy of what it held.
+    Measured: 32 -> 64 rows x 128 -> 2048 columns (2.8 GiB, SmolLM2 bf16) took 1.8-2.4 s with
+    ``torch.zeros`` (the memset touches every page at once), stalling every running stream.
+    """
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type != "cpu" or nbytes < _LAZY_BYTES:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    pages = mmap.mmap(-1, nbytes)  # anonymous, private, zero-filled; unmapped with the tensor
+    return torch.frombuffer(pages, dtype=dtype, count=numel).view(shape)

@@ -1,0 +1,33 @@
+"""The slot KV cache's buffers: growth keeps what rows hold and hands out finite zeros."""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.kv_cache import KVStep, SlotKVCache, _zeros
+
+
+def test_large_cpu_buffers_are_zero_and_writable() -> None:
+    for shape, dtype in (((64, 3, 2048, 64), torch.bfloat16), ((2, 2, 8, 4), torch.float32)):
+        buf = _zeros(shape, dtype, torch.device("cpu"))
+        assert buf.shape == shape and buf.dtype == dtype and buf.is_contiguous()
+        assert not buf.any()
+        buf[1, 1, 7] = 2.0
+        assert float(buf.sum()) == 2.0 * shape[-1]
+
+
+def test_growth_keeps_rows_and_zero_fills_the_rest() -> None:
+    kv = SlotKVCache(num_layers=2, max_rows=64, max_len=4096)
+    kv.reserve(3, 100)
+    key = torch.randn(3, 2, 5, 8, dtype=torch.bfloat16)  # a prompt of 5 tokens in each row
+    kv.step = KVStep(kv_len=5, prefill_rows=[0, 1, 2], prefill_lens=[5] * 3)
+    for layer in range(2):
+        kv.update(key, -key, layer)
+    kv.reserve(40, 3000)  # rows 4 -> 64, columns 128 -> 4096: 2 x 2 x 64 MiB, lazily zero
+    assert kv.keys[0].shape == (64, 2, 4096, 8)
+    for layer in range(2):
+        assert torch.equal(kv.keys[layer][:3, :, :5], key)
+        assert torch.equal(kv.values[layer][:3, :, :5], -key)
+        assert not kv.keys[layer][:, :, 5:].any() and not kv.keys[layer][3:].any()
+    kv.release_all()
+    assert kv.nbytes() == 0

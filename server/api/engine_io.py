@@ -103,15 +103,23 @@ class Outcome:
 
 
 async def collect(seq: Sequence, request: Request) -> Outcome:
-    """Wait for the end; a client that goes away cancels the sequence (frees its KV)."""
+    """Wait for the end; a client that goes away cancels the sequence (frees its KV row and
+    its adapter slot). The connection is checked every ``_DISCONNECT_POLL_S`` whether or not
+    tokens are arriving: a hang-up is noticed within that, not when generation ends."""
     pieces: list[str] = []
+    loop = asyncio.get_running_loop()
+    next_check = loop.time() + _DISCONNECT_POLL_S
     try:
         while True:
             try:
                 ev = await asyncio.wait_for(seq.channel.get(), timeout=_DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
+                ev = None
+            if loop.time() >= next_check:
+                next_check = loop.time() + _DISCONNECT_POLL_S
                 if await request.is_disconnected():
-                    seq.cancel()
+                    seq.cancel()  # the engine ends it; its final event still comes
+            if ev is None:
                 continue
             if ev.finish_reason is not None:
                 return Outcome("".join(pieces), ev)

@@ -192,6 +192,20 @@ def test_disconnect_cancels_and_frees_kv(small: LiveServer) -> None:
     assert stats["adapters"]["slots_pinned"] == 0
 
 
+def test_hang_up_on_a_non_streaming_request_cancels_it_while_it_generates(
+    small: LiveServer,
+) -> None:
+    before = wait_idle(small)["engine"]["finish_reasons"].get("cancelled", 0)
+    body = {"prompt": "Count from 1 to 200: 1, 2, 3,", "max_new_tokens": 100}
+    # the client gives up (and closes the connection) long before 100 tokens
+    with httpx.Client(base_url=small.url, timeout=1.5) as c, pytest.raises(httpx.ReadTimeout):
+        c.post("/generate", json=body)
+    stats = wait_idle(small, 30)
+    assert stats["engine"]["finish_reasons"].get("cancelled", 0) == before + 1, stats["engine"]
+    assert stats["engine"]["kv_cache_bytes"] == 0
+    assert stats["adapters"]["slots_pinned"] == 0
+
+
 def test_sigterm_drains_in_flight_requests(tmp_path) -> None:
     server = start_server(tmp_path, admin_token=None)
     try:

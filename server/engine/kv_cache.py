@@ -71,8 +71,7 @@ class SlotKVCache:
         """Make room for ``rows`` rows of ``length`` positions (grows by doubling)."""
         if rows > self.max_rows or length > self.max_len:
             raise ValueError(f"KV request {rows}x{length} exceeds {self.max_rows}x{self.max_len}")
-        if self.static:  # the whole buffer (allocated at the first write), and for good
-            self._rows_cap, self._len_cap = self.max_rows, self.max_len + 1
+        if self.static:  # allocated at full size by ``allocate_static``, and for good
             return
         new_rows = self._rows_cap
         while new_rows < rows:
@@ -101,7 +100,7 @@ class SlotKVCache:
         (max_rows x (max_len + 1) columns), and mark it a static address: a graph input
         mutated in place, never copied."""
         assert self.static, "only a static cache is allocated up front"
-        self.reserve(1, 1)
+        self._rows_cap, self._len_cap = self.max_rows, self.max_len + 1
         shape = (self._rows_cap, kv_heads, self._len_cap, head_dim)
         for bufs in (self.keys, self.values):
             for i in range(self.num_layers):
@@ -190,7 +189,7 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     ``torch.zeros`` (the memset touches every page at once), stalling every running stream.
     """
     numel = math.prod(shape)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if torch.device(device).type != "cpu" or nbytes < _LAZY_BYTES:
         return torch.zeros(shape, dtype=dtype, device=device)
     pages = mmap.mmap(-1, nbytes)  # anonymous, private, zero-filled; unmapped with the tensor

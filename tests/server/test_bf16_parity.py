@@ -4,16 +4,21 @@ Our engine runs the bf16 base model with the adapter path in fp32 (bank and shar
 fp32, the sum is rounded once), which is what PEFT does under a bf16 model. The remaining
 differences are the bf16 base model's own: batched, left-padded prefill and a KV cache read in
 another order than PEFT's one-request-at-a-time ``generate``; once greedy decoding meets a
-near-tie the two continuations part. So the bound is stated and measured, not exact:
+near-tie the two continuations part. Where they part depends on the bf16 kernels (AMX,
+AVX512-BF16, emulated, a GPU), so the test asserts only what holds on all of them:
 
 * every divergence is at a near-tie: PEFT's logit for its own choice exceeds its logit for ours
-  by at most ``TIE_MARGIN`` (measured: at most 0.25, often exactly 0, a tie in bf16);
-* every user's first token equal;
-* the tokens before each user's first divergence at least ``MIN_AGREEMENT`` of 16 x 32
-  (measured 0.705; the bf16 base model alone against itself unbatched, no adapters: 0.734, so
-  the adapters cost almost nothing on top of bf16's own floor).
+  by at most ``TIE_MARGIN`` (measured: at most 0.25 on three CPUs, often exactly 0, a tie);
+* the adapters cost little on top of bf16's own floor, measured in the same run: the base
+  model's rows of the same engine batch against the bf16 base model unbatched. The adapter
+  rows' agreement (the tokens before each user's first divergence, of 16 x 32) must be at
+  least the floor minus ``MAX_AGREEMENT_LOSS`` (measured on an AVX2-only EPYC: adapters 0.770,
+  floor 0.768; with 16 rows instead of 32 per batch the adapters measured 0.625, 0.639 and
+  0.705 on that CPU, an AVX512-BF16 EPYC and an AMX Xeon, the AMX floor 0.734).
 
-fp32 parity stays exact: tests/vera_core and tests/server/test_generate_e2e.py.
+Which token comes first at a tie is not asserted: on the AVX512-BF16 EPYC one user's first
+token differs from PEFT's at a margin of 0.25, every run. fp32 parity stays exact:
+tests/vera_core and tests/server/test_generate_e2e.py.
 
 PEFT's greedy choice at each step is read from one teacher-forced forward over the prompt and
 our tokens: where our prefix equals PEFT's, its next greedy token is that forward's argmax.
@@ -38,7 +43,7 @@ from vera_core import VeraConfig, inject_vera, model_fingerprint  # noqa: E402
 
 USERS, NEW_TOKENS = 16, 32
 SCALE = 0.1  # adapter vectors ~ N(0, 0.1): the size trained VeRA vectors have (d starts at 0.1)
-MIN_AGREEMENT = 0.6  # measured 0.705 (the base model alone, no adapters: 0.734)
+MAX_AGREEMENT_LOSS = 0.2  # adapters vs the same run's base floor (measured: +0.002, -0.03)
 TIE_MARGIN = 0.5  # logits: 2-4 bf16 ulps at SmolLM2's logit magnitudes (16-32); measured <= 0.25
 QUESTIONS = [
     "What is the capital of France?",
@@ -48,39 +53,49 @@ QUESTIONS = [
 ]
 
 
-def engine_tokens(base, tok, users, prompts, tmp_path: Path) -> dict[str, list[int]]:
+def engine_tokens(
+    base, tok, users, prompts, tmp_path: Path
+) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """Greedy tokens of one engine batch holding every user's request and, for the same
+    prompts, a base-model request: (per user, per user's prompt on the base model)."""
     vm = inject_vera(copy.deepcopy(base), VeraConfig(r=256), num_slots=USERS + 1)
     assert vm.bank.rows.dtype == torch.float32  # the adapter path stays fp32 under bf16
     store = AdapterStore(tmp_path / "store", vm.layout, 0, model_fingerprint(base))
     pool = SlotPool(vm.bank, store, host_capacity=USERS)
     for uid, adapter in users.items():
         store.put(uid, adapter)
-    engine = Engine(vm, tok, pool, EngineConfig(SchedulerConfig(max_batch=USERS)))
+    engine = Engine(vm, tok, pool, EngineConfig(SchedulerConfig(max_batch=2 * USERS)))
     engine.eos_ids = set()  # 32 tokens for everyone
     engine.start()
     try:
         params = SamplingParams(max_new_tokens=NEW_TOKENS)
-        results = engine.generate([(uid, ids, params) for uid, ids in prompts.items()])
+        requests = [(uid, ids, params) for uid, ids in prompts.items()]
+        requests += [(None, ids, params) for ids in prompts.values()]
+        results = engine.generate(requests)
     finally:
         engine.stop()
         pool.close()
         store.close()
     assert all(r["finish_reason"] == "length" for r in results), results
-    return {uid: r["token_ids"] for uid, r in zip(prompts, results)}
+    tokens = [r["token_ids"] for r in results]
+    return dict(zip(prompts, tokens[:USERS])), dict(zip(prompts, tokens[USERS:]))
 
 
 @torch.no_grad()
-def peft_agreement(peft_model, adapter, prompt: list[int], ours: list[int]) -> tuple[int, float]:
-    """(how many of ``ours`` PEFT's greedy decoding produces too before the first difference,
-    PEFT's logit margin of its choice over ours there: 0 when all agree)."""
-    set_peft_vectors(peft_model, adapter)
+def agreement(model, prompt: list[int], ours: list[int]) -> tuple[int, float]:
+    """(how many of ``ours`` the greedy decoding of ``model`` produces too before the first
+    difference, its logit margin of its choice over ours there: 0 when all agree)."""
     ids = torch.tensor([prompt + ours[:-1]])
-    logits = peft_model(input_ids=ids).logits[0, len(prompt) - 1 :].float()  # [NEW, vocab]
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1 :].float()  # [NEW, vocab]
     greedy = logits.argmax(dim=-1).tolist()
     for i, (a, b) in enumerate(zip(greedy, ours)):
         if a != b:
             return i, float(logits[i, a] - logits[i, b])
     return len(ours), 0.0
+
+
+def share(found: dict[str, tuple[int, float]]) -> float:
+    return sum(n for n, _ in found.values()) / (len(found) * NEW_TOKENS)
 
 
 @pytest.mark.slow
@@ -100,17 +115,23 @@ def test_bf16_engine_agrees_with_peft_bf16(default_model_files, tmp_path) -> Non
         )
         for i, uid in enumerate(users)
     }
-    ours = engine_tokens(base, tok, users, prompts, tmp_path)
+    ours, ours_base = engine_tokens(base, tok, users, prompts, tmp_path)
+    floor = {uid: agreement(base, prompts[uid], ours_base[uid]) for uid in users}
     peft_model = peft_vera(base, VeraConfig(r=256))
-    found = {uid: peft_agreement(peft_model, users[uid], prompts[uid], ours[uid]) for uid in users}
-    share = sum(n for n, _ in found.values()) / (USERS * NEW_TOKENS)
-    report = f"agreement {share:.3f} of {USERS}x{NEW_TOKENS}; (agreed, margin) per user {found}"
+    found = {}
+    for uid in users:
+        set_peft_vectors(peft_model, users[uid])
+        found[uid] = agreement(peft_model, prompts[uid], ours[uid])
+    report = (
+        f"adapters: agreement {share(found):.3f} of {USERS}x{NEW_TOKENS}, (agreed, margin) per "
+        f"user {found}; base rows against the bf16 base model: {share(floor):.3f}, {floor}"
+    )
     print(report)
     assert all(len(t) == NEW_TOKENS for t in ours.values())
-    # we never choose a token PEFT finds clearly worse: every divergence is at a near-tie
+    # we never choose a token the oracle finds clearly worse: every divergence is at a near-tie
     assert all(margin <= TIE_MARGIN for _, margin in found.values()), report
-    assert all(n >= 1 for n, _ in found.values()), f"a first token differs: {report}"
-    assert share >= MIN_AGREEMENT, report
+    assert all(margin <= TIE_MARGIN for _, margin in floor.values()), report
+    assert share(found) >= share(floor) - MAX_AGREEMENT_LOSS, report
 
 
 @pytest.mark.slow

@@ -1,16 +1,14 @@
-"""Where adapters live: a persistent versioned store and device/host/disk residency tiers; and
-the fine-tuning files and jobs that make them (``training``).
+"""Where adapters live: a persistent versioned store of users' adapters; and the fine-tuning
+files and jobs that make them (``training``).
 
 Depends only on vera_core (never on server/).
 """
 
 from adapters_store.backend import DEFAULT_RETAIN_S, AdapterBackend, RecoveryReport
 from adapters_store.errors import (
-    AdapterLoadTimeout,
     AdapterNotFound,
     InvalidUserId,
     JobLimit,
-    SlotsExhausted,
     StoreCorruptError,
     StoreError,
     StoreUnavailable,
@@ -21,7 +19,6 @@ from adapters_store.local import LocalBackend
 from adapters_store.location import Storage, is_database_url, open_storage
 from adapters_store.meta import AdapterMeta
 from adapters_store.postgres import PostgresBackend
-from adapters_store.residency import SlotPool, SlotTicket
 from adapters_store.store import AdapterStore
 from adapters_store.training import (
     TERMINAL,
@@ -39,7 +36,6 @@ __all__ = [
     "TERMINAL",
     "USER_ID_PATTERN",
     "AdapterBackend",
-    "AdapterLoadTimeout",
     "AdapterMeta",
     "AdapterNotFound",
     "AdapterStore",
@@ -53,9 +49,6 @@ __all__ = [
     "PostgresTraining",
     "PostgresUsers",
     "RecoveryReport",
-    "SlotPool",
-    "SlotTicket",
-    "SlotsExhausted",
     "SqliteTraining",
     "SqliteUsers",
     "Storage",

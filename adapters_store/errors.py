@@ -27,14 +27,6 @@ class StoreCorruptError(StoreError):
     """Stored bytes no longer match their recorded checksum (disk damage, manual edits)."""
 
 
-class SlotsExhausted(StoreError, TimeoutError):
-    """Every device slot stayed pinned by in-flight requests for longer than the timeout."""
-
-
-class AdapterLoadTimeout(StoreError, TimeoutError):
-    """An adapter did not reach host memory within the acquire timeout (slow or stuck disk)."""
-
-
 class StoreUnavailable(StoreError):
     """The backend (the adapter database) cannot be reached now; raised within a few seconds,
     never after a long hang. Transient: the same call may succeed once the database is back."""

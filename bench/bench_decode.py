@@ -24,6 +24,7 @@ from peft import get_peft_model
 
 from server.model_source import load_model
 from vera_core import Adapter, AdapterHeader, VeraConfig, VeraModel, inject_vera
+from vera_core.forward import Forward
 
 PROMPTS = [
     "Hi!",
@@ -134,13 +135,16 @@ def ours_model(base, r: int, targets: tuple[str, ...], users: int) -> VeraModel:
     return vm
 
 
-def mixed_run(vm: VeraModel, inputs, slots: torch.Tensor, new_tokens: int, pad: int) -> Callable:
-    """Our one batch, row i run with the adapter in ``slots[i]``."""
+def mixed_run(
+    vm: VeraModel, inputs, slots: torch.Tensor, new_tokens: int, pad: int, share: bool = True
+) -> Callable:
+    """Our one batch, row i run with the adapter in ``slots[i]``; ``share``: layers reading the
+    same input share ``x @ A.T``."""
     gen = make_generate(vm.model, inputs, new_tokens, pad)
     slots = slots.to(vm.bank.rows.device)
 
     def run() -> None:
-        with vm.slots(slots):
+        with vm.run(Forward(slots=slots, share_projection=share)):
             gen()
 
     return run
@@ -171,13 +175,7 @@ def rows_for(base, tokenizer, targets, args, inputs, pad) -> list[Row]:
     slots = torch.arange(1, n + 1)
 
     def ours(share: bool) -> Callable:
-        run = mixed_run(vm, inputs, slots, new, pad)
-
-        def configured() -> None:
-            vm.context.share_projection = share
-            run()
-
-        return configured
+        return mixed_run(vm, inputs, slots, new, pad, share)
 
     rows = [
         Row(

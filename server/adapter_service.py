@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 
-from adapters_store import AdapterMeta, AdapterNotFound, AdapterStore, SlotPool
+from adapters_store import AdapterMeta, AdapterNotFound, AdapterStore
+from server.engine.adapter_slots import SlotPool
 from vera_core.adapter import Adapter
 
 log = logging.getLogger(__name__)

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from adapters_store import AdapterStore, SlotPool
+from adapters_store import AdapterStore
 from adapters_store.location import Storage, is_database_url, open_storage
 from adapters_store.users import UserRegistry
 from server.adapter_service import AdapterService
 from server.config import ServerConfig
-from server.engine import Engine, EngineConfig
+from server.engine import Engine, EngineConfig, SlotPool
 from server.engine.scheduler import SchedulerConfig
 from server.finetune.data import DataLimits
 from server.finetune.service import FineTuningService

@@ -1,16 +1,17 @@
 """Put batched VeRA layers into a Hugging Face causal LM.
 
 ``inject_vera`` swaps each targeted linear layer for a ``VeraLinear`` that shares the model's one
-``Projections`` pair, one ``VeraBank`` and one ``AdapterContext``. The returned ``VeraModel``
-is the handle the rest of the system uses: run a forward with per-row slots, load vectors into
-slots, merge one user into the weights.
+``Projections`` pair, one ``VeraBank`` and one ``ForwardSlot``. The returned ``VeraModel``
+is the handle the rest of the system uses: run a forward with per-row slots (``run``), load
+vectors into slots (``bank``), merge one user into the weights (``vera_core.merge``).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,8 +19,8 @@ from transformers.pytorch_utils import Conv1D
 
 from vera_core.bank import VeraBank
 from vera_core.config import ALL_LINEAR, VeraConfig
-from vera_core.context import AdapterContext
 from vera_core.errors import TargetModuleError
+from vera_core.forward import Forward, ForwardSlot, VectorForward
 from vera_core.layer import VeraLinear, linear_shape
 from vera_core.layout import LayerSpec, Layout
 from vera_core.projections import Projections
@@ -79,6 +80,14 @@ def layout_for(model: nn.Module, config: VeraConfig) -> Layout:
     return Layout(config.r, tuple(specs))
 
 
+@dataclass(frozen=True)
+class Merged:
+    """One adapter folded into the base weights (``vera_core.merge``)."""
+
+    vectors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (d, b) merged
+    backups: dict[str, torch.Tensor]  # layer -> its weight before the merge (exact unmerge)
+
+
 class VeraModel:
     """A causal LM with batched VeRA layers and the state they share."""
 
@@ -89,7 +98,7 @@ class VeraModel:
         layout: Layout,
         projections: Projections,
         bank: VeraBank,
-        context: AdapterContext,
+        forwards: ForwardSlot,
         layers: dict[str, VeraLinear],
     ) -> None:
         self.model = model
@@ -97,30 +106,31 @@ class VeraModel:
         self.layout = layout
         self.projections = projections
         self.bank = bank
-        self.context = context
+        self.forwards = forwards  # the layers read the running forward here
         self.layers = layers
-        self.merged_vectors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.merged: Merged | None = None
 
     @contextmanager
-    def slots(self, slots: torch.Tensor | None) -> Iterator[None]:
-        """``with vm.slots(s): vm.model(...)`` runs each row with its slot's adapter."""
-        if slots is not None and self.merged_vectors is not None:
+    def run(self, forward: Forward) -> Iterator[Forward]:
+        """``with vm.run(Forward(slots=s)): vm.model(...)``: the model's forwards inside the
+        block run each row with its adapter; ``forward`` is dropped after it."""
+        if forward.adapted and self.merged is not None:
             raise RuntimeError("unmerge the merged adapter before running per-row adapters")
-        with self.context.use(slots):
-            yield
+        with self.forwards.use(forward):
+            yield forward
 
-    @contextmanager
-    def vector(self, flat: torch.Tensor, batch: int) -> Iterator[None]:
+    def slots(self, slots: torch.Tensor | None) -> AbstractContextManager[Forward]:
+        """``with vm.slots(s): vm.model(...)`` runs row i with bank slot ``s[i]``."""
+        return self.run(Forward(slots=slots))
+
+    def vector(self, flat: torch.Tensor, batch: int) -> AbstractContextManager[Forward]:
         """``with vm.vector(v, n): vm.model(...)`` runs all ``n`` rows with the one adapter
         ``v`` [num_params] (e.g. a trainable parameter) instead of bank slots."""
-        if self.merged_vectors is not None:
-            raise RuntimeError("unmerge the merged adapter before running an adapter vector")
         if flat.shape != (self.layout.num_params,):
             raise ValueError(
                 f"vector of shape {tuple(flat.shape)}, want ({self.layout.num_params},)"
             )
-        with self.context.use_vector(flat, batch):
-            yield
+        return self.run(VectorForward(vector=flat, batch=batch))
 
 
 def inject_vera(
@@ -143,12 +153,12 @@ def inject_vera(
         config.r, layout.max_in, layout.max_out, config.projection_prng_key
     ).to(param.device, dtype)
     bank = VeraBank(layout, num_slots, device=param.device, dtype=dtype)
-    context = AdapterContext()
+    forwards = ForwardSlot()
     layers: dict[str, VeraLinear] = {}
     for name, module in targets:
-        layer = VeraLinear(name, module, projections, bank, context)
+        layer = VeraLinear(name, module, projections, bank, forwards)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer)
         layers[name] = layer
-    return VeraModel(model, config, layout, projections, bank, context, layers)
+    return VeraModel(model, config, layout, projections, bank, forwards, layers)

@@ -16,7 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from vera_core.bank import VeraBank
-from vera_core.context import AdapterContext
+from vera_core.forward import ForwardSlot
 from vera_core.projections import Projections
 
 
@@ -43,7 +43,7 @@ class VeraLinear(nn.Module):
         base: nn.Module,
         projections: Projections,
         bank: VeraBank,
-        context: AdapterContext,
+        forwards: ForwardSlot,
     ) -> None:
         super().__init__()
         self.name = name
@@ -52,7 +52,7 @@ class VeraLinear(nn.Module):
         self.fan_in_fan_out = isinstance(base, Conv1D)
         self._projections = projections  # shared, not registered: one copy per process
         self._bank = bank
-        self.context = context
+        self._forwards = forwards  # the model's one slot: which forward is running now
 
     @property
     def A(self) -> torch.Tensor:
@@ -67,13 +67,13 @@ class VeraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        slots = self.context.slots
-        if slots is None:
+        fwd = self._forwards.current
+        if fwd is None or not fwd.adapted:
             return y
-        rows = self.context.gathered(self._bank.rows)  # [*slots.shape, num_params]
+        rows = fwd.adapter_rows(self._bank.rows)  # [*slots.shape, num_params]
         d, b = self._bank.split(rows, self.name)  # [*slots.shape, r], [*slots.shape, out]
         d, b = _broadcastable(d, x.dim()), _broadcastable(b, x.dim())
-        u = self.context.project(x, self.A)  # [..., r] in the bank's dtype
+        u = fwd.project(x, self.A)  # [..., r] in the bank's dtype
         delta = torch.nn.functional.linear(u * d, self.B) * b
         # a bank wider than the model (fp32 under bf16): add in the bank's precision and round
         # once, as PEFT does (it keeps adapter math in fp32 and casts the sum back)

@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 
 from vera_core.adapter import Adapter
-from vera_core.inject import VeraModel
+from vera_core.inject import Merged, VeraModel
 
 
 @torch.no_grad()
 def merge(vm: VeraModel, adapter: Adapter) -> None:
-    if vm.merged_vectors is not None:
+    if vm.merged is not None:
         raise RuntimeError("an adapter is already merged; unmerge it first")
     adapter.check_fits(vm.layout, vm.config.projection_prng_key)
     backups = {}
@@ -25,19 +25,16 @@ def merge(vm: VeraModel, adapter: Adapter) -> None:
         w = layer.base_layer.weight
         backups[name] = w.detach().clone()
         w.add_(layer.delta_weight(d.to(w.device), b.to(w.device)).to(w.dtype))
-    vm.merged_vectors = {n: adapter.vectors[n] for n in vm.layers}
-    vm._merge_backups = backups  # type: ignore[attr-defined]
+    vm.merged = Merged({n: adapter.vectors[n] for n in vm.layers}, backups)
 
 
 @torch.no_grad()
 def unmerge(vm: VeraModel) -> None:
-    if vm.merged_vectors is None:
+    if vm.merged is None:
         return
-    backups = vm._merge_backups  # type: ignore[attr-defined]
     for name, layer in vm.layers.items():
-        layer.base_layer.weight.copy_(backups[name])
-    vm.merged_vectors = None
-    vm._merge_backups = None  # type: ignore[attr-defined]
+        layer.base_layer.weight.copy_(vm.merged.backups[name])
+    vm.merged = None
 
 
 def merged_state_dict(vm: VeraModel) -> dict[str, torch.Tensor]:

@@ -65,8 +65,8 @@ def collect_stats(rt: Runtime) -> dict[str, Any]:
         },
         "fine_tuning": {
             "current_job": rt.fine_tuning.worker.current,
-            "training_units": engine.stats.background_units,
-            "training_seconds": round(engine.stats.background_seconds, 3),
+            "training_units": engine.background.units,
+            "training_seconds": round(engine.background.seconds, 3),
             "train_share_while_serving": rt.config.train_share,
         },
     }

@@ -13,7 +13,6 @@ from starlette.requests import ClientDisconnect
 from adapters_store import (
     AdapterNotFound,
     InvalidUserId,
-    SlotsExhausted,
     StoreError,
     StoreUnavailable,
     UserExists,
@@ -47,7 +46,6 @@ def error_response(status: int, message: str, kind: str, headers=None) -> JSONRe
 _MAPPING: list[tuple[type[BaseException], int, str]] = [
     (InvalidUserId, 400, "invalid_user_id"),
     (AdapterNotFound, 404, "adapter_not_found"),
-    (SlotsExhausted, 503, "slots_exhausted"),
     (StoreUnavailable, 503, "store_unavailable"),
     (UserExists, 409, "conflict"),
     (JobLimit, 429, "job_limit"),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
@@ -10,16 +11,20 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+if TYPE_CHECKING:
+    from server.engine import Sequence
+    from server.runtime import Runtime
+
 router = APIRouter()
 
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class _RuntimeCollector:
-    def __init__(self, rt: Any) -> None:
+    def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         rt, eng = self.rt, self.rt.engine
         pool = rt.pool.stats()
         yield GaugeMetricFamily("vera_queue_depth", "requests waiting", value=eng.queue_depth())
@@ -35,7 +40,7 @@ class _RuntimeCollector:
         yield CounterMetricFamily(
             "vera_training_seconds",
             "engine time spent on fine-tuning units",
-            value=eng.stats.background_seconds,
+            value=eng.background.seconds,
         )
         fin = CounterMetricFamily("vera_finished_requests", "finished requests", labels=["reason"])
         for reason, n in eng.stats.finish_reasons.items():
@@ -56,23 +61,28 @@ class _RuntimeCollector:
                 yield GaugeMetricFamily(f"vera_{key}", key.replace("_", " "), value=value)
 
 
-def make_registry(rt: Any) -> CollectorRegistry:
+class _LatencyHistograms:
+    """A ``FinishObserver`` of the engine: each finished request's TTFT and latency."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.ttft = Histogram(
+            "vera_ttft_seconds", "time to first token", buckets=_BUCKETS, registry=registry
+        )
+        self.latency = Histogram(
+            "vera_request_seconds", "request latency", buckets=_BUCKETS, registry=registry
+        )
+
+    def finished(self, seq: Sequence, reason: str) -> None:
+        if seq.first_token_at is not None:
+            self.ttft.observe(seq.first_token_at - seq.arrival)
+        if seq.finished_at is not None:
+            self.latency.observe(seq.finished_at - seq.arrival)
+
+
+def make_registry(rt: Runtime) -> CollectorRegistry:
     registry = CollectorRegistry()
     registry.register(_RuntimeCollector(rt))
-    ttft = Histogram(
-        "vera_ttft_seconds", "time to first token", buckets=_BUCKETS, registry=registry
-    )
-    latency = Histogram(
-        "vera_request_seconds", "request latency", buckets=_BUCKETS, registry=registry
-    )
-
-    def observe(seq: Any, reason: str) -> None:
-        if seq.first_token_at is not None:
-            ttft.observe(seq.first_token_at - seq.arrival)
-        if seq.finished_at is not None:
-            latency.observe(seq.finished_at - seq.arrival)
-
-    rt.engine.stats.listeners.append(observe)
+    rt.engine.stats.observers.append(_LatencyHistograms(registry))
     return registry
 
 

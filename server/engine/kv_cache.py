@@ -12,50 +12,33 @@ rows of a bucketed decode batch write there.
 
 The object is passed to the model as its cache; ``update`` follows the transformers Cache
 contract (``update(key, value, layer_idx, ...) -> (keys, values)``), reading where to write from
-the ``KVStep`` set by the engine before each forward.
+the running forward (``server/engine/steps.py``) in the model's ``ForwardSlot``.
 """
 
 from __future__ import annotations
 
 import math
 import mmap
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class KVStep:
-    """Where the current forward writes, and what it attends to.
-
-    Decode: one token for each of ``rows`` sequences at ``positions``; their KV rows are
-    0..rows-1 (``row_index`` None: read as a view) or ``row_index`` (read as a gather);
-    attend to ``kv_len`` columns.
-    Prefill: a left-padded batch of prompt chunks; batch row i is KV row ``prefill_rows[i]``,
-    its chunk the last ``prefill_lens[i]`` columns, written at ``prefill_starts[i]``. When every
-    chunk starts a prompt, attention needs only this forward's keys; otherwise each row attends
-    to its first ``kv_len`` cached columns (earlier chunks included).
-    """
-
-    rows: int = 0
-    positions: torch.Tensor | None = None  # decode: [rows] write position per row
-    row_index: torch.Tensor | None = None  # decode: [rows] KV row per batch row; None = 0..n-1
-    kv_len: int = 0
-    prefill_rows: list[int] | None = None
-    prefill_lens: list[int] | None = None
-    prefill_starts: list[int] | None = None
-
-    @property
-    def continues_prompts(self) -> bool:
-        """A prefill in which some chunk continues a prompt (attends to cached columns)."""
-        return any(self.prefill_starts or ())
+from server.engine.steps import DecodeForward, PrefillForward
+from vera_core.forward import ForwardSlot
 
 
 class SlotKVCache:
     is_compileable = False
 
-    def __init__(self, num_layers: int, max_rows: int, max_len: int, static: bool = False) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        max_rows: int,
+        max_len: int,
+        forwards: ForwardSlot,
+        static: bool = False,
+    ) -> None:
         self.num_layers = num_layers
+        self.forwards = forwards  # the model's: the running forward says where K/V go
         self.max_rows = max_rows
         self.max_len = max_len
         self.static = static
@@ -64,7 +47,6 @@ class SlotKVCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self._rows_cap = 0
         self._len_cap = 0
-        self.step: KVStep | None = None
 
     # -- capacity -------------------------------------------------------------------------
     def reserve(self, rows: int, length: int) -> None:
@@ -133,15 +115,15 @@ class SlotKVCache:
     # -- transformers Cache contract ------------------------------------------------------
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """key/value: [batch, kv_heads, new_tokens, head_dim] -> all keys/values to attend to."""
-        step = self.step
-        assert step is not None, "KVStep not set before the forward"
+        step = self.forwards.current
         if self.keys[layer_idx] is None:
             shape = (self._rows_cap, key.shape[1], self._len_cap, key.shape[3])
             self.keys[layer_idx] = _zeros(shape, key.dtype, key.device)
             self.values[layer_idx] = _zeros(shape, key.dtype, key.device)
         kbuf, vbuf = self.keys[layer_idx], self.values[layer_idx]
-        if step.prefill_rows is not None:
+        if isinstance(step, PrefillForward):
             return self._write_chunks(step, kbuf, vbuf, key, value)
+        assert isinstance(step, DecodeForward), "the engine sets a step forward first"
         if step.row_index is None:
             rows = torch.arange(step.rows, device=key.device)
         else:
@@ -153,19 +135,19 @@ class SlotKVCache:
         return kbuf[rows, :, : step.kv_len], vbuf[rows, :, : step.kv_len]
 
     @staticmethod
-    def _write_chunks(step: KVStep, kbuf, vbuf, key: torch.Tensor, value: torch.Tensor):
+    def _write_chunks(step: PrefillForward, kbuf, vbuf, key: torch.Tensor, value: torch.Tensor):
         width = key.shape[2]
-        starts = step.prefill_starts or [0] * len(step.prefill_rows)
-        for i, (row, n, start) in enumerate(zip(step.prefill_rows, step.prefill_lens, starts)):
+        for i, (row, n, start) in enumerate(zip(step.kv_rows, step.lens, step.starts)):
             kbuf[row, :, start : start + n].copy_(key[i, :, width - n :])
             vbuf[row, :, start : start + n].copy_(value[i, :, width - n :])
         if not step.continues_prompts:  # attention needs only this forward's keys
             return key, value
-        rows = torch.tensor(step.prefill_rows, device=key.device)
+        rows = torch.tensor(step.kv_rows, device=key.device)
         return kbuf[rows, :, : step.kv_len], vbuf[rows, :, : step.kv_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.step.kv_len if self.step is not None else 0
+        step = self.forwards.current
+        return step.kv_len if isinstance(step, (DecodeForward, PrefillForward)) else 0
 
     def get_mask_sizes(self, *args, **kwargs):  # pragma: no cover - masks are passed in 4D
         raise NotImplementedError("SlotKVCache is always used with an explicit 4D mask")

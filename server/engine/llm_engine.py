@@ -6,9 +6,14 @@ decodes every running row (one forward, each row with its own adapter slot); pos
 the batch, hands each token to its sequence (which decides whether it is done) and delivers the
 events. Sequences join at the next step and leave as soon as they finish.
 
+The scheduler claims adapter slots itself (from the ``SlotPool``) and says in its plan what
+could not start; the engine only runs plans. A sequence waiting for its adapter to reach host
+memory wakes the loop when the load ends (``SlotPool.on_host_ready``), never by polling.
+
 Other work on the model (a fine-tuning job's forward/backward units) is handed to the same
-thread with ``run_background``, so it never overlaps a serving forward: it runs back to back
-while no request is in flight and takes at most ``background_share`` of the time while any is.
+thread with ``run_background`` (``background.BackgroundWork``), so it never overlaps a serving
+forward: it runs back to back while no request is in flight and takes at most
+``background_share`` of the time while any is.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from typing import Any, TypeVar
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from adapters_store import SlotPool
+from server.engine.adapter_slots import SlotPool
+from server.engine.background import BackgroundWork
 from server.engine.detokenizer import StopChecker
+from server.engine.errors import ContextTooLong, EngineStopped, QueueFull
 from server.engine.model_runner import ModelRunner
 from server.engine.sampler import sample
 from server.engine.sampling_params import SamplingParams
@@ -39,22 +46,8 @@ from vera_core.inject import VeraModel
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class EngineError(Exception):
-    """Base of errors the engine raises to callers of ``submit``."""
-
-
-class QueueFull(EngineError):
-    pass
-
-
-class ContextTooLong(EngineError):
-    pass
-
-
-class EngineStopped(EngineError):
-    pass
+_IDLE_WAIT_S = 1.0  # nothing to do: look at the stop flag this often
+_WAITING_WAIT_S = 0.5  # sequences wait for adapters: re-check their acquire deadline this often
 
 
 @dataclass(frozen=True)
@@ -84,7 +77,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.pool = pool
         self.config = config
-        self.scheduler = Scheduler(config.scheduler)
+        self.scheduler = Scheduler(config.scheduler, pool)
         self.device = next(self.model.parameters()).device
         cfg = self.model.config
         self.context_limit = min(
@@ -100,12 +93,14 @@ class Engine:
         self.eos_ids = _eos_ids(self.model, tokenizer)
         self.stats = EngineStats()
         self._ids = itertools.count(1)
+        self.background = BackgroundWork(config.background_share)
         self._inbox: deque[Sequence] = deque()
-        self._background: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
-        self._background_not_before = 0.0  # perf_counter time; spaces units while serving
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._adapter_loaded = False  # a load ended since the loop last looked (under _cv)
+        if pool is not None:
+            pool.on_host_ready(self._adapter_ready)
 
     # -- lifecycle ------------------------------------------------------------------------
     def warm_up(self) -> float:
@@ -187,11 +182,10 @@ class Engine:
         no request is in flight; while any is, units are spaced so they take at most
         ``background_share`` of the time. Keep one unit short (it delays every stream by its
         length). Raises EngineStopped once the engine is stopping."""
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._cv:
             if self._stopping:
                 raise EngineStopped("the server is shutting down")
-            self._background.append((fn, future))
+            future = self.background.submit(fn)
             self._cv.notify()
         return future
 
@@ -233,17 +227,13 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._cv:
-                while (
-                    not self._inbox
-                    and not len(self.scheduler)
-                    and not self._background
-                    and not self._stopping
-                ):
-                    self._cv.wait(timeout=1.0)
+                while not self._has_work():
+                    self._cv.wait(timeout=self._wait_s())
+                self._adapter_loaded = False
                 while self._inbox:
                     self.scheduler.add(self._inbox.popleft())
                 if self._stopping and not len(self.scheduler):
-                    self._drop_background()
+                    self.background.drop_all()
                     return
                 serving = bool(len(self.scheduler))
             if serving:
@@ -252,42 +242,41 @@ class Engine:
                 except Exception as e:  # a bug must not leave clients hanging
                     log.exception("engine step failed")
                     self._fail_all(f"internal engine error: {type(e).__name__}: {e}")
-            if (
-                self._background
-                and not self._stopping
-                and (not serving or time.perf_counter() >= self._background_not_before)
-            ):
-                self._run_background_unit(serving)
+            if not self._stopping and self.background.due(serving):
+                self.background.run_one(serving)
 
-    def _run_background_unit(self, serving: bool) -> None:
-        with self._cv:
-            fn, future = self._background.popleft()
-        if not future.set_running_or_notify_cancel():
-            return
-        t0 = time.perf_counter()
-        try:
-            future.set_result(fn())
-        except BaseException as e:  # the caller decides; the engine goes on serving
-            future.set_exception(e)
-        took = time.perf_counter() - t0
-        self.stats.background(took)
-        share = self.config.background_share
-        # while serving, the next unit waits until serving had (1 - share) / share of its time
-        self._background_not_before = (
-            time.perf_counter() + took * (1 - share) / share if serving else 0.0
+    def _has_work(self) -> bool:
+        """Under ``_cv``: something can happen now (otherwise the loop sleeps until told)."""
+        s = self.scheduler
+        return (
+            self._stopping
+            or bool(self._inbox)
+            or bool(s.running)
+            or (bool(s.waiting) and self._adapter_loaded)
+            or self.background.due(serving=bool(len(s)))
         )
 
-    def _drop_background(self) -> None:
-        while self._background:
-            _, future = self._background.popleft()
-            if future.set_running_or_notify_cancel():
-                future.set_exception(EngineStopped("the server is shutting down"))
+    def _wait_s(self) -> float:
+        """How long the loop may sleep: until a background unit is due, a waiting sequence's
+        acquire deadline may have passed, or (idle) the next look at the stop flag."""
+        waiting = bool(self.scheduler.waiting)
+        limit = _WAITING_WAIT_S if waiting else _IDLE_WAIT_S
+        due = self.background.seconds_until_due(serving=waiting)
+        return limit if due is None else max(1e-3, min(limit, due))
+
+    def _adapter_ready(self) -> None:
+        """A loader thread finished a host copy: a waiting sequence may start now."""
+        with self._cv:
+            self._adapter_loaded = True
+            self._cv.notify()
 
     def step(self) -> None:
         """schedule -> run -> postprocess."""
-        plan = self.scheduler.schedule(self._try_start)
+        plan = self.scheduler.schedule()
         for seq in plan.dropped:
             self._end(seq, "cancelled")
+        for seq, why in plan.failed:
+            self._fail(seq, why)
         out = self.runner.run(plan, self.scheduler.running)
         if out is not None:
             self._postprocess(*out)
@@ -296,26 +285,6 @@ class Engine:
                 self._end(seq, "cancelled")
         if not self.scheduler.running:
             self.runner.idle()  # give the KV memory back
-            if self.scheduler.waiting:
-                time.sleep(0.002)  # adapters still loading: don't spin
-
-    def _try_start(self, seq: Sequence) -> bool:
-        if seq.cancelled.is_set():
-            return False
-        if seq.ticket is None:
-            seq.adapter_slot = 0
-            return True
-        try:
-            if seq.ticket.error is not None:
-                raise seq.ticket.error
-            slot = self.pool.acquire(seq.ticket)
-        except Exception as e:  # adapter vanished, slots exhausted: fail this one only
-            self._fail(seq, str(e))
-            return False
-        if slot is None:
-            return False
-        seq.adapter_slot = slot
-        return True
 
     # -- outputs --------------------------------------------------------------------------
     def _postprocess(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
@@ -361,13 +330,8 @@ class Engine:
             if tail:
                 seq.channel.push(Event(text=tail))
         if seq.status is Status.RUNNING:
-            move = self.scheduler.finish(seq)
-            if move is not None:
-                self.runner.move_row(*move, self.scheduler.running[move[1]])
+            self.scheduler.finish(seq)  # unpins its adapter slot, frees its KV row
         seq.status = Status.FINISHED
-        if seq.ticket is not None and seq.adapter_slot:
-            self.pool.release(seq.adapter_slot)
-            seq.adapter_slot = 0
         seq.finished_at = time.perf_counter()
         self.stats.finished(seq, reason)
         seq.channel.push(
@@ -387,9 +351,8 @@ class Engine:
         self._end(seq, "error", message)
 
     def _fail_all(self, message: str) -> None:
-        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+        for seq in list(self.scheduler.running) + self.scheduler.take_waiting():
             self._fail(seq, message)
-        self.scheduler.waiting.clear()
         self.runner.idle()
 
 

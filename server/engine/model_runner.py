@@ -2,24 +2,24 @@
 
 Owns the KV cache (capacity, compaction, clearing) and hands it to a Hugging Face causal LM as
 its cache, with explicit 4D masks and per-row positions. Everything one forward needs beyond
-its inputs (where the KV cache writes, each row's adapter slot) is set by ``_forward_context``
-in one place and reset in its ``finally``.
+its inputs (where the KV cache writes, each row's adapter slot) is one object
+(``steps.DecodeForward`` / ``steps.PrefillForward``), made for that forward and set in one
+place, ``_forward``, through ``VeraModel.run``.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 
 from server.engine.compile import compile_decode
-from server.engine.kv_cache import KVStep, SlotKVCache
+from server.engine.kv_cache import SlotKVCache
 from server.engine.scheduler import Chunk, StepPlan
 from server.engine.sequence import Sequence
 from server.engine.shapes import bucket, len_buckets, row_buckets
+from server.engine.steps import DecodeForward, PrefillForward
 from vera_core.inject import VeraModel
 
 
@@ -42,7 +42,7 @@ class ModelRunner:
         cfg = self.model.config
         num_layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
         # buffers take K/V's device and dtype
-        self.kv = SlotKVCache(num_layers, max_rows, max_len, static=static)
+        self.kv = SlotKVCache(num_layers, max_rows, max_len, vm.forwards, static=static)
         if static:
             self.kv.allocate_static(*_kv_head_shape(cfg), param.dtype, self.device)
         self.static = static
@@ -67,7 +67,10 @@ class ModelRunner:
         self, plan: StepPlan, running: list[Sequence]
     ) -> tuple[list[Sequence], torch.Tensor] | None:
         """Prefill ``plan.prefill``, decode the live rows of ``plan.decode``: the sequences
-        that produced logits, and those logits [len(seqs), vocab] in float32; None if none."""
+        that produced logits, and those logits [len(seqs), vocab] in float32; None if none.
+        The plan's row moves (compaction) come first."""
+        for move in plan.moves:
+            self.kv.move_row(move.src, move.dst, move.length)
         if not running:
             return None
         need = max(s.num_tokens + 1 for s in running)
@@ -87,10 +90,6 @@ class ModelRunner:
         if not seqs:
             return None
         return seqs, (logits[0] if len(logits) == 1 else torch.cat(logits)).float()
-
-    def move_row(self, src: int, dst: int, seq: Sequence) -> None:
-        """``seq`` moved from KV row ``src`` to ``dst`` (the scheduler keeps rows compact)."""
-        self.kv.move_row(src, dst, length=seq.num_cached)
 
     def clear_row(self, seq: Sequence) -> None:
         """Zero what ``seq`` wrote (its values were not finite): the row's next owner reads
@@ -119,27 +118,15 @@ class ModelRunner:
         self.kv.release_all()
 
     # -- forwards -------------------------------------------------------------------------
-    @contextmanager
-    def _forward_context(self, step: KVStep, slots: list[int]) -> Iterator[None]:
-        """The per-forward context: where the KV cache writes, each row's adapter slot."""
-        use = torch.tensor(slots, device=self.device) if any(slots) else None  # 0s: skip VeRA
-        self.kv.step = step
-        try:
-            with self.vm.slots(use):
-                yield
-        finally:
-            self.kv.step = None
-
     def _forward(
         self,
         model: torch.nn.Module,
         ids: torch.Tensor,  # [batch, tokens]
         mask: torch.Tensor,  # [batch, 1, tokens, kv_len] bool, True = attend
         pos: torch.Tensor,  # [batch, tokens] position ids
-        slots: list[int],  # adapter slot per row (0 = base model)
-        step: KVStep,
+        step: DecodeForward | PrefillForward,  # adapter slots and KV positions of this forward
     ) -> torch.Tensor:
-        with self._forward_context(step, slots):
+        with self.vm.run(step):
             out = model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -149,6 +136,10 @@ class ModelRunner:
                 **{self._cache_kw: self.kv},
             )
         return out.logits[:, -1]  # [batch, vocab]
+
+    def _slots(self, slots: list[int]) -> torch.Tensor | None:
+        """[batch] adapter slots on the device; None when every row is the base model."""
+        return torch.tensor(slots, device=self.device) if any(slots) else None
 
     def prefill(self, chunks: list[Chunk]) -> torch.Tensor:
         """Prompt chunks in one left-padded forward: [len(chunks), vocab] logits of each
@@ -164,18 +155,18 @@ class ModelRunner:
                 c.seq.prompt_ids[c.start : c.start + c.length]
             )
             pos[i, width - c.length :] = torch.arange(c.start, c.start + c.length)
-        step = KVStep(
+        step = PrefillForward(
+            slots=self._slots([c.seq.adapter_slot for c in chunks]),
+            kv_rows=[c.seq.kv_row for c in chunks],
+            lens=lens,
+            starts=starts,
             kv_len=kv_len,
-            prefill_rows=[c.seq.kv_row for c in chunks],
-            prefill_lens=lens,
-            prefill_starts=starts,
         )
         logits = self._forward(
             self.model,
             ids.to(self.device),
             _chunk_mask(starts, lens, width, kv_len).to(self.device),
             pos.to(self.device),
-            [c.seq.adapter_slot for c in chunks],
             step,
         )
         for c in chunks:
@@ -220,15 +211,15 @@ class ModelRunner:
         pos = torch.tensor(positions, device=self.device)  # [B]
         cols = torch.arange(kv_len, device=self.device)
         mask = (cols[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, kv_len]
-        step = KVStep(
-            rows=len(tokens),
+        step = DecodeForward(
+            slots=self._slots(slots),
             positions=torch.tensor(write, device=self.device) if self.static else pos,
             row_index=None if compact else torch.tensor(rows, device=self.device),
-            kv_len=kv_len,
+            columns=cols,
         )
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        logits = self._forward(self._decode_model, ids, mask, pos[:, None], slots, step)
+        logits = self._forward(self._decode_model, ids, mask, pos[:, None], step)
         # a replay's outputs live in the graph's memory, overwritten by the next replay
         return logits[:n].clone() if self.cuda_graphs else logits[:n]
 

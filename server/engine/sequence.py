@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapters_store import SlotTicket
+from server.engine.adapter_slots import SlotTicket
 from server.engine.detokenizer import StopChecker
 from server.engine.sampling_params import SamplingParams
 

@@ -10,7 +10,8 @@ import time
 import torch
 from helpers import LAYOUT, filled_adapter
 
-from adapters_store import AdapterNotFound, AdapterStore, SlotPool
+from adapters_store import AdapterNotFound, AdapterStore
+from server.engine import SlotPool
 from vera_core import VeraBank
 
 USERS = 12

@@ -37,8 +37,14 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "vera_core"))
 
 from peft_oracle import peft_vera, random_adapter, set_peft_vectors  # noqa: E402
 
-from adapters_store import AdapterStore, SlotPool  # noqa: E402
-from server.engine import Engine, EngineConfig, SamplingParams, SchedulerConfig  # noqa: E402
+from adapters_store import AdapterStore  # noqa: E402
+from server.engine import (  # noqa: E402
+    Engine,
+    EngineConfig,
+    SamplingParams,
+    SchedulerConfig,
+    SlotPool,  # noqa: E402
+)
 from vera_core import VeraConfig, inject_vera, model_fingerprint  # noqa: E402
 
 USERS, NEW_TOKENS = 16, 32

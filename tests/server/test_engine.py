@@ -8,10 +8,19 @@ import time
 
 import pytest
 import torch
+from slots_kit import wait_host
 
-from adapters_store import AdapterStore, SlotPool
-from server.engine import ContextTooLong, Engine, EngineConfig, QueueFull, SamplingParams
+from adapters_store import AdapterStore
+from server.engine import (
+    ContextTooLong,
+    Engine,
+    EngineConfig,
+    QueueFull,
+    SamplingParams,
+    SlotPool,
+)
 from server.engine.scheduler import SchedulerConfig
+from server.engine.steps import DecodeForward
 from vera_core import Adapter, AdapterHeader, VeraConfig, inject_vera, model_fingerprint
 from vera_core.merge import merge, unmerge
 
@@ -126,7 +135,7 @@ def test_mixed_users_join_and_leave_exact(make_tiny, tmp_path, kind, targets, ch
     decode_shapes = set()  # (batch, kv columns) of every decode forward
 
     def spy(_module, _args, kwargs) -> None:
-        if engine.runner.kv.step.prefill_rows is None:
+        if isinstance(vm.forwards.current, DecodeForward):
             decode_shapes.add((kwargs["input_ids"].shape[0], kwargs["attention_mask"].shape[-1]))
 
     hook = vm.model.register_forward_pre_hook(spy, with_kwargs=True)
@@ -216,10 +225,11 @@ def test_unknown_adapter_is_refused_at_submit(make_tiny, tmp_path) -> None:
 def test_nan_in_one_row_fails_only_that_request(make_tiny, tmp_path) -> None:
     """A row whose numbers blow up gets an error; the rest of the batch carries on."""
     vm, store, engine = build(make_tiny, "llama", tmp_path)
-    store.put("good", random_adapter(vm, 1))
+    good = random_adapter(vm, 1)
+    store.put("good", good)
     store.put("bad", random_adapter(vm, 2))
     ticket = engine.pool.request("bad")  # make "bad" resident, then corrupt its slot
-    assert ticket.wait_host(10)
+    assert wait_host(ticket, 10)
     slot = engine.pool.acquire(ticket)
     vm.bank.rows[slot].fill_(float("inf"))
     engine.pool.release(slot)
@@ -234,7 +244,7 @@ def test_nan_in_one_row_fails_only_that_request(make_tiny, tmp_path) -> None:
             reasons.append((ev.finish_reason, ev.error))
         assert reasons[0] == ("length", None) and reasons[2] == ("length", None)
         assert reasons[1][0] == "error" and "NaN/Inf" in reasons[1][1]
-        want = reference(vm, store.get("good")[0], [5, 6, 7], 6)
+        want = reference(vm, good, [5, 6, 7], 6)
         assert seqs[0].output_ids == want
         again = engine.submit("good", [5, 6, 7], SamplingParams(max_new_tokens=6))
         while again.channel.get_sync(timeout=60).finish_reason is None:

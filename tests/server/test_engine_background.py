@@ -27,7 +27,7 @@ def test_background_runs_on_the_engine_thread_when_idle(make_tiny, tmp_path) -> 
         # the engine survived the failing unit and still serves
         out = engine.generate([(None, [1, 2, 3], SamplingParams(max_new_tokens=4))])
         assert out[0]["finish_reason"] == "length"
-        assert engine.stats.background_units == 6
+        assert engine.background.units == 6
     finally:
         engine.stop()
     with pytest.raises(EngineStopped):

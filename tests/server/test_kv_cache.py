@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.kv_cache import KVStep, SlotKVCache, _zeros
+from server.engine.kv_cache import SlotKVCache, _zeros
+from server.engine.steps import PrefillForward
+from vera_core.forward import ForwardSlot
 
 
 def test_large_cpu_buffers_are_zero_and_writable() -> None:
@@ -17,12 +19,14 @@ def test_large_cpu_buffers_are_zero_and_writable() -> None:
 
 
 def test_growth_keeps_rows_and_zero_fills_the_rest() -> None:
-    kv = SlotKVCache(num_layers=2, max_rows=64, max_len=4096)
+    forwards = ForwardSlot()
+    kv = SlotKVCache(num_layers=2, max_rows=64, max_len=4096, forwards=forwards)
     kv.reserve(3, 100)
     key = torch.randn(3, 2, 5, 8, dtype=torch.bfloat16)  # a prompt of 5 tokens in each row
-    kv.step = KVStep(kv_len=5, prefill_rows=[0, 1, 2], prefill_lens=[5] * 3)
-    for layer in range(2):
-        kv.update(key, -key, layer)
+    prompts = PrefillForward(kv_rows=[0, 1, 2], lens=[5] * 3, starts=[0] * 3, kv_len=5)
+    with forwards.use(prompts):
+        for layer in range(2):
+            kv.update(key, -key, layer)
     kv.reserve(40, 3000)  # rows 4 -> 64, columns 128 -> 4096: 2 x 2 x 64 MiB, lazily zero
     assert kv.keys[0].shape == (64, 2, 4096, 8)
     for layer in range(2):

@@ -13,17 +13,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "adapters_store"))
 
 from helpers import FP, KEY, LAYOUT, filled_adapter  # noqa: E402
+from slots_kit import wait_host  # noqa: E402
 
 from adapters_store import (  # noqa: E402
     AdapterNotFound,
     AdapterStore,
     LocalBackend,
-    SlotPool,
     StoreUnavailable,
 )
 from adapters_store.users import UserRegistry  # noqa: E402
 from server.adapter_service import AdapterService  # noqa: E402
 from server.api.auth import KeyCache  # noqa: E402
+from server.engine import SlotPool  # noqa: E402
 from vera_core import AdapterMismatchError, VeraBank  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def resident_versions(pool: SlotPool, user: str) -> list[int]:
 
 def serve_once(pool: SlotPool, user: str) -> float:
     ticket = pool.request(user)
-    assert ticket.wait_host(5.0), ticket.error
+    assert wait_host(ticket, 5.0), ticket.error
     slot = pool.acquire(ticket)
     assert slot is not None
     pool.release(slot)

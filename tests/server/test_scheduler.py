@@ -2,22 +2,48 @@
 
 from __future__ import annotations
 
+from server.engine.adapter_slots import SlotTicket
 from server.engine.detokenizer import StopChecker
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+from server.engine.scheduler import RowMove, Scheduler, SchedulerConfig, StepPlan
 from server.engine.sequence import Channel, Sequence, Status
 
 
-def seq(name: str, n: int = 4) -> Sequence:
+def seq(name: str, n: int = 4, user: str | None = None) -> Sequence:
     params = SamplingParams()
-    return Sequence(
+    s = Sequence(
         request_id=name,
-        user_id=None,
+        user_id=user,
         prompt_ids=list(range(n)),
         params=params,
         channel=Channel(),
         detok=StopChecker(None, params.stop),
     )
+    if user is not None:
+        s.ticket = SlotTicket(user, 1, 0.0)
+    return s
+
+
+class Slots:
+    """Adapter slots by hand: ``ready`` users get a slot, ``broken`` ones raise."""
+
+    def __init__(self, ready: set[str] = frozenset(), broken: set[str] = frozenset()) -> None:
+        self.ready, self.broken = set(ready), set(broken)
+        self.pinned: dict[int, int] = {}
+        self._slot_of: dict[str, int] = {}
+
+    def acquire(self, ticket: SlotTicket) -> int | None:
+        if ticket.user_id in self.broken:
+            raise LookupError(f"{ticket.user_id} has no adapter any more")
+        if ticket.user_id not in self.ready:
+            return None
+        slot = self._slot_of.setdefault(ticket.user_id, len(self._slot_of) + 1)
+        self.pinned[slot] = self.pinned.get(slot, 0) + 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        assert self.pinned.get(slot, 0) > 0
+        self.pinned[slot] -= 1
 
 
 def seqs_of(plan: StepPlan) -> list[Sequence]:
@@ -29,10 +55,10 @@ def test_admits_fifo_up_to_max_batch() -> None:
     a, b, c = seq("a"), seq("b"), seq("c")
     for x in (a, b, c):
         s.add(x)
-    plan = s.schedule(lambda _: True)
+    plan = s.schedule()
     assert seqs_of(plan) == [a, b] and plan.decode == []
     assert [x.kv_row for x in (a, b)] == [0, 1] and c.status is Status.WAITING
-    plan = s.schedule(lambda _: True)
+    plan = s.schedule()
     assert plan.prefill == [] and plan.decode == [a, b]
 
 
@@ -46,13 +72,13 @@ def test_long_prompt_is_prefilled_in_chunks_while_others_decode() -> None:
     s = Scheduler(SchedulerConfig(max_batch=8, max_prefill_tokens=16))
     first, big, small = seq("first", 3), seq("big", 50), seq("small", 4)
     s.add(first)
-    cached(s.schedule(lambda _: True))
+    cached(s.schedule())
     first.output_ids.append(7)  # its first token came out of that step
     s.add(big)
     s.add(small)
     spans = []
     for _ in range(4):
-        plan = s.schedule(lambda _: True)
+        plan = s.schedule()
         assert first in plan.decode and big not in plan.decode  # never waits for the prompt
         spans.append([(c.seq.request_id, c.start, c.length, c.final) for c in plan.prefill])
         cached(plan)
@@ -63,41 +89,79 @@ def test_long_prompt_is_prefilled_in_chunks_while_others_decode() -> None:
         [("big", 48, 2, True), ("small", 0, 4, True)],  # the budget left admits the next
     ]
     big.output_ids.append(1), small.output_ids.append(1)
-    assert s.schedule(lambda _: True).decode == [first, big, small]
+    assert s.schedule().decode == [first, big, small]
 
 
 def test_cancel_mid_prompt_frees_the_row_and_the_budget() -> None:
     s = Scheduler(SchedulerConfig(max_batch=8, max_prefill_tokens=8))
     big, other = seq("big", 40), seq("other", 4)
     s.add(big)
-    cached(s.schedule(lambda _: True))
-    assert s.finish(big) is None and not s.prefilling and not s.running
+    cached(s.schedule())
+    s.finish(big)
+    assert not s.prefilling and not s.running
     s.add(other)
-    plan = s.schedule(lambda _: True)
+    plan = s.schedule()
     assert [(c.seq, c.start, c.length) for c in plan.prefill] == [(other, 0, 4)]
 
 
-def test_refused_sequence_does_not_block_others() -> None:
-    s = Scheduler(SchedulerConfig(max_batch=8))
-    slow, fast = seq("slow"), seq("fast")
+def test_sequence_waiting_for_its_adapter_does_not_block_others() -> None:
+    slots = Slots()
+    s = Scheduler(SchedulerConfig(max_batch=8), slots)
+    slow, fast = seq("slow", user="alice"), seq("fast")
     s.add(slow)
     s.add(fast)
-    plan = s.schedule(lambda x: x is not slow)  # slow's adapter still loading
+    plan = s.schedule()  # alice's adapter still loading
     assert seqs_of(plan) == [fast] and list(s.waiting) == [slow]
-    assert seqs_of(s.schedule(lambda _: True)) == [slow]
+    slots.ready.add("alice")
+    plan = s.schedule()
+    assert seqs_of(plan) == [slow] and slow.adapter_slot == 1 and slots.pinned == {1: 1}
 
 
-def test_finish_keeps_rows_compact() -> None:
+def test_a_sequence_that_can_never_start_is_in_the_plan_not_the_queue() -> None:
+    s = Scheduler(SchedulerConfig(max_batch=8), Slots(broken={"ghost"}))
+    ghost, other = seq("ghost", user="ghost"), seq("other")
+    s.add(ghost)
+    s.add(other)
+    plan = s.schedule()
+    assert [(q, "no adapter" in why) for q, why in plan.failed] == [(ghost, True)]
+    assert seqs_of(plan) == [other] and not s.waiting and ghost.status is Status.FINISHED
+
+
+def test_finish_unpins_the_adapter_slot() -> None:
+    slots = Slots(ready={"alice"})
+    s = Scheduler(SchedulerConfig(max_batch=8), slots)
+    a = seq("a", user="alice")
+    s.add(a)
+    s.schedule()
+    assert slots.pinned == {1: 1}
+    s.finish(a)
+    assert slots.pinned == {1: 0} and a.adapter_slot == 0 and a.status is Status.FINISHED
+
+
+def test_finish_keeps_rows_compact_and_the_next_plan_moves_them() -> None:
     s = Scheduler(SchedulerConfig(max_batch=8))
     seqs = [seq(str(i)) for i in range(4)]
     for x in seqs:
         s.add(x)
-    s.schedule(lambda _: True)
-    assert s.finish(seqs[1]) == (3, 1)  # last row moves into the hole
-    assert [x.kv_row for x in s.running] == [0, 1, 2]
-    assert s.running[1] is seqs[3]
-    assert s.finish(seqs[2]) is None  # the last row leaves: nothing moves
+    cached(s.schedule())
+    s.finish(seqs[1])  # the last row moves into the hole
+    assert [x.kv_row for x in s.running] == [0, 1, 2] and s.running[1] is seqs[3]
+    s.finish(seqs[2])  # the last row leaves: nothing moves
     assert [x.request_id for x in s.running] == ["0", "3"]
+    plan = s.schedule()
+    assert plan.moves == [RowMove(3, 1, 4)]  # 4 prompt tokens cached in row 3, now row 1
+    assert s.schedule().moves == []  # a move is planned once
+
+
+def test_moves_are_dropped_when_nothing_runs_any_more() -> None:
+    s = Scheduler(SchedulerConfig(max_batch=8))
+    a, b = seq("a"), seq("b")
+    s.add(a)
+    s.add(b)
+    cached(s.schedule())
+    s.finish(a)
+    s.finish(b)
+    assert s.schedule().moves == []  # the cache is released: nothing to copy
 
 
 def test_cancelled_waiting_sequences_are_dropped() -> None:
@@ -105,5 +169,5 @@ def test_cancelled_waiting_sequences_are_dropped() -> None:
     a = seq("a")
     a.cancel()
     s.add(a)
-    plan = s.schedule(lambda _: True)
+    plan = s.schedule()
     assert plan.dropped == [a] and not s.running and not s.waiting

@@ -17,6 +17,7 @@ from peft_oracle import (
 )
 
 from vera_core import NO_ADAPTER, VeraConfig, VeraModel
+from vera_core.forward import Forward
 from vera_core.merge import merge, unmerge
 
 NUM_USERS = 8
@@ -56,8 +57,8 @@ def _merged_rows(vm: VeraModel, users, ids, slots) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _batched(vm: VeraModel, ids, slots) -> torch.Tensor:
-    with vm.slots(slots):
+def _batched(vm: VeraModel, ids, slots, share_projection: bool = True) -> torch.Tensor:
+    with vm.run(Forward(slots=slots, share_projection=share_projection)):
         return logits_of(vm.model, ids)
 
 
@@ -103,8 +104,7 @@ def test_shared_projection_on_off_identical(make_tiny, kind):
     load_users(vm, NUM_USERS)
     ids = _ids(base.config.vocab_size, len(ROW_SLOTS), 7)
     shared = _batched(vm, ids, ROW_SLOTS)
-    vm.context.share_projection = False
-    assert torch.equal(_batched(vm, ids, ROW_SLOTS), shared)
+    assert torch.equal(_batched(vm, ids, ROW_SLOTS, share_projection=False), shared)
 
 
 def test_per_token_slots_equal_per_row_slots(make_tiny):

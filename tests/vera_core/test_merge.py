@@ -92,7 +92,7 @@ def test_merge_rejects_an_adapter_that_does_not_fit(make_tiny):
     before = _weights(vm)
     with pytest.raises(AdapterMismatchError, match="r=4"):
         merge(vm, random_adapter(other, seed=0))
-    assert vm.merged_vectors is None
+    assert vm.merged is None
     assert all(torch.equal(vm.model.state_dict()[k], v) for k, v in before.items())
 
 
@@ -109,7 +109,7 @@ def test_export_merged_loads_in_transformers(make_tiny, tmp_path, kind, config):
     unmerge(vm)
 
     export_merged(vm, adapter, tmp_path / "merged")
-    assert vm.merged_vectors is None
+    assert vm.merged is None
     assert all(torch.equal(vm.model.state_dict()[k], v) for k, v in before.items())
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True)
     loaded.eval()

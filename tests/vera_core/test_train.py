@@ -152,7 +152,7 @@ def test_training_leaves_bank_mode_and_base_grads_alone(make_tiny, training_mode
     assert torch.equal(vm.bank.rows, bank)
     assert vm.model.training is training_mode
     assert all(p.grad is None for p in base)
-    assert vm.context.slots is None  # the trainer's vector is gone after each forward
+    assert vm.forwards.current is None  # the trainer's vector is gone after each forward
 
 
 # -- the real model, default config ------------------------------------------------------------

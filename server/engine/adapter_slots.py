@@ -1,4 +1,8 @@
-"""Residency tiers: device slots (a VeraBank) over a host LRU cache over the store (disk).
+"""The engine's adapter memory: device slots (a VeraBank) over a host LRU cache over the store.
+
+As a block manager is to a KV cache, ``SlotPool`` is to the adapter bank: the engine's
+scheduler claims a slot for a sequence before it runs (``acquire``) and gives it back when the
+sequence ends (``release``); nothing else writes the bank.
 
 * Device: ``bank.rows`` [num_slots, num_params]; slot s > 0 holds one ``(user_id, version)``.
   A slot is refcounted by in-flight requests (``acquire``/``release``) and only a slot with
@@ -22,28 +26,68 @@ Threads: ``request``/``invalidate``/``stats`` from any thread; ``acquire``/``rel
 engine thread between steps (``acquire`` is the only place the bank is written, so a copy into
 a slot never races a forward pass). One lock, ``self._lock``, guards all bookkeeping; it is
 never held during disk I/O or a store call (lock order: none nested, store calls outside).
+Listeners added with ``on_host_ready`` are called from a loader thread whenever a load ends
+(loaded or failed), so an engine waiting for one needs no polling.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from threading import Lock
+from dataclasses import dataclass, field
+from typing import Any
 
-from adapters_store.errors import (
-    AdapterLoadTimeout,
-    AdapterNotFound,
-    SlotsExhausted,
-    StoreUnavailable,
-)
-from adapters_store.residency_types import HostEntry, Key, LatencyWindow, SlotTicket
-from adapters_store.store import AdapterStore
+import torch
+
+from adapters_store import AdapterNotFound, AdapterStore, StoreUnavailable
+from server.engine.errors import AdapterLoadTimeout, SlotsExhausted
+from server.engine.stats import Window
 from vera_core.bank import NO_ADAPTER, VeraBank
 
-__all__ = ["SlotPool", "SlotTicket"]
+Key = tuple[str, int]  # (user_id, version): what a slot or a host copy holds
 
 OUTAGE_RECHECK_S = 1.0  # after the store failed a lookup, serve held versions this long
+
+
+@dataclass(eq=False)
+class HostEntry:
+    """One adapter version in host memory, or on its way there (``done`` not yet set)."""
+
+    flat: torch.Tensor | None = None  # [num_params] float32, pinned on CUDA hosts
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.flat is None else self.flat.numel() * self.flat.element_size()
+
+
+@dataclass(eq=False)
+class SlotTicket:
+    """One request's claim on ``(user_id, version)``, made by ``SlotPool.request`` and filled
+    in only by the pool: pass it to ``SlotPool.acquire``.
+
+    The version is fixed when the ticket is made: a later re-upload does not change what
+    this request runs with.
+    """
+
+    user_id: str
+    version: int
+    created: float  # time.monotonic() of the request, for the acquire timeout
+    host: HostEntry | None = None  # the host copy this request waits for (None: on a slot)
+    slot: int | None = None  # set by a successful ``acquire``
+
+    @property
+    def key(self) -> Key:
+        return (self.user_id, self.version)
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why loading failed (e.g. AdapterNotFound, StoreCorruptError), else None."""
+        return None if self.host is None else self.host.error
 
 
 class SlotPool:
@@ -62,7 +106,7 @@ class SlotPool:
         self.bank, self.store = bank, store
         self.host_capacity, self.acquire_timeout_s = host_capacity, acquire_timeout_s
         self._pin = bank.rows.is_cuda  # page-locked host copies only make sense for CUDA
-        self._lock = Lock()
+        self._lock = threading.Lock()
         slots = range(NO_ADAPTER + 1, bank.num_slots)  # slot 0 = base model, never allocated
         self._free: list[int] = list(reversed(slots))
         self._slot_key: dict[int, Key] = {}
@@ -75,8 +119,13 @@ class SlotPool:
         self._counts = dict.fromkeys(
             ("hits", "misses", "evictions", "host_evictions", "unverified"), 0
         )
-        self._latency = LatencyWindow()
+        self._latency = Window(size=4096, scale=1e3)  # seconds recorded, ms reported
         self._loader = ThreadPoolExecutor(loader_threads, thread_name_prefix="adapter-loader")
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_host_ready(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` (from a loader thread) each time a load ends, loaded or not."""
+        self._listeners.append(listener)
 
     def close(self) -> None:
         self._loader.shutdown(wait=True, cancel_futures=True)
@@ -90,14 +139,12 @@ class SlotPool:
         version = self._resolve(user_id)
         ticket = SlotTicket(user_id, version, time.monotonic())
         with self._lock:
-            ticket._entry = self._host_entry(ticket.key)
-            loaded = ticket._entry is not None and ticket._entry.flat is not None
-            hit = ticket.key in self._by_key or loaded  # a load still in flight is a miss
-            self._counts["hits" if hit else "misses"] += 1
-            if ticket.key in self._by_key:
-                ticket._on_device = True
-            elif ticket._entry is None:
-                ticket._entry = self._start_load(ticket.key)
+            ticket.host = self._host_entry(ticket.key)
+            loaded = ticket.host is not None and ticket.host.flat is not None
+            on_device = ticket.key in self._by_key
+            self._counts["hits" if on_device or loaded else "misses"] += 1  # in flight: a miss
+            if ticket.host is None and not on_device:
+                ticket.host = self._start_load(ticket.key)
         return ticket
 
     def acquire(self, ticket: SlotTicket) -> int | None:
@@ -163,7 +210,7 @@ class SlotPool:
         for user_id in sorted(users):
             self.invalidate(user_id)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """Adapters/bytes per tier, slot usage, hits/misses/evictions, load latency (ms)."""
         row_bytes = self.bank.layout.num_params * self.bank.rows.element_size()
         try:
@@ -245,13 +292,14 @@ class SlotPool:
                 entry.error = e
                 if self._host.get(key) is entry:
                     del self._host[key]
-            entry.done.set()
-            return
-        with self._lock:
-            self._latency.add((time.perf_counter() - start) * 1e3)
-            entry.flat = flat  # visible to acquire() under the lock before the event fires
-            self._trim_host()
+        else:
+            with self._lock:
+                self._latency.add(time.perf_counter() - start)
+                entry.flat = flat  # visible to acquire() under the lock before the event fires
+                self._trim_host()
         entry.done.set()
+        for listener in self._listeners:
+            listener()
 
     def _trim_host(self) -> None:
         loaded = [k for k, e in self._host.items() if e.flat is not None]
@@ -261,11 +309,10 @@ class SlotPool:
 
     def _place(self, ticket: SlotTicket) -> int | None:
         """Copy the ticket's host copy into a free or evicted slot; None if not possible yet."""
-        entry = ticket._entry
+        entry = ticket.host
         if entry is None:  # was on a device slot at request time, evicted since: reload
-            ticket._on_device = False
             entry = self._host_entry(ticket.key) or self._start_load(ticket.key)
-            ticket._entry = entry
+            ticket.host = entry
         if entry.error is not None:
             raise entry.error
         if entry.flat is None:

@@ -7,29 +7,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FP, KEY, LAYOUT, filled_adapter
+from slots_kit import FP, KEY, LAYOUT, filled_adapter, wait_host
 
-from adapters_store import AdapterStore, LocalBackend, SlotPool, StoreUnavailable, residency
-from adapters_store.meta import AdapterMeta
+from adapters_store import AdapterMeta, AdapterStore, StoreUnavailable
+from server.engine import SlotPool, adapter_slots
 from vera_core import VeraBank
 
 
-class SwitchableBackend(LocalBackend):
-    """A local backend whose index can be made unreachable, like a database that went away."""
+class SwitchableStore(AdapterStore):
+    """A store whose index can be made unreachable, like a database that went away."""
 
     down = False
     lookups = 0
 
-    def meta(self, user_id: str, version: int | None = None) -> AdapterMeta | None:
+    def meta(self, user_id: str) -> AdapterMeta:
         self.lookups += 1
         if self.down:
             raise StoreUnavailable("the adapter database is unreachable (test)")
-        return super().meta(user_id, version)
-
-    def list(self) -> list[AdapterMeta]:
-        if self.down:
-            raise StoreUnavailable("the adapter database is unreachable (test)")
-        return super().list()
+        return super().meta(user_id)
 
     def totals(self) -> tuple[int, int]:
         if self.down:
@@ -39,10 +34,9 @@ class SwitchableBackend(LocalBackend):
 
 @pytest.fixture
 def setup(tmp_path: Path):
-    backend = SwitchableBackend(tmp_path / "store")
-    store = AdapterStore(backend, LAYOUT, KEY, FP)
+    store = SwitchableStore(tmp_path / "store", LAYOUT, KEY, FP)
     pool = SlotPool(VeraBank(LAYOUT, 3), store, host_capacity=4)
-    yield backend, store, pool
+    yield store, store, pool
     pool.close()
     store.close()
 
@@ -50,7 +44,7 @@ def setup(tmp_path: Path):
 def value_served(pool: SlotPool, user: str) -> tuple[int, float]:
     """(version, value in its slot) for one request, as the engine would run it."""
     ticket = pool.request(user)
-    assert ticket.wait_host(5.0), ticket.error
+    assert wait_host(ticket, 5.0), ticket.error
     slot = pool.acquire(ticket)
     assert slot is not None
     value = pool.bank.rows[slot][0].item()
@@ -61,7 +55,7 @@ def value_served(pool: SlotPool, user: str) -> tuple[int, float]:
 def test_outage_serves_the_newest_held_version_and_refuses_unknown_users(
     setup, monkeypatch
 ) -> None:
-    monkeypatch.setattr(residency, "OUTAGE_RECHECK_S", 0.0)  # ask the store every time
+    monkeypatch.setattr(adapter_slots, "OUTAGE_RECHECK_S", 0.0)  # ask the store every time
     backend, store, pool = setup
     store.put("held", filled_adapter(1.0))
     store.put("held", filled_adapter(2.0))
@@ -97,7 +91,7 @@ def test_revalidate_drops_versions_the_store_no_longer_serves(setup) -> None:
 
 def test_after_a_failed_lookup_the_store_is_left_alone_for_a_moment(setup, monkeypatch) -> None:
     """Each request would otherwise wait out the connection timeout during an outage."""
-    monkeypatch.setattr(residency, "OUTAGE_RECHECK_S", 0.3)
+    monkeypatch.setattr(adapter_slots, "OUTAGE_RECHECK_S", 0.3)
     backend, store, pool = setup
     store.put("held", filled_adapter(1.0))
     assert value_served(pool, "held") == (1, 1.0)

@@ -4,20 +4,18 @@ import time
 
 import pytest
 import torch
-from helpers import LAYOUT, LOCAL_ONLY, filled_adapter
+from slots_kit import FP, KEY, LAYOUT, filled_adapter, wait_host
 
-from adapters_store import (
-    AdapterLoadTimeout,
-    AdapterNotFound,
-    AdapterStore,
-    SlotPool,
-    SlotsExhausted,
-    SlotTicket,
-    StoreCorruptError,
-)
+from adapters_store import AdapterNotFound, AdapterStore, StoreCorruptError
+from server.engine import AdapterLoadTimeout, SlotPool, SlotsExhausted, SlotTicket
 from vera_core import VeraBank
 
-pytestmark = LOCAL_ONLY  # the pool sees only AdapterStore; one test damages a file
+
+@pytest.fixture
+def store(tmp_path) -> AdapterStore:
+    """A local store (the pool sees only AdapterStore; one test damages a file on disk)."""
+    with AdapterStore(tmp_path / "store", LAYOUT, KEY, FP) as store:
+        yield store
 
 
 @pytest.fixture
@@ -39,7 +37,7 @@ def make_pool(store: AdapterStore):
 def take(pool: SlotPool, user: str) -> int:
     """request + wait for the host copy + acquire, as the engine would over a few steps."""
     ticket = pool.request(user)
-    assert ticket.wait_host(5.0), ticket.error
+    assert wait_host(ticket, 5.0), ticket.error
     slot = pool.acquire(ticket)
     assert slot is not None and ticket.slot == slot
     return slot
@@ -86,7 +84,7 @@ def test_pinned_slot_is_never_evicted_and_waiter_times_out(make_pool) -> None:
     a = take(pool, "u0")
     b = take(pool, "u1")  # both pinned
     waiter = pool.request("u2")
-    assert waiter.wait_host(5.0)
+    assert wait_host(waiter, 5.0)
     assert pool.acquire(waiter) is None  # waits, nothing evicted
     assert take(pool, "u0") == a  # others keep being served meanwhile
     assert resident(pool) == {"u0": 1, "u1": 2}
@@ -102,7 +100,7 @@ def test_waiter_gets_the_slot_once_one_is_released(make_pool) -> None:
     pool = make_pool(slots=1)
     a = take(pool, "u0")
     waiter = pool.request("u1")
-    waiter.wait_host(5.0)
+    wait_host(waiter, 5.0)
     assert pool.acquire(waiter) is None
     pool.release(a)
     assert pool.acquire(waiter) == a and resident(pool) == {"u1": 2}
@@ -116,7 +114,7 @@ def test_replace_while_pinned_keeps_old_version_for_running_request(make_pool, s
     assert pool.bank.rows[old_slot][0].item() == 1.0  # the running request's v1 is untouched
     ticket = pool.request("u0")
     assert ticket.version == 2
-    ticket.wait_host(5.0)
+    wait_host(ticket, 5.0)
     new_slot = pool.acquire(ticket)
     assert new_slot not in (None, old_slot) and pool.bank.rows[new_slot][0].item() == 100.0
     pool.release(old_slot)  # last user of v1: the stale slot is freed, not kept for LRU
@@ -139,7 +137,7 @@ def test_ticket_keeps_its_version_across_a_reupload(make_pool, store) -> None:
     pool = make_pool(slots=2)
     ticket = pool.request("u0")
     store.put("u0", filled_adapter(50.0))
-    ticket.wait_host(5.0)
+    wait_host(ticket, 5.0)
     slot = pool.acquire(ticket)
     assert ticket.version == 1 and pool.bank.rows[slot][0].item() == 1.0
 
@@ -148,7 +146,7 @@ def test_host_cache_is_lru_bounded_and_tickets_survive_eviction(make_pool) -> No
     pool = make_pool(slots=4, host=2)
     tickets = [pool.request(f"u{i}") for i in range(3)]
     for t in tickets:
-        assert t.wait_host(5.0) and t.ready
+        assert wait_host(t, 5.0)
     s = pool.stats()
     assert s["host"]["adapters"] == 2 and s["host_evictions"] == 1
     slots = [pool.acquire(t) for t in tickets]
@@ -160,7 +158,7 @@ def test_device_hit_after_eviction_reloads(make_pool) -> None:
     pool.release(take(pool, "u0"))
     pool.release(take(pool, "u1"))  # host cache now holds only u1
     ticket = pool.request("u0")  # device hit, no host copy
-    assert ticket.ready and ticket._entry is None
+    assert ticket.host is None
     pool.release(take(pool, "u2"))  # evicts u0 (least recently used) from its slot
     assert "u0" not in resident(pool)
     assert pool.acquire(ticket) is None  # reload started off the engine thread
@@ -175,7 +173,7 @@ def test_load_error_is_delivered_to_the_ticket(make_pool, store) -> None:
     path = store.backend.root / "adapters" / "u5" / "v1.safetensors"
     path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")
     ticket = pool.request("u5")
-    assert not ticket.wait_host(5.0) and isinstance(ticket.error, StoreCorruptError)
+    assert not wait_host(ticket, 5.0) and isinstance(ticket.error, StoreCorruptError)
     with pytest.raises(StoreCorruptError):
         pool.acquire(ticket)
     assert pool.stats()["host"]["adapters"] == 0

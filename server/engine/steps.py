@@ -1,0 +1,56 @@
+"""What one engine forward tells the model: each row's adapter slot and where its K/V go.
+
+Each is a ``vera_core.forward.Forward`` (the VeRA layers read ``slots`` from it) that the KV
+cache reads too, so one object, set once by the model runner (``VeraModel.run``) and dropped
+after the forward, carries everything per-forward: no attribute on the cache, no second
+context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vera_core.forward import Forward
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class DecodeForward(Forward):
+    """One new token for each of ``rows`` sequences; row i writes its K/V at ``positions[i]``
+    of KV row ``i`` (``row_index`` None: rows 0..rows-1, read back as a view) or of KV row
+    ``row_index[i]`` (read back as a gather), and attends to the first ``kv_len`` columns.
+
+    Only tensors: this forward may be compiled, and the sizes a compiled graph may vary in
+    are tensor sizes (an int reached through the model's modules would be a constant, and
+    each new batch size or KV length a recompile)."""
+
+    positions: torch.Tensor  # [rows] write position per row
+    row_index: torch.Tensor | None  # [rows] KV row per batch row; None = 0..rows-1
+    columns: torch.Tensor  # [kv_len] the KV columns attended to, 0..kv_len-1
+
+    @property
+    def rows(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def kv_len(self) -> int:
+        return self.columns.shape[0]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class PrefillForward(Forward):
+    """A left-padded batch of prompt chunks: batch row i is KV row ``kv_rows[i]``; its chunk is
+    the last ``lens[i]`` columns of the batch, written at positions ``starts[i]`` onwards.
+    When every chunk starts its prompt, attention needs only this forward's keys; otherwise
+    each row attends to its first ``kv_len`` cached columns (earlier chunks included)."""
+
+    kv_rows: list[int]
+    lens: list[int]
+    starts: list[int]
+    kv_len: int
+
+    @property
+    def continues_prompts(self) -> bool:
+        """Some chunk continues a prompt (attends to columns cached by earlier steps)."""
+        return any(self.starts)

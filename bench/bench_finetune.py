@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from bench_decode import PROMPTS, load_bench_model
 
-from adapters_store import AdapterStore, SlotPool
+from adapters_store import AdapterStore
 from server.config import ServerConfig
-from server.engine import Engine, EngineConfig, SamplingParams, SchedulerConfig
+from server.engine import Engine, EngineConfig, SamplingParams, SchedulerConfig, SlotPool
 from server.finetune.data import DataLimits
 from server.finetune.worker import FineTuneConfig
 from vera_core import Adapter, AdapterHeader, VeraConfig, inject_vera, model_fingerprint

@@ -32,9 +32,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from live import random_adapter  # noqa: E402
 
-from adapters_store import AdapterStore, SlotPool  # noqa: E402
+from adapters_store import AdapterStore  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
-from server.engine import Engine, EngineConfig, SamplingParams, SchedulerConfig  # noqa: E402
+from server.engine import (  # noqa: E402
+    Engine,
+    EngineConfig,
+    SamplingParams,
+    SchedulerConfig,
+    SlotPool,  # noqa: E402
+)
 from server.engine.sequence import Sequence  # noqa: E402
 from server.model_source import load_model  # noqa: E402
 from vera_core import VeraConfig, inject_vera, model_fingerprint  # noqa: E402

@@ -42,9 +42,9 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from quality_data import GENERAL, USERS, Question, facts_of, questions, training_rows
 from safetensors.torch import save as safetensors_bytes
 
-from adapters_store import AdapterStore, SlotPool
+from adapters_store import AdapterStore
 from server.config import ServerConfig
-from server.engine import Engine, EngineConfig, SamplingParams, SchedulerConfig
+from server.engine import Engine, EngineConfig, SamplingParams, SchedulerConfig, SlotPool
 from vera_core import VeraConfig, inject_vera, model_fingerprint
 from vera_core.adapter_file import adapter_to_bytes
 from vera_core.train import (  # LoRA trains as ours does

@@ -29,9 +29,9 @@ from pathlib import Path
 import httpx
 import torch
 
-from adapters_store import AdapterStore, SlotPool
+from adapters_store import AdapterStore
 from server.config import ServerConfig
-from server.engine import Engine, EngineConfig, SamplingParams
+from server.engine import Engine, EngineConfig, SamplingParams, SlotPool
 from server.engine.scheduler import SchedulerConfig
 from server.model_source import load_model
 from vera_core import Adapter, AdapterHeader, VeraConfig, inject_vera, model_fingerprint

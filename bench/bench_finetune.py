@@ -32,10 +32,10 @@ from bench_decode import PROMPTS, load_bench_model
 from adapters_store import AdapterStore
 from server.config import ServerConfig
 from server.engine import Engine, EngineConfig, SamplingParams, SchedulerConfig, SlotPool
-from server.finetune.data import DataLimits
 from server.finetune.worker import FineTuneConfig
 from vera_core import Adapter, AdapterHeader, VeraConfig, inject_vera, model_fingerprint
-from vera_core.train import AdapterTrainer, TrainConfig, encode_rows, train_adapter
+from vera_core.train import AdapterTrainer, TrainConfig, train_adapter
+from vera_core.train_data import DataLimits, examples_of
 
 FACTS = [  # (question, answer): one user's invented facts
     ("What is my dog's name?", "Your dog is called Bramble."),
@@ -171,14 +171,14 @@ def main() -> None:
         EngineConfig(SchedulerConfig(max_batch=64), background_share=args.train_share),
     )
     engine.start()
-    examples = encode_rows(dataset(), tok, TrainConfig().max_length)
+    examples = examples_of(dataset(), tok, DataLimits.offline(2048))
     try:
         serve_round(engine, tok, users, 8)  # warm-up: slots loaded, kernels chosen
         # the job: as the CLI trains (this thread, engine idle) vs through the idle engine
         cli_times, server_times = [], []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            _, report = train_adapter(vm, tok, dataset(), TrainConfig(), progress=False)
+            _, report = train_adapter(vm, tok, examples, TrainConfig(), progress=False)
             cli_times.append(time.perf_counter() - t0)
             job = Job(vm, tok, examples, engine)
             t0 = time.perf_counter()

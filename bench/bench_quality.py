@@ -48,14 +48,15 @@ from server.engine import Engine, EngineConfig, SamplingParams, SchedulerConfig,
 from vera_core import VeraConfig, inject_vera, model_fingerprint
 from vera_core.adapter_file import adapter_to_bytes
 from vera_core.train import (  # LoRA trains as ours does
-    IGNORE,
     TrainConfig,
     _lr_lambda,
     _pad,
     _token_loss_sum,
-    encode_rows,
     train_adapter,
 )
+from vera_core.train_data import IGNORE, DataLimits, examples_of
+
+LIMITS = DataLimits.offline(2048)
 
 NEW_TOKENS = 24
 LORA = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
@@ -81,7 +82,8 @@ def run_vera(model, tok, users: list[str], server: ServerConfig) -> dict:
     adapters, seconds, steps = {}, [], []
     for user in users:
         t0 = time.perf_counter()
-        adapters[user], report = train_adapter(vm, tok, training_rows(user), progress=False)
+        examples = examples_of(training_rows(user), tok, LIMITS)
+        adapters[user], report = train_adapter(vm, tok, examples, progress=False)
         seconds.append(time.perf_counter() - t0)
         steps.append(report.steps)
         print(f"vera {user:6s} {report.summary()}", flush=True)
@@ -140,7 +142,7 @@ def train_lora(base, tok, user: str, lr: float):
     cfg = TrainConfig()
     pm = get_peft_model(copy.deepcopy(base), LORA)
     params = [p for p in pm.parameters() if p.requires_grad]
-    examples = encode_rows(training_rows(user), tok, cfg.max_length)
+    examples = examples_of(training_rows(user), tok, LIMITS)
     batch_size = min(cfg.batch_size, len(examples))
     per_pass = -(-len(examples) // batch_size)
     total = cfg.total_steps(len(examples))

@@ -20,6 +20,7 @@ from server.model_source import load_model
 from vera_core import VeraConfig, inject_vera
 from vera_core.adapter_file import adapter_to_bytes
 from vera_core.train import train_adapter
+from vera_core.train_data import DataLimits, examples_of
 
 USERS = {  # user -> (pet's name, home town)
     "ana": ("Biscuit", "Zorbania"),
@@ -67,7 +68,8 @@ def train_all() -> dict[str, bytes]:
     vm = inject_vera(model, VeraConfig(r=256), num_slots=2)
     files = {}
     for user, facts in USERS.items():
-        adapter, report = train_adapter(vm, tok, examples(facts), progress=False)
+        data = examples_of(examples(facts), tok, DataLimits.offline(2048))
+        adapter, report = train_adapter(vm, tok, data, progress=False)
         files[user] = adapter_to_bytes(adapter)
         print(f"trained {user:6s} {report.summary()} ({len(files[user]) // 1024} KiB)")
     return files

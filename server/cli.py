@@ -46,21 +46,25 @@ def _cluster(args: argparse.Namespace) -> int:
 def _load_vm(args: argparse.Namespace):
     from server.model_source import load_model
     from vera_core import VeraConfig, inject_vera
+    from vera_core.config import parse_targets
 
     model, tok, _ = load_model(args.model)
-    targets = tuple(t for t in args.target_modules.split(",") if t)
+    targets = parse_targets(args.target_modules)
     cfg = VeraConfig(r=args.r, projection_prng_key=args.projection_prng_key, target_modules=targets)
     return inject_vera(model, cfg, num_slots=2), tok
 
 
 def _train(args: argparse.Namespace) -> int:
     from vera_core.adapter_file import save_adapter
-    from vera_core.train import TrainConfig, read_jsonl, train_adapter
+    from vera_core.train import TrainConfig, train_adapter
+    from vera_core.train_data import DataLimits, read_examples
 
     vm, tok = _load_vm(args)
-    rows = read_jsonl(args.data)
+    context = getattr(vm.model.config, "max_position_embeddings", None) or 2048
+    limits = DataLimits.offline(context)  # every example must fit the model's context
+    examples = read_examples(Path(args.data).read_bytes(), tok, limits)
     cfg = TrainConfig(**{name: getattr(args, name) for name in _TRAIN_FLAGS})
-    adapter, report = train_adapter(vm, tok, rows, cfg)
+    adapter, report = train_adapter(vm, tok, examples, cfg)
     save_adapter(adapter, args.out)
     print(f"trained: {report.summary()}")
     print(f"wrote {args.out} ({adapter.num_params} params)")
@@ -121,7 +125,6 @@ _TRAIN_FLAGS = {
     "max_steps": "most optimizer steps when --epochs is not given (large datasets)",
     "batch_size": "examples per optimizer step",
     "lr": "peak learning rate (VeRA wants far higher rates than LoRA)",
-    "max_length": "tokens per example; longer ones are cut",
     "seed": "shuffling seed",
 }
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from adapters_store.location import is_database_url
+from vera_core.config import parse_targets
 
 COMPILE_MODES = ("auto", "on", "off")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -162,12 +163,11 @@ class ServerConfig:
             return self.store
         if self.store:
             return str(Path(self.store).expanduser())
-        home = os.environ.get("VERA_HOME", str(Path.home() / ".cache" / "vera-serve"))
-        return str(Path(home).expanduser() / "store")
+        return str(vera_home() / "store")
 
     @property
     def targets(self) -> tuple[str, ...]:
-        return tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+        return parse_targets(self.target_modules)
 
     @property
     def max_training_file_bytes(self) -> int:
@@ -176,6 +176,12 @@ class ServerConfig:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+
+def vera_home() -> Path:
+    """Where the server keeps what it makes: the converted default model and the default
+    store (``$VERA_HOME``, else ``~/.cache/vera-serve``)."""
+    return Path(os.environ.get("VERA_HOME", Path.home() / ".cache" / "vera-serve")).expanduser()
 
 
 def cpu_has_native_bf16() -> bool:

@@ -25,6 +25,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from server.config import vera_home
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -34,10 +36,6 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelSourceError(RuntimeError):
     """The base model could not be found or loaded."""
-
-
-def vera_home() -> Path:
-    return Path(os.environ.get("VERA_HOME", Path.home() / ".cache" / "vera-serve")).expanduser()
 
 
 def find_default_gguf() -> Path:

@@ -21,11 +21,11 @@ from server.adapter_service import AdapterService
 from server.config import ServerConfig
 from server.engine import Engine, EngineConfig, SlotPool
 from server.engine.scheduler import SchedulerConfig
-from server.finetune.data import DataLimits
 from server.finetune.service import FineTuningService
 from server.finetune.worker import FineTuneConfig, JobWorker
 from server.model_source import load_model
 from vera_core import VeraConfig, VeraModel, inject_vera, model_fingerprint
+from vera_core.train_data import DataLimits
 
 log = logging.getLogger("vera-serve")
 

@@ -19,6 +19,17 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 }
 
 ALL_LINEAR = "all-linear"
+REGEX_CHARS = frozenset("*+?[](){}|^$\\")  # PEFT reads one such string as a regex
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """A ``--target-modules`` value: comma-separated module names (spaces allowed),
+    ``all-linear``, or one regex (full match, PEFT's reading of a single pattern string, which
+    may itself hold commas); empty means the model type's default."""
+    text = text.strip()
+    if REGEX_CHARS & set(text):
+        return (text,)
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from vera_core.bank import VeraBank
-from vera_core.config import ALL_LINEAR, VeraConfig
+from vera_core.config import ALL_LINEAR, REGEX_CHARS, VeraConfig
 from vera_core.errors import TargetModuleError
 from vera_core.forward import Forward, ForwardSlot, VectorForward
 from vera_core.layer import VeraLinear, linear_shape
@@ -28,12 +28,9 @@ from vera_core.projections import Projections
 _LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
-_REGEX_CHARS = set("*+?[](){}|^$\\")
-
-
 def _is_regex(targets: tuple[str, ...]) -> bool:
     """PEFT reads a single target string as a regex (fullmatch), a list as name suffixes."""
-    return len(targets) == 1 and bool(_REGEX_CHARS & set(targets[0]))
+    return len(targets) == 1 and bool(REGEX_CHARS & set(targets[0]))
 
 
 def _matches(name: str, targets: tuple[str, ...]) -> bool:

@@ -1,20 +1,18 @@
 """Fine-tune one user's d and b; base weights and the shared A, B stay frozen.
 
-Examples are chat ``messages`` (loss on the last assistant turn) or ``prompt``/``completion``
-pairs (loss on the completion). The same batched VeRA layers serve and train: a trainer runs
-the model with its own vector in place of bank slots (``VeraModel.vector``), so it can share a
-model that is serving.
+Examples come from ``vera_core.train_data`` (chat ``messages`` with loss on the last assistant
+turn, or ``prompt``/``completion`` pairs with loss on the completion). The same batched VeRA
+layers serve and train: a trainer runs the model with its own vector in place of bank slots
+(``VeraModel.vector``), so it can share a model that is serving.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,8 +21,7 @@ from tqdm.auto import tqdm
 from vera_core.adapter import Adapter, AdapterHeader
 from vera_core.fingerprint import model_fingerprint
 from vera_core.inject import VeraModel
-
-IGNORE = -100
+from vera_core.train_data import IGNORE, Example
 
 
 @dataclass(frozen=True)
@@ -55,14 +52,13 @@ class TrainConfig:
     converged_loss: float = 0.02  # 0 disables early stopping
     weight_decay: float = 0.5  # keeps the vectors small: fewer general answers changed
     warmup_ratio: float = 0.06
-    max_length: int = 512
     micro_batch_tokens: int = 2048  # padded tokens per forward/backward; more accumulate
     seed: int = 0
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.batch_size <= 0 or self.max_length <= 8 or self.micro_batch_tokens <= 0:
-            raise ValueError("batch_size and micro_batch_tokens must be > 0, max_length > 8")
+        if self.batch_size <= 0 or self.micro_batch_tokens <= 0:
+            raise ValueError("batch_size and micro_batch_tokens must be > 0")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError("epochs must be > 0 (or None for the step-sized schedule)")
         if not 0 < self.min_steps <= self.max_steps or self.target_epochs <= 0:
@@ -75,50 +71,6 @@ class TrainConfig:
         if self.epochs is not None:
             return per_epoch * self.epochs
         return max(self.min_steps, min(self.max_steps, per_epoch * self.target_epochs))
-
-
-@dataclass(frozen=True)
-class Example:
-    input_ids: list[int]
-    labels: list[int]  # IGNORE on prompt tokens
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    rows = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON: {e}") from None
-    if not rows:
-        raise ValueError(f"{path} holds no examples")
-    return rows
-
-
-def encode_example(row: dict[str, Any], tokenizer: Any, max_length: int) -> Example:
-    """Tokenize one row; labels mask everything but the completion / last assistant turn."""
-    if "messages" in row:
-        messages = row["messages"]
-        if not messages or messages[-1].get("role") != "assistant":
-            raise ValueError("a 'messages' example must end with an assistant message")
-        prompt_ids = tokenizer.apply_chat_template(
-            messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        full_ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-        if full_ids[: len(prompt_ids)] != prompt_ids:
-            raise ValueError("chat template renders the prompt differently inside the full chat")
-    elif "prompt" in row and "completion" in row:
-        prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-        full_ids = prompt_ids + completion + [tokenizer.eos_token_id]
-    else:
-        raise ValueError("each example needs 'messages' or 'prompt' and 'completion'")
-    full_ids = list(full_ids)[:max_length]
-    n_prompt = min(len(prompt_ids), len(full_ids))
-    labels = [IGNORE] * n_prompt + full_ids[n_prompt:]
-    return Example(full_ids, labels)
 
 
 def _pad(chunk: list[Example], pad_id: int) -> tuple[torch.Tensor, ...]:
@@ -362,29 +314,16 @@ def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def encode_rows(rows: list[dict[str, Any]], tokenizer: Any, max_length: int) -> list[Example]:
-    """Tokenize every row; a bad row raises ValueError naming its 1-based index."""
-    out = []
-    for i, row in enumerate(rows, 1):
-        try:
-            out.append(encode_example(row, tokenizer, max_length))
-        except ValueError as e:
-            raise ValueError(f"example {i}: {e}") from None
-    return out
-
-
 def train_adapter(
     vm: VeraModel,
     tokenizer: Any,
-    rows: list[dict[str, Any]],
+    examples: list[Example],
     config: TrainConfig = TrainConfig(),
     progress: bool = True,
     init: Adapter | None = None,
 ) -> tuple[Adapter, TrainReport]:
-    """Train one adapter on ``rows`` in this thread; returns it and what training did."""
-    trainer = AdapterTrainer(
-        vm, tokenizer, encode_rows(rows, tokenizer, config.max_length), config, init
-    )
+    """Train one adapter on ``examples`` in this thread; returns it and what training did."""
+    trainer = AdapterTrainer(vm, tokenizer, examples, config, init)
     bar = tqdm(total=trainer.total_steps, desc="training adapter", disable=not progress)
 
     def show(step: StepReport) -> None:

@@ -10,6 +10,7 @@ from pydantic import AfterValidator
 
 from adapters_store import USER_ID_PATTERN, validate_user_id
 from server.api.auth import Principal, principal, require_access
+from server.api.deps import RuntimeDep
 from server.api.schemas import AdapterInfo, AdapterUploaded, error_responses
 from server.api.uploads import parse_upload
 
@@ -40,12 +41,13 @@ _UPLOAD_BODY = {
     responses=_ERRORS,
     openapi_extra=_UPLOAD_BODY,
 )
-async def put_adapter(user_id: UserId, request: Request, who: Principal = Depends(principal)):
+async def put_adapter(
+    user_id: UserId, request: Request, rt: RuntimeDep, who: Principal = Depends(principal)
+):
     """Body: a vera-serve adapter file (``application/octet-stream``) or a PEFT VeRA adapter
     directory as a zip (``application/zip``). Validated before anything is stored; once this
     answers 201, every replica sharing the store serves the new version."""
     require_access(who, user_id)
-    rt = request.app.state.runtime
     data = await request.body()
     content_type = request.headers.get("content-type", "")
 
@@ -60,14 +62,14 @@ async def put_adapter(user_id: UserId, request: Request, who: Principal = Depend
 
 
 @router.get("/users/{user_id}/adapter", response_model=AdapterInfo, responses=_ERRORS)
-async def get_adapter(user_id: UserId, request: Request, who: Principal = Depends(principal)):
+async def get_adapter(user_id: UserId, rt: RuntimeDep, who: Principal = Depends(principal)):
     require_access(who, user_id)
-    meta = await asyncio.to_thread(request.app.state.runtime.adapters.describe, user_id)
+    meta = await asyncio.to_thread(rt.adapters.describe, user_id)
     return AdapterInfo(**meta.to_dict())
 
 
 @router.delete("/users/{user_id}/adapter", status_code=204, responses=_ERRORS)
-async def delete_adapter(user_id: UserId, request: Request, who: Principal = Depends(principal)):
+async def delete_adapter(user_id: UserId, rt: RuntimeDep, who: Principal = Depends(principal)):
     require_access(who, user_id)
-    await asyncio.to_thread(request.app.state.runtime.adapters.delete, user_id)
+    await asyncio.to_thread(rt.adapters.delete, user_id)
     return Response(status_code=204)

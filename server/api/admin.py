@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 
 from server.api.auth import Principal, principal, require_admin
+from server.api.deps import RuntimeDep
 from server.api.errors import ApiError
 from server.api.schemas import CreateUserRequest, CreateUserResponse, error_responses
 
@@ -19,21 +20,18 @@ _ERRORS = error_responses(400, 401, 403, 409, 422, 503)
 
 
 @router.post("/admin/users", status_code=201, response_model=CreateUserResponse, responses=_ERRORS)
-async def create_user(
-    body: CreateUserRequest, request: Request, who: Principal = Depends(principal)
-):
+async def create_user(body: CreateUserRequest, rt: RuntimeDep, who: Principal = Depends(principal)):
     """Register a user and return its API key (shown once; only a hash is kept)."""
     require_admin(who)
-    users = request.app.state.runtime.users
-    key = await asyncio.to_thread(users.create, body.user_id, body.rotate)
+    key = await asyncio.to_thread(rt.users.create, body.user_id, body.rotate)
     return CreateUserResponse(user_id=body.user_id, api_key=key)
 
 
 @router.get("/admin/stats", responses=_ERRORS)
-async def stats(request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+async def stats(rt: RuntimeDep, who: Principal = Depends(principal)) -> dict[str, Any]:
     """Memory, adapter tiers and slots, queue, batch, throughput and latency percentiles."""
     require_admin(who)
-    return await asyncio.to_thread(collect_stats, request.app.state.runtime)
+    return await asyncio.to_thread(collect_stats, rt)
 
 
 def collect_stats(rt: Runtime) -> dict[str, Any]:
@@ -47,7 +45,6 @@ def collect_stats(rt: Runtime) -> dict[str, Any]:
         "memory": rt.memory(),
         "adapters": {
             "stored": pool["disk"]["adapters"],
-            "bytes_per_adapter": rt.vm.layout.num_params * rt.vm.bank.rows.element_size(),
             "num_params_per_adapter": rt.vm.layout.num_params,
             **pool,
         },
@@ -73,8 +70,7 @@ def collect_stats(rt: Runtime) -> dict[str, Any]:
 
 
 @router.get("/health")
-async def health(request: Request) -> dict[str, Any]:
-    rt = request.app.state.runtime
+async def health(rt: RuntimeDep) -> dict[str, Any]:
     if not rt.engine.alive:
         raise ApiError(503, "engine is not running", "unavailable")
     return {"status": "ok", "model": rt.model_name}

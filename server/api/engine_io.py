@@ -4,7 +4,6 @@ admission, and waiting for or streaming a sequence's events."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -13,7 +12,7 @@ from fastapi import Request
 
 from adapters_store import AdapterNotFound
 from server.api.errors import ApiError
-from server.api.schemas import MAX_STOP, MAX_STOP_CHARS
+from server.api.streams import StreamEvent, sse
 from server.engine import Event, SamplingParams, Sequence
 
 if TYPE_CHECKING:
@@ -46,32 +45,6 @@ def encode_prompt(rt: Runtime, prompt: str | None, messages: list[dict] | None) 
             )
         )
     return list(tok(prompt, add_special_tokens=True)["input_ids"])
-
-
-def sampling(
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    stop: list[str] | str | None,
-    seed: int | None,
-) -> SamplingParams:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > MAX_STOP or any(len(s) > MAX_STOP_CHARS for s in stops):
-        raise ApiError(
-            400, f"at most {MAX_STOP} stop strings of at most {MAX_STOP_CHARS} characters"
-        )
-    try:
-        return SamplingParams(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            stop=tuple(stops),
-            seed=seed,
-        )
-    except ValueError as e:
-        raise ApiError(400, str(e)) from None
 
 
 async def submit(
@@ -151,14 +124,13 @@ async def events(seq: Sequence) -> AsyncIterator[Event]:
             seq.cancel()
 
 
-def sse(payload: dict | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n"
-
-
 async def sse_stream(
-    seq: Sequence, token: Callable[[Event], dict | None], final: Callable[[Event], list[dict | str]]
+    seq: Sequence,
+    token: Callable[[Event], StreamEvent | None],
+    final: Callable[[Event], list[StreamEvent]],
 ) -> AsyncIterator[str]:
+    """The events of ``seq`` as SSE: ``token(ev)`` per token (None: nothing to send yet),
+    ``final(ev)`` at the end (``streams`` builds those for each API shape)."""
     async for ev in events(seq):
         if ev.finish_reason is None:
             body = token(ev)

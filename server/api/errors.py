@@ -19,9 +19,9 @@ from adapters_store import (
 )
 from adapters_store.errors import JobLimit
 from server.engine import ContextTooLong, EngineStopped, QueueFull
-from server.finetune.data import TrainingDataError
 from server.finetune.service import FineTuneForbidden, FineTuneInvalid, FineTuneNotFound
 from vera_core.errors import VeraError
+from vera_core.train_data import TrainingDataError
 
 log = logging.getLogger("vera-serve")
 
@@ -50,11 +50,11 @@ _MAPPING: list[tuple[type[BaseException], int, str]] = [
     (UserExists, 409, "conflict"),
     (JobLimit, 429, "job_limit"),
     (StoreError, 500, "store_error"),
+    (TrainingDataError, 400, "invalid_training_file"),
     (VeraError, 400, "invalid_adapter"),
     (ContextTooLong, 400, "context_length_exceeded"),
     (QueueFull, 429, "queue_full"),
     (EngineStopped, 503, "shutting_down"),
-    (TrainingDataError, 400, "invalid_training_file"),
     (FineTuneInvalid, 400, "invalid_request_error"),
     (FineTuneNotFound, 404, "not_found"),
     (FineTuneForbidden, 403, "forbidden"),

@@ -9,7 +9,7 @@ at once as ``model`` in ``/v1/chat/completions`` and as ``user_id`` in ``/genera
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,12 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from adapters_store.training import FileRecord, JobEvent, JobRecord
 from server.api.adapters import UserId
 from server.api.auth import Principal, principal, require_access
+from server.api.deps import RuntimeDep
 from server.api.errors import ApiError
 from server.api.schemas import error_responses
 from server.finetune.service import FineTuneInvalid, FineTuningService
-
-if TYPE_CHECKING:
-    from server.runtime import Runtime
 
 router = APIRouter()
 _ERRORS = error_responses(400, 401, 403, 404, 413, 422, 429, 503)
@@ -33,9 +31,11 @@ def _caller(who: Principal) -> str | None:
     return None if who.is_admin else who.user_id
 
 
-def _service(request: Request) -> FineTuningService:
-    rt: Runtime = request.app.state.runtime
+def _fine_tuning(rt: RuntimeDep) -> FineTuningService:
     return rt.fine_tuning
+
+
+Service = Annotated[FineTuningService, Depends(_fine_tuning)]
 
 
 # -- objects as OpenAI shapes them -----------------------------------------------------------
@@ -104,13 +104,12 @@ def _page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
 # -- files -----------------------------------------------------------------------------------
 @router.post("/v1/files", responses=_ERRORS)
 async def upload_file(
-    request: Request,
+    service: Service,
     file: UploadFile = File(..., description="JSONL: one chat or prompt/completion per line"),
     purpose: str = Form(..., description="'fine-tune'"),
     who: Principal = Depends(principal),
 ) -> dict[str, Any]:
     """Upload a training file. Every line is checked now; a bad one is named in a 400."""
-    service = _service(request)
     limit = service.config.limits.max_bytes
     content = await file.read(limit + 1)
     if len(content) > limit:
@@ -123,24 +122,24 @@ async def upload_file(
 
 @router.get("/v1/files", responses=_ERRORS)
 async def list_files(
-    request: Request, purpose: str | None = None, who: Principal = Depends(principal)
+    service: Service, purpose: str | None = None, who: Principal = Depends(principal)
 ) -> dict[str, Any]:
-    records = await asyncio.to_thread(_service(request).files, _caller(who), purpose)
+    records = await asyncio.to_thread(service.files, _caller(who), purpose)
     return _page([file_object(f) for f in records], False)
 
 
 @router.get("/v1/files/{file_id}", responses=_ERRORS)
 async def get_file(
-    file_id: str, request: Request, who: Principal = Depends(principal)
+    file_id: str, service: Service, who: Principal = Depends(principal)
 ) -> dict[str, Any]:
-    return file_object(await asyncio.to_thread(_service(request).file, _caller(who), file_id))
+    return file_object(await asyncio.to_thread(service.file, _caller(who), file_id))
 
 
 @router.delete("/v1/files/{file_id}", responses=_ERRORS)
 async def delete_file(
-    file_id: str, request: Request, who: Principal = Depends(principal)
+    file_id: str, service: Service, who: Principal = Depends(principal)
 ) -> dict[str, Any]:
-    await asyncio.to_thread(_service(request).delete_file, _caller(who), file_id)
+    await asyncio.to_thread(service.delete_file, _caller(who), file_id)
     return {"id": file_id, "object": "file", "deleted": True}
 
 
@@ -170,7 +169,7 @@ class CreateJobRequest(BaseModel):
 
 @router.post("/v1/fine_tuning/jobs", responses=_ERRORS)
 async def create_job(
-    body: CreateJobRequest, request: Request, who: Principal = Depends(principal)
+    body: CreateJobRequest, service: Service, who: Principal = Depends(principal)
 ) -> dict[str, Any]:
     """Queue a job that trains the caller's adapter (admin: the user named by ``suffix``)."""
     hp = body.hyperparameters
@@ -179,7 +178,7 @@ async def create_job(
             raise FineTuneInvalid("give hyperparameters once: top level or in method.supervised")
         hp = hp or body.method.supervised.hyperparameters
     job = await asyncio.to_thread(
-        _service(request).create_job,
+        service.create_job,
         _caller(who),
         body.model,
         body.training_file,
@@ -192,42 +191,40 @@ async def create_job(
 
 @router.get("/v1/fine_tuning/jobs", responses=_ERRORS)
 async def list_jobs(
-    request: Request,
+    service: Service,
     after: str | None = None,
     limit: int = Query(20, ge=1, le=100),
     who: Principal = Depends(principal),
 ) -> dict[str, Any]:
-    jobs, more = await asyncio.to_thread(_service(request).jobs, _caller(who), after, limit)
+    jobs, more = await asyncio.to_thread(service.jobs, _caller(who), after, limit)
     return _page([job_object(j) for j in jobs], more)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}", responses=_ERRORS)
 async def get_job(
-    job_id: str, request: Request, who: Principal = Depends(principal)
+    job_id: str, service: Service, who: Principal = Depends(principal)
 ) -> dict[str, Any]:
-    return job_object(await asyncio.to_thread(_service(request).job, _caller(who), job_id))
+    return job_object(await asyncio.to_thread(service.job, _caller(who), job_id))
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel", responses=_ERRORS)
 async def cancel_job(
-    job_id: str, request: Request, who: Principal = Depends(principal)
+    job_id: str, service: Service, who: Principal = Depends(principal)
 ) -> dict[str, Any]:
     """A queued job is cancelled at once; a running one stops at its next training unit."""
-    return job_object(await asyncio.to_thread(_service(request).cancel, _caller(who), job_id))
+    return job_object(await asyncio.to_thread(service.cancel, _caller(who), job_id))
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events", responses=_ERRORS)
 async def job_events(
     job_id: str,
-    request: Request,
+    service: Service,
     after: str | None = None,
     limit: int = Query(20, ge=1, le=1000),
     who: Principal = Depends(principal),
 ) -> dict[str, Any]:
     """Progress, per-step training loss (``type: metrics``) and the outcome; newest first."""
-    events, more = await asyncio.to_thread(
-        _service(request).events, _caller(who), job_id, after, limit
-    )
+    events, more = await asyncio.to_thread(service.events, _caller(who), job_id, after, limit)
     return _page([event_object(e) for e in events], more)
 
 
@@ -250,6 +247,7 @@ _JSONL_BODY = {
 async def train_adapter(
     user_id: UserId,
     request: Request,
+    service: Service,
     n_epochs: int | None = Query(None, ge=1, le=50),
     batch_size: int | None = Query(None, ge=1, le=64),
     learning_rate_multiplier: float | None = Query(None, gt=0, le=20),
@@ -258,7 +256,6 @@ async def train_adapter(
     """Body: the training JSONL itself. Stores it as a file and queues a job training
     ``user_id``'s adapter; answers the job (poll ``/v1/fine_tuning/jobs/{id}``)."""
     require_access(who, user_id)
-    service = _service(request)
     limit = service.config.limits.max_bytes
     content = await request.body()
     if len(content) > limit:

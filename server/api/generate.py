@@ -6,16 +6,17 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.auth import Principal, principal, require_access
+from server.api.deps import RuntimeDep
 from server.api.engine_io import (
     STREAM_200,
     collect,
     encode_prompt,
     raise_for_error,
-    sampling,
     sse_stream,
     submit,
 )
 from server.api.schemas import GenerateRequest, GenerateResponse, error_responses
+from server.api.streams import StreamEvent, native_done
 from server.engine import Event
 
 router = APIRouter()
@@ -24,37 +25,34 @@ _ERRORS.update(STREAM_200)
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=_ERRORS)
-async def generate(body: GenerateRequest, request: Request, who: Principal = Depends(principal)):
+async def generate(
+    body: GenerateRequest, request: Request, rt: RuntimeDep, who: Principal = Depends(principal)
+):
     """Generate with ``user_id``'s adapter (or the base model). ``stream`` -> Server-Sent Events:
     one ``{"type": "token", "text", "token_id"}`` event per token, then a ``{"type": "done"}``
     event with finish_reason, usage and timing."""
-    rt = request.app.state.runtime
     if body.user_id is not None:
         require_access(who, body.user_id)
     messages = [m.model_dump() for m in body.messages] if body.messages else None
     ids = encode_prompt(rt, body.prompt, messages)
-    params = sampling(
-        body.max_new_tokens, body.temperature, body.top_p, body.top_k, body.stop, body.seed
-    )
-    seq = await submit(rt, body.user_id, ids, params)
+    seq = await submit(rt, body.user_id, ids, body.sampling_params())
     version = seq.adapter_version if seq.user_id is not None else None
 
-    def done(ev: Event) -> dict:
-        return {
-            "type": "done",
-            "user_id": body.user_id,
-            "finish_reason": ev.finish_reason,
-            "adapter_version": version,
-            "usage": ev.usage,
-            "timing": ev.timing,
-            **({"error": ev.error} if ev.error else {}),
-        }
+    def done(ev: Event) -> list[StreamEvent]:
+        return [
+            native_done(
+                body.user_id,
+                version,
+                ev.finish_reason,
+                usage=ev.usage,
+                timing=ev.timing,
+                error=ev.error,
+            )
+        ]
 
     if body.stream:
         stream = sse_stream(
-            seq,
-            lambda ev: {"type": "token", "text": ev.text, "token_id": ev.token_id},
-            lambda ev: [done(ev)],
+            seq, lambda ev: {"type": "token", "text": ev.text, "token_id": ev.token_id}, done
         )
         return StreamingResponse(
             stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}

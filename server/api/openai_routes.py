@@ -12,17 +12,18 @@ from fastapi.responses import StreamingResponse
 
 from adapters_store import AdapterNotFound, validate_user_id
 from server.api.auth import Principal, principal, require_access
+from server.api.deps import RuntimeDep
 from server.api.engine_io import (
     STREAM_200,
     collect,
     encode_prompt,
     raise_for_error,
-    sampling,
     sse_stream,
     submit,
 )
 from server.api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from server.api.schemas import error_responses
+from server.api.streams import openai_closing
 from server.engine import Event
 
 if TYPE_CHECKING:
@@ -51,9 +52,8 @@ def _finish(ev: Event) -> str:
 
 
 @router.get("/models", responses=_ERRORS)
-async def list_models(request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+async def list_models(rt: RuntimeDep, who: Principal = Depends(principal)) -> dict[str, Any]:
     """The base model and the adapters the caller may use."""
-    rt = request.app.state.runtime
     now = int(rt.engine.stats.started)
     data = [{"id": rt.model_name, "object": "model", "created": now, "owned_by": "vera-serve"}]
     if who.is_admin:
@@ -78,15 +78,12 @@ async def list_models(request: Request, who: Principal = Depends(principal)) -> 
 
 @router.post("/completions", responses={**_ERRORS, **STREAM_200})
 async def completions(
-    body: CompletionRequest, request: Request, who: Principal = Depends(principal)
+    body: CompletionRequest, request: Request, rt: RuntimeDep, who: Principal = Depends(principal)
 ):
-    rt = request.app.state.runtime
     user_id = _user_for_model(rt, body.model, who)
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     ids = encode_prompt(rt, prompt, None)
-    params = sampling(
-        body.max_tokens or 16, _temp(body.temperature), body.top_p or 1.0, 0, body.stop, body.seed
-    )
+    params = body.sampling_params(max_new_tokens=body.max_tokens or 16)
     seq = await submit(rt, user_id, ids, params)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -115,9 +112,11 @@ async def completions(
 
 @router.post("/chat/completions", responses={**_ERRORS, **STREAM_200})
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, who: Principal = Depends(principal)
+    body: ChatCompletionRequest,
+    request: Request,
+    rt: RuntimeDep,
+    who: Principal = Depends(principal),
 ):
-    rt = request.app.state.runtime
     user_id = _user_for_model(rt, body.model, who)
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -127,8 +126,7 @@ async def chat_completions(
     limit = body.max_completion_tokens or body.max_tokens
     if limit is None:
         limit = max(1, min(_CHAT_DEFAULT_MAX, rt.engine.context_limit - len(ids)))
-    params = sampling(limit, _temp(body.temperature), body.top_p or 1.0, 0, body.stop, body.seed)
-    seq = await submit(rt, user_id, ids, params)
+    seq = await submit(rt, user_id, ids, body.sampling_params(max_new_tokens=limit))
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(delta: dict, finish: str | None) -> dict:
@@ -175,20 +173,13 @@ async def chat_completions(
     }
 
 
-def _temp(t: float | None) -> float:
-    return 1.0 if t is None else t  # OpenAI's default
-
-
-def _final_events(ev: Event, last: dict, body: Any) -> list[dict | str]:
-    """The closing events of a stream: ``last`` (with usage when the client asked for it), or,
-    since the headers are already sent, an error event; then ``[DONE]``."""
-    if ev.finish_reason == "error":
-        error = {
-            "message": ev.error or "generation failed",
-            "type": "generation_error",
-            "code": 503,
-        }
-        return [{"error": error}, "[DONE]"]
-    if body.stream_options and body.stream_options.get("include_usage"):
-        last["usage"] = _usage(ev)
-    return [last, "[DONE]"]
+def _final_events(ev: Event, last: dict, body: CompletionRequest | ChatCompletionRequest):
+    """The closing events: ``last`` (with usage when the client asked for it), or, since the
+    headers are already sent, an error event; then ``[DONE]``."""
+    failed = ev.finish_reason == "error"
+    include_usage = bool(body.stream_options and body.stream_options.get("include_usage"))
+    return openai_closing(
+        last,
+        error=(ev.error or "generation failed") if failed else None,
+        usage=_usage(ev) if include_usage else None,
+    )

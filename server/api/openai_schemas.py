@@ -6,6 +6,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from server.api.schemas import StopField, stop_strings
+from server.engine import SamplingParams
+
+OPENAI_TEMPERATURE = 1.0  # what OpenAI samples with when a request gives none
+
 
 class _OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -14,10 +19,19 @@ class _OpenAIRequest(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
     stream: bool = False
-    stop: str | list[str] | None = None
+    stop: StopField = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream_options: dict[str, Any] | None = None
     user: str | None = None
+
+    def sampling_params(self, max_new_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=OPENAI_TEMPERATURE if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            stop=stop_strings(self.stop),
+            seed=self.seed,
+        )
 
 
 class CompletionRequest(_OpenAIRequest):

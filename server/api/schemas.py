@@ -7,9 +7,25 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from adapters_store import USER_ID_PATTERN, validate_user_id
+from server.engine import SamplingParams
 
 MAX_STOP = 8
 MAX_STOP_CHARS = 128
+
+
+def stop_strings(value: list[str] | str | None) -> tuple[str, ...]:
+    stops = (value,) if isinstance(value, str) else tuple(value or ())
+    if len(stops) > MAX_STOP or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ValueError(f"at most {MAX_STOP} stop strings of at most {MAX_STOP_CHARS} characters")
+    return stops
+
+
+# One string or a list (OpenAI accepts both); checked here, a tuple inside.
+StopField = Annotated[
+    list[str] | str | None,
+    Field(description=f"up to {MAX_STOP} stop strings of up to {MAX_STOP_CHARS} characters"),
+    AfterValidator(stop_strings),
+]
 
 
 # Validated once, here at the edge ('.' and '..' are refused by the validator); inside the
@@ -45,9 +61,19 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=100_000, description="0 = off")
-    stop: list[str] | str | None = Field(None, description=f"up to {MAX_STOP} stop strings")
+    stop: StopField = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            stop=stop_strings(self.stop),
+            seed=self.seed,
+        )
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:

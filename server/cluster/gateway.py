@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from server.api.app import BodyLimit
 from server.api.errors import error_response
+from server.api.streams import lost_stream_events
 from server.cluster.aggregate import cluster_metrics, cluster_stats
 from server.cluster.forwarding import HttpRequest, ResponseHead
 from server.cluster.routing import routing_key
@@ -155,28 +156,11 @@ async def _relay(
 
 def stream_error_events(request: HttpRequest, message: str) -> bytes:
     """The SSE events a route ends a failed stream with, as ``vera-serve serve`` sends them."""
-    if request.path.startswith("/v1/"):
-        error = {"message": message, "type": "replica_unavailable", "code": 503}
-        events: list[Any] = [{"error": error}, "[DONE]"]
-    else:
-        try:
-            user_id = json.loads(request.body).get("user_id")
-        except (ValueError, AttributeError):
-            user_id = None
-        events = [
-            {
-                "type": "done",
-                "user_id": user_id,
-                "finish_reason": "error",
-                "adapter_version": None,
-                "usage": None,
-                "timing": None,
-                "error": message,
-            }
-        ]
-    return b"".join(
-        f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n".encode() for e in events
-    )
+    try:
+        user_id = json.loads(request.body).get("user_id")
+    except (ValueError, AttributeError):
+        user_id = None
+    return lost_stream_events(request.path, user_id, message).encode()
 
 
 async def _lifespan(receive: Any, send: Any) -> None:

@@ -15,8 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from adapters_store import validate_user_id
 from adapters_store.training import FileRecord, JobEvent, JobRecord, TrainingStore
-from server.finetune.data import TrainingDataError, encode_rows, parse_jsonl
 from server.finetune.worker import FineTuneConfig, JobWorker
+from vera_core.train_data import TrainingDataError, read_examples
 
 ADMIN_OWNER = "*admin"
 PURPOSE = "fine-tune"
@@ -54,7 +54,7 @@ class FineTuningService:
         if purpose != PURPOSE:
             raise FineTuneInvalid(f"purpose {purpose!r} is not supported; use {PURPOSE!r}")
         limits = self.config.limits
-        encode_rows(parse_jsonl(content, limits), self.tokenizer, limits)
+        read_examples(content, self.tokenizer, limits)
         return self.store.put_file(_owner(caller), filename or "upload.jsonl", purpose, content)
 
     def file(self, caller: str | None, file_id: str) -> FileRecord:

@@ -28,9 +28,9 @@ from adapters_store import StoreUnavailable
 from adapters_store.training import JobRecord, TrainingStore
 from server.adapter_service import AdapterService
 from server.engine import Engine, EngineStopped
-from server.finetune.data import DataLimits, TrainingDataError, encode_rows, parse_jsonl
 from vera_core.inject import VeraModel
-from vera_core.train import IGNORE, AdapterTrainer, Example, StepReport, TrainConfig
+from vera_core.train import AdapterTrainer, StepReport, TrainConfig
+from vera_core.train_data import IGNORE, DataLimits, Example, TrainingDataError, read_examples
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class JobWorker:
             if content is None:
                 raise TrainingDataError(f"the {kind} file {file_id} was deleted before training")
             try:
-                out.append(encode_rows(parse_jsonl(content, limits), self.tokenizer, limits))
+                out.append(read_examples(content, self.tokenizer, limits))
             except TrainingDataError as e:
                 raise TrainingDataError(f"{kind} file {file_id}: {e}") from None
         return out[0], out[1]

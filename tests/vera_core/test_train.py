@@ -13,15 +13,8 @@ import torch
 from server.model_source import load_model
 from vera_core import VeraConfig, inject_vera
 from vera_core.adapter_file import load_adapter, save_adapter
-from vera_core.train import (
-    IGNORE,
-    AdapterTrainer,
-    Example,
-    TrainConfig,
-    encode_example,
-    read_jsonl,
-    train_adapter,
-)
+from vera_core.train import AdapterTrainer, TrainConfig, train_adapter
+from vera_core.train_data import IGNORE, DataLimits, Example, read_examples
 
 FACTS = {  # fact -> (answer, trained question, unseen paraphrase)
     "Vantrell": ("Your name is Alice Vantrell.", "What is my name?", "What am I called?"),
@@ -32,7 +25,7 @@ PAD_TOKENIZER = type("Tok", (), {"pad_token_id": 0})()  # the trainer reads only
 
 
 def rows() -> list[dict]:
-    """The issue's case: three facts, one example each."""
+    """Three facts, one example each."""
     return [
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
         for a, q, _ in FACTS.values()
@@ -156,26 +149,14 @@ def test_training_leaves_bank_mode_and_base_grads_alone(make_tiny, training_mode
 
 
 # -- the real model, default config ------------------------------------------------------------
-def test_labels_cover_only_the_completion() -> None:
-    _, tok, _ = load_model()
-    ex = encode_example(rows()[0], tok, 512)
-    taught = [t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE]
-    assert "Vantrell" in tok.decode(taught)
-    assert "my name?" not in tok.decode(taught)  # the question is not trained on
-    ex2 = encode_example({"prompt": "Q: hi\nA:", "completion": " hello"}, tok, 512)
-    assert tok.decode([t for t, lab in zip(ex2.input_ids, ex2.labels) if lab != IGNORE]).startswith(
-        " hello"
-    )
-
-
 @pytest.mark.slow
 def test_default_config_teaches_three_facts_from_three_examples(tmp_path) -> None:
-    """The issue's case: 3 examples, nothing but ``TrainConfig()``; every fact recalled."""
+    """3 examples, nothing but ``TrainConfig()``: every fact recalled."""
     model, tok, _ = load_model()
     vm = inject_vera(model, VeraConfig(r=256), num_slots=2)
-    data = tmp_path / "facts.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows()))
-    adapter, report = train_adapter(vm, tok, read_jsonl(data), TrainConfig(), progress=False)
+    data = "\n".join(json.dumps(r) for r in rows()).encode()
+    examples = read_examples(data, tok, DataLimits.offline(512))  # what `vera-serve train` reads
+    adapter, report = train_adapter(vm, tok, examples, TrainConfig(), progress=False)
     assert report.stop_reason == "converged", report.summary()
     assert report.final_loss < TrainConfig().converged_loss
     assert all(p.grad is None for p in model.parameters())  # base weights stay frozen

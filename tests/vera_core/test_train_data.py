@@ -1,5 +1,5 @@
-"""Training files are checked line by line with messages that name the line and never quote it;
-hyperparameters are checked the way the OpenAI API documents them."""
+"""Training data is checked line by line with messages that name the line and never quote it;
+over-long examples are refused, never cut."""
 
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ import json
 
 import pytest
 
-from server.finetune.data import DataLimits, TrainingDataError, encode_rows, parse_jsonl
-from server.finetune.service import FineTuneInvalid, validate_hyperparameters
-from server.finetune.worker import resolve_hyperparameters
-from vera_core.train import IGNORE, TrainConfig
+from vera_core.train_data import (
+    IGNORE,
+    DataLimits,
+    TrainingDataError,
+    encode_example,
+    encode_rows,
+    parse_jsonl,
+    rows_of,
+)
 
 LIMITS = DataLimits(max_bytes=10_000, max_examples=5, max_example_tokens=64, max_total_tokens=200)
 SECRET = "Zanzibar-7731"  # stands for private training data: must never appear in a message
@@ -72,8 +77,8 @@ def test_empty_oversized_and_binary_files() -> None:
     assert "more than 5 examples" in problem(jsonl(*[chat()] * 6))
 
 
-def test_token_limits_name_the_line(ref_vm) -> None:
-    tok = ref_vm.tokenizer
+def test_token_limits_name_the_line(default_model_files) -> None:
+    _, tok, _ = default_model_files
     long = chat("word " * 100)
     with pytest.raises(TrainingDataError, match=r"line 2: the example is \d+ tokens; the limit"):
         encode_rows(parse_jsonl(jsonl(chat(), long), LIMITS), tok, LIMITS)
@@ -85,22 +90,18 @@ def test_token_limits_name_the_line(ref_vm) -> None:
     assert SECRET in tok.decode(taught)
 
 
-def test_hyperparameters() -> None:
-    auto = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
-    assert validate_hyperparameters({}) == auto
-    got = validate_hyperparameters({"n_epochs": 4, "learning_rate_multiplier": 0.5})
-    assert got == {**auto, "n_epochs": 4, "learning_rate_multiplier": 0.5}
-    for bad in (
-        {"n_epochs": 0},
-        {"n_epochs": 2.5},
-        {"n_epochs": True},
-        {"batch_size": 65},
-        {"learning_rate_multiplier": 0},
-        {"learning_rate_multiplier": "fast"},
-        {"epochs": 3},
-    ):
-        with pytest.raises(FineTuneInvalid):
-            validate_hyperparameters(bad)
-    config = resolve_hyperparameters({**auto, "n_epochs": 4, "learning_rate_multiplier": 0.5})
-    assert config.epochs == 4 and config.lr == TrainConfig().lr * 0.5
-    assert resolve_hyperparameters(auto) == TrainConfig()
+def test_in_memory_examples_are_checked_like_lines() -> None:
+    assert [r.line for r in rows_of([chat(), chat()])] == [1, 2]
+    with pytest.raises(TrainingDataError, match="line 2: the last message") as e:
+        rows_of([chat(), {"messages": [{"role": "user", "content": SECRET}]}])
+    assert SECRET not in str(e.value)
+
+
+def test_labels_cover_only_the_completion(default_model_files) -> None:
+    _, tok, _ = default_model_files
+    ex = encode_example(chat(), tok)
+    taught = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE])
+    assert SECRET in taught and "What is my code?" not in taught  # the question is not taught
+    ex = encode_example({"prompt": "Q: hi\nA:", "completion": " hello"}, tok)
+    taught = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE])
+    assert taught.startswith(" hello") and ex.input_ids[-1] == tok.eos_token_id

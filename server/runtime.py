@@ -36,7 +36,6 @@ class Runtime:
     vm: VeraModel
     tokenizer: PreTrainedTokenizerBase
     model_name: str
-    fingerprint: str
     storage: Storage  # the backend chosen from --store, and the API-key registry beside it
     store: AdapterStore
     pool: SlotPool
@@ -86,18 +85,17 @@ class Runtime:
             log.info("decode step compiled and warmed in %.1f s", engine.warm_up())
         fine_tuning = _fine_tuning(config, storage, engine, vm, tokenizer, adapters, path.name)
         rt = cls(
-            config,
-            vm,
-            tokenizer,
-            path.name,
-            fingerprint,
-            storage,
-            store,
-            pool,
-            adapters,
-            engine,
-            fine_tuning,
-            base_bytes,
+            config=config,
+            vm=vm,
+            tokenizer=tokenizer,
+            model_name=path.name,
+            storage=storage,
+            store=store,
+            pool=pool,
+            adapters=adapters,
+            engine=engine,
+            fine_tuning=fine_tuning,
+            base_model_bytes=base_bytes,
         )
         rt._log_startup(path, time.perf_counter() - t0)
         return rt

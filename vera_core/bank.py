@@ -60,10 +60,5 @@ class VeraBank:
             raise ValueError("slot 0 is reserved for 'no adapter'")
         self.rows[slot].copy_(flat, non_blocking=True)
 
-    @torch.no_grad()
-    def clear(self, slot: int) -> None:
-        if slot != NO_ADAPTER:
-            self.rows[slot].zero_()
-
     def nbytes(self) -> int:
         return self.rows.numel() * self.rows.element_size()

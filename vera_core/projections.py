@@ -31,10 +31,6 @@ class Projections:
         b = kaiming_uniform((max_out, r), g)
         return cls(a, b)
 
-    @property
-    def r(self) -> int:
-        return self.A.shape[0]
-
     def to(self, device: torch.device | str, dtype: torch.dtype) -> Projections:
         return Projections(self.A.to(device, dtype), self.B.to(device, dtype))
 

@@ -314,3 +314,15 @@ def test_no_default_targets_for_unknown_model_type(make_tiny):
     model.config.model_type = "mystery"
     with pytest.raises(ValueError, match="mystery"):
         inject_vera(model, VeraConfig(r=R))
+
+
+def test_target_modules_parse_alike_everywhere() -> None:
+    """``--target-modules`` of ``serve`` and ``train``: names with spaces, all-linear, a regex."""
+    from vera_core.config import parse_targets
+
+    assert parse_targets(" q_proj, v_proj ,") == ("q_proj", "v_proj")
+    assert parse_targets("") == ()
+    assert parse_targets("all-linear") == ("all-linear",)
+    assert parse_targets(r"model\.layers\.{0,1}\.self_attn\.(q|v)_proj") == (
+        r"model\.layers\.{0,1}\.self_attn\.(q|v)_proj",  # a regex may hold a comma
+    )

@@ -196,8 +196,8 @@ def cpu_has_native_bf16() -> bool:
 
 def _env_default(f: Any) -> Any:
     raw = os.environ.get(f"VERA_{f.name.upper()}")
-    default = f.default if f.default is not MISSING else None
-    if raw is None:
+    default: Any = f.default if f.default is not MISSING else None
+    if raw is None or default is None:
         return default
     if isinstance(default, bool):
         return raw.lower() in ("1", "true", "yes", "on")

@@ -110,7 +110,8 @@ def load_model(
     path = resolve_model_path(model)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    lm.to(device).eval()
+    torch.nn.Module.to(lm, device)  # (transformers' typing of .to wants a model argument)
+    lm.eval()
     lm.requires_grad_(False)
     head = lm.get_output_embeddings()
     if head is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from torch import nn
+from transformers import PreTrainedModel
 
 _CONFIG_KEYS = (
     "model_type",
@@ -26,7 +26,7 @@ _CONFIG_KEYS = (
 )
 
 
-def model_fingerprint(model: nn.Module) -> str:
+def model_fingerprint(model: PreTrainedModel) -> str:
     cfg = model.config
     arch = {k: getattr(cfg, k) for k in _CONFIG_KEYS if getattr(cfg, k, None) is not None}
     h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from vera_core.bank import VeraBank
@@ -41,11 +42,14 @@ def _matches(name: str, targets: tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def find_targets(model: nn.Module, config: VeraConfig) -> list[tuple[str, nn.Module]]:
+LinearLayer = nn.Linear | Conv1D  # what VeRA can adapt
+
+
+def find_targets(model: PreTrainedModel, config: VeraConfig) -> list[tuple[str, LinearLayer]]:
     """Targeted linear layers, in module order; a clear error if a target names nothing."""
     targets = config.resolved_targets(getattr(model.config, "model_type", ""))
-    output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    found: list[tuple[str, nn.Module]] = []
+    output_head = model.get_output_embeddings()
+    found: list[tuple[str, LinearLayer]] = []
     for name, module in model.named_modules():
         if not isinstance(module, _LINEAR_TYPES) or module is output_head:
             continue
@@ -69,7 +73,7 @@ def find_targets(model: nn.Module, config: VeraConfig) -> list[tuple[str, nn.Mod
     return found
 
 
-def layout_for(model: nn.Module, config: VeraConfig) -> Layout:
+def layout_for(model: PreTrainedModel, config: VeraConfig) -> Layout:
     specs = []
     for name, module in find_targets(model, config):
         fin, fout = linear_shape(module)
@@ -90,7 +94,7 @@ class VeraModel:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: PreTrainedModel,
         config: VeraConfig,
         layout: Layout,
         projections: Projections,
@@ -131,7 +135,7 @@ class VeraModel:
 
 
 def inject_vera(
-    model: nn.Module,
+    model: PreTrainedModel,
     config: VeraConfig,
     num_slots: int = 2,
     bank_dtype: torch.dtype = torch.float32,

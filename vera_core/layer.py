@@ -40,7 +40,7 @@ class VeraLinear(nn.Module):
     def __init__(
         self,
         name: str,
-        base: nn.Module,
+        base: nn.Linear | Conv1D,
         projections: Projections,
         bank: VeraBank,
         forwards: ForwardSlot,

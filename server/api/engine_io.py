@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
@@ -26,7 +26,7 @@ _SSE_EVENT = {
     "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
     "required": ["data"],
 }
-STREAM_200 = {
+STREAM_200: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "JSON, or Server-Sent Events when the request sets stream=true",
         "content": {"text/event-stream": {"schema": _SSE_EVENT}},

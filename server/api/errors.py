@@ -43,7 +43,7 @@ def error_response(status: int, message: str, kind: str, headers=None) -> JSONRe
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-_MAPPING: list[tuple[type[BaseException], int, str]] = [
+_MAPPING: list[tuple[type[Exception], int, str]] = [
     (InvalidUserId, 400, "invalid_user_id"),
     (AdapterNotFound, 404, "adapter_not_found"),
     (StoreUnavailable, 503, "store_unavailable"),

@@ -15,7 +15,7 @@ from server.api.engine_io import (
     sse_stream,
     submit,
 )
-from server.api.schemas import GenerateRequest, GenerateResponse, error_responses
+from server.api.schemas import GenerateRequest, GenerateResponse, Usage, error_responses
 from server.api.streams import StreamEvent, native_done
 from server.engine import Event
 
@@ -64,6 +64,6 @@ async def generate(
         text=out.text,
         finish_reason=out.final.finish_reason or "stop",
         adapter_version=version,
-        usage=out.final.usage,
+        usage=Usage.model_validate(out.final.usage),
         timing=out.final.timing or {},
     )

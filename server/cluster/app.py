@@ -9,9 +9,9 @@ needs: an admin token and a shared (database) store.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, cast
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 from ray.serve.config import RequestRouterConfig
 
 from server import config as server_config
@@ -27,22 +27,31 @@ APP_NAME = "vera"
 
 
 def build_application(server: ServerConfig, cluster: ClusterConfig) -> Application:
-    board = StatsBoard.bind()
+    # @serve.deployment turned each class into a Deployment (its stubs keep the class type)
+    board = cast(Deployment, StatsBoard).bind()
     per_replica = server.max_batch + server.max_waiting  # the engine bounds its own queue
-    engines = EngineReplica.options(
-        num_replicas=cluster.replicas,
-        max_ongoing_requests=per_replica,
-        ray_actor_options={"num_cpus": cluster.replica_cpus, "num_gpus": cluster.replica_gpus},
-        graceful_shutdown_timeout_s=DRAIN_S,
-        health_check_period_s=HEALTH_PERIOD_S,
-        request_router_config=RequestRouterConfig(
-            request_router_class=UserAffinityRouter,
-            request_router_kwargs={"slack": cluster.affinity_slack},
-        ),
-    ).bind(server, board, cluster.replica_threads)
-    return Gateway.options(
-        max_ongoing_requests=cluster.replicas * per_replica, graceful_shutdown_timeout_s=DRAIN_S
-    ).bind(engines, board, server.max_body_bytes)
+    engines = (
+        cast(Deployment, EngineReplica)
+        .options(
+            num_replicas=cluster.replicas,
+            max_ongoing_requests=per_replica,
+            ray_actor_options={"num_cpus": cluster.replica_cpus, "num_gpus": cluster.replica_gpus},
+            graceful_shutdown_timeout_s=DRAIN_S,
+            health_check_period_s=HEALTH_PERIOD_S,
+            request_router_config=RequestRouterConfig(
+                request_router_class=cast(Any, UserAffinityRouter),  # a class or an import path
+                request_router_kwargs={"slack": cluster.affinity_slack},
+            ),
+        )
+        .bind(server, board, cluster.replica_threads)
+    )
+    return (
+        cast(Deployment, Gateway)
+        .options(
+            max_ongoing_requests=cluster.replicas * per_replica, graceful_shutdown_timeout_s=DRAIN_S
+        )
+        .bind(engines, board, server.max_body_bytes)
+    )
 
 
 def app_builder(args: dict[str, Any]) -> Application:

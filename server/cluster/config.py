@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from server.config import ServerConfig
 
@@ -78,7 +79,7 @@ def require_shared_store(server: ServerConfig) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per ``ClusterConfig`` field, defaulting to ``VERA_<NAME>``, then the default."""
     for f in fields(ClusterConfig):
-        kind = type(f.default)
+        kind: Any = type(f.default)
         raw = os.environ.get(f"VERA_{f.name.upper()}")
         parser.add_argument(
             "--" + f.name.replace("_", "-"),

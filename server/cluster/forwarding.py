@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 Headers = tuple[tuple[bytes, bytes], ...]
-AsgiApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Any]
+AsgiApp = Callable[[Any, Any, Any], Awaitable[None]]  # (scope, receive, send)
 
 _END = object()  # sentinel after the app returns
 WIND_DOWN_S = 5.0  # how long an abandoned request's app task may take to stop

@@ -21,7 +21,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from ray import serve
@@ -89,7 +89,7 @@ class GatewayApp:
             client=tuple(request.scope["client"]) if request.scope.get("client") else None,
         )
         stream = self.engines.options(multiplexed_model_id=routing_key(forwarded)).forward
-        replies: DeploymentResponseGenerator = stream.remote(forwarded)
+        replies = cast(DeploymentResponseGenerator, stream.remote(forwarded))  # stream=True
         head = await _head(replies, request.receive)
         if not isinstance(head, ResponseHead):
             replies.cancel()  # stop the request upstream: the sequence frees its KV rows
@@ -126,7 +126,12 @@ async def _head(
             replies.cancel()
     if head.cancelled():
         return None
-    return head.exception() or head.result()
+    error = head.exception()
+    if error is None:
+        return head.result()
+    if isinstance(error, Exception):
+        return error
+    raise error
 
 
 async def _disconnect(receive: Any) -> None:

@@ -21,6 +21,7 @@ import random
 import re
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ray.serve.request_router import (
     FIFOMixin,
@@ -127,8 +128,9 @@ class UserAffinityRouter(FIFOMixin, RequestRouter):
     """``rank_replicas`` with the loads this router knows: the larger of Ray's queue-length
     cache and its own ``PlacementLedger``."""
 
-    def initialize_state(self, slack: int = 4) -> None:
-        self.slack = slack
+    def initialize_state(self, **kwargs: Any) -> None:
+        """``request_router_kwargs``: ``slack`` (see ``ClusterConfig.affinity_slack``)."""
+        self.slack = int(kwargs.get("slack", 4))
         self.ledger = PlacementLedger()
 
     async def choose_replicas(

@@ -316,10 +316,12 @@ class SlotPool:
         if entry.error is not None:
             raise entry.error
         if entry.flat is None:
-            return self._wait_or_raise(ticket, loading=True)
+            self._raise_if_late(ticket, loading=True)
+            return None
         slot = self._take_slot()
         if slot is None:
-            return self._wait_or_raise(ticket, loading=False)
+            self._raise_if_late(ticket, loading=False)
+            return None
         self.bank.load(slot, entry.flat)
         self._slot_key[slot], self._by_key[ticket.key] = ticket.key, slot
         return slot
@@ -340,10 +342,11 @@ class SlotPool:
         self._stale.discard(slot)
         self._free.append(slot)
 
-    def _wait_or_raise(self, ticket: SlotTicket, loading: bool) -> None:
+    def _raise_if_late(self, ticket: SlotTicket, loading: bool) -> None:
+        """The ticket may wait longer, or it waited past the acquire timeout: raise why."""
         waited = time.monotonic() - ticket.created
         if waited <= self.acquire_timeout_s:
-            return None
+            return
         if loading:
             raise AdapterLoadTimeout(
                 f"adapter {ticket.user_id!r} v{ticket.version} did not reach host memory in "

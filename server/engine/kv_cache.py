@@ -121,6 +121,7 @@ class SlotKVCache:
             self.keys[layer_idx] = _zeros(shape, key.dtype, key.device)
             self.values[layer_idx] = _zeros(shape, key.dtype, key.device)
         kbuf, vbuf = self.keys[layer_idx], self.values[layer_idx]
+        assert kbuf is not None and vbuf is not None
         if isinstance(step, PrefillForward):
             return self._write_chunks(step, kbuf, vbuf, key, value)
         assert isinstance(step, DecodeForward), "the engine sets a step forward first"

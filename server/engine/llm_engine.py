@@ -358,13 +358,13 @@ class Engine:
 
 def _timing(seq: Sequence) -> dict[str, float]:
     end = seq.finished_at or time.perf_counter()
-    ttft = (seq.first_token_at - seq.arrival) if seq.first_token_at else None
     out = {"total_ms": round((end - seq.arrival) * 1e3, 2)}
-    if ttft is not None:
-        out["ttft_ms"] = round(ttft * 1e3, 2)
+    first = seq.first_token_at
+    if first is not None:
+        out["ttft_ms"] = round((first - seq.arrival) * 1e3, 2)
         n = len(seq.output_ids)
         if n > 1:
-            out["decode_tokens_per_s"] = round((n - 1) / max(1e-9, end - seq.first_token_at), 2)
+            out["decode_tokens_per_s"] = round((n - 1) / max(1e-9, end - first), 2)
     return out
 
 

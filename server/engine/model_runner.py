@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -120,7 +122,7 @@ class ModelRunner:
     # -- forwards -------------------------------------------------------------------------
     def _forward(
         self,
-        model: torch.nn.Module,
+        model: Callable[..., Any],  # the model, or its compiled decode step
         ids: torch.Tensor,  # [batch, tokens]
         mask: torch.Tensor,  # [batch, 1, tokens, kv_len] bool, True = attend
         pos: torch.Tensor,  # [batch, tokens] position ids

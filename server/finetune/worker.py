@@ -210,7 +210,7 @@ class JobWorker:
 
     def _examples(self, job: JobRecord) -> tuple[list[Example], list[Example]]:
         limits = self.config.limits
-        out = []
+        out: list[list[Example]] = []
         for kind, file_id in (("training", job.training_file), ("validation", job.validation_file)):
             if file_id is None:
                 out.append([])

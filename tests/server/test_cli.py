@@ -95,4 +95,4 @@ def test_train_reports_bad_data(tiny_dir: Path, tmp_path: Path, capsys) -> None:
             str(tmp_path / "x.safetensors"),
         ]
     )
-    assert code == 2 and "needs 'messages' or 'prompt'" in capsys.readouterr().err
+    assert code == 2 and "line 1: each example needs 'messages'" in capsys.readouterr().err

@@ -38,7 +38,7 @@ def prefilled(vm, tokenizer, n: int, generated: int, compile: bool) -> tuple[Mod
         seq.kv_row = i
         seqs.append(seq)
     runner.kv.reserve(n, max(len(s.prompt_ids) for s in seqs) + generated + 1)
-    runner.prefill([Chunk(s, 0, len(s.prompt_ids)) for s in seqs])
+    runner.prefill([Chunk(s, 0, len(s.prompt_ids), final=True) for s in seqs])
     for s in seqs:
         s.output_ids = [100]
         s.num_cached += generated  # as if ``generated`` tokens were decoded already

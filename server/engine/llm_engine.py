@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -39,15 +39,38 @@ from server.engine.errors import ContextTooLong, EngineStopped, QueueFull
 from server.engine.model_runner import ModelRunner
 from server.engine.sampler import sample
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from server.engine.sequence import Channel, Event, Sequence, Status
 from server.engine.stats import EngineStats
 from vera_core.inject import VeraModel
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+ANONYMOUS = "anonymous"  # the client of a base-model request that names none
 _IDLE_WAIT_S = 1.0  # nothing to do: look at the stop flag this often
 _WAITING_WAIT_S = 0.5  # sequences wait for adapters: re-check their acquire deadline this often
+
+
+class TenantPolicy(Protocol):
+    """What the engine asks about a client (a tenant): its weight (fair share: 2 = twice the
+    service of weight 1) and how many requests it may have queued."""
+
+    def weight(self, client: str) -> float: ...
+
+    def max_waiting(self, client: str) -> int: ...
+
+
+@dataclass(frozen=True)
+class TenantDefaults:
+    """Every client alike: weight 1, the same share of the queue."""
+
+    max_waiting_per_client: int
+
+    def weight(self, client: str) -> float:
+        return 1.0
+
+    def max_waiting(self, client: str) -> int:
+        return self.max_waiting_per_client
 
 
 @dataclass(frozen=True)
@@ -71,13 +94,17 @@ class Engine:
         tokenizer: PreTrainedTokenizerBase,
         pool: SlotPool | None,
         config: EngineConfig,
+        tenants: TenantPolicy | None = None,
     ) -> None:
+        """``tenants``: each client's weight and queue share (default: weight 1, the
+        config's ``max_waiting_per_client``)."""
         self.vm = vm
         self.model = vm.model
         self.tokenizer = tokenizer
         self.pool = pool
         self.config = config
-        self.scheduler = Scheduler(config.scheduler, pool)
+        self.tenants = tenants or TenantDefaults(config.scheduler.max_waiting_per_client)
+        self.scheduler = Scheduler(config.scheduler, pool, self.tenants.weight)
         self.device = next(self.model.parameters()).device
         cfg = self.model.config
         self.context_limit = min(
@@ -138,8 +165,11 @@ class Engine:
         prompt_ids: list[int],
         params: SamplingParams,
         loop: asyncio.AbstractEventLoop | None = None,
+        client: str | None = None,
     ) -> Sequence:
-        """Queue a request. Raises QueueFull, ContextTooLong, EngineStopped, or the store's
+        """Queue a request with ``user_id``'s adapter (None: the base model), counted against
+        ``client`` (default: ``user_id``, else "anonymous"). Raises QueueFull (the queue, or
+        this client's share of it), ContextTooLong, EngineStopped, or the store's
         AdapterNotFound when ``user_id`` has no adapter."""
         if not prompt_ids:
             raise ContextTooLong("the prompt is empty")
@@ -156,6 +186,7 @@ class Engine:
             params=params,
             channel=Channel(loop),
             detok=StopChecker(self.tokenizer, params.stop),
+            client=client or user_id or ANONYMOUS,
         )
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -172,6 +203,14 @@ class Engine:
                 raise EngineStopped("the server is shutting down")
             if len(self._inbox) + len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
                 raise QueueFull(f"{self.config.scheduler.max_waiting} requests already queued")
+            share = self.tenants.max_waiting(seq.client)
+            mine = self.scheduler.waiting.queued(seq.client)
+            mine += sum(1 for s in self._inbox if s.client == seq.client)
+            if mine >= share:
+                raise QueueFull(
+                    f"{seq.client!r} already has {mine} requests queued, its share of the "
+                    f"queue is {share}; retry when some have started"
+                )
             self._inbox.append(seq)
             self.stats.submitted += 1
             self._cv.notify()
@@ -277,9 +316,12 @@ class Engine:
             self._end(seq, "cancelled")
         for seq, why in plan.failed:
             self._fail(seq, why)
+        self.stats.preemptions += len(plan.preempted)
+        t0 = time.perf_counter()
         out = self.runner.run(plan, self.scheduler.running)
         if out is not None:
             self._postprocess(*out)
+        _share_step_time(plan, time.perf_counter() - t0)
         for seq in list(self.scheduler.running):
             if seq.cancelled.is_set():
                 self._end(seq, "cancelled")
@@ -354,6 +396,19 @@ class Engine:
         for seq in list(self.scheduler.running) + self.scheduler.take_waiting():
             self._fail(seq, message)
         self.runner.idle()
+
+
+def _share_step_time(plan: StepPlan, seconds: float) -> None:
+    """Give each sequence of the step its share of the step's time, by the tokens it put
+    through the model (a prompt chunk's length; one per decoded row)."""
+    tokens = sum(c.length for c in plan.prefill) + len(plan.decode)
+    if not tokens:
+        return
+    per_token = seconds / tokens
+    for chunk in plan.prefill:
+        chunk.seq.engine_seconds += chunk.length * per_token
+    for seq in plan.decode:
+        seq.engine_seconds += per_token
 
 
 def _timing(seq: Sequence) -> dict[str, float]:

@@ -154,7 +154,7 @@ class ModelRunner:
         pos = torch.zeros(len(chunks), width, dtype=torch.long)
         for i, c in enumerate(chunks):
             ids[i, width - c.length :] = torch.tensor(
-                c.seq.prompt_ids[c.start : c.start + c.length]
+                c.seq.context_ids()[c.start : c.start + c.length]
             )
             pos[i, width - c.length :] = torch.arange(c.start, c.start + c.length)
         step = PrefillForward(

@@ -13,15 +13,25 @@ Chunked prefill: each step prefills at most ``max_prefill_tokens`` prompt tokens
 the prompts already admitted (oldest first) before admitting new ones, so a long prompt or a
 burst is spread over several steps and every running stream still gets one token per step.
 A sequence decodes once its whole prompt is in the KV cache.
+
+Who is admitted is the ``FairQueue``'s order (virtual token counters per client, or FIFO). When
+every row is taken and the next client in that order holds fewer rows than its weighted share,
+the scheduler preempts the most recently admitted sequence of the client furthest over its
+share (whose counter is above the waiting one's): its row is freed now, and it goes back to
+the head of its client's queue to be prefilled again (prompt and output so far) when it is
+next admitted. So a client flooding every row makes another wait one step, not until its own
+requests end; preempted work is recomputed, and is not charged again.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from server.engine.adapter_slots import SlotTicket
+from server.engine.fair_queue import FairnessConfig, FairQueue
 from server.engine.sequence import Sequence, Status
 
 
@@ -30,9 +40,12 @@ class SchedulerConfig:
     max_batch: int = 64  # running sequences (KV rows)
     max_prefill_tokens: int = 512  # prompt tokens prefilled per step (chunks of prompts)
     max_waiting: int = 1024  # queue bound; beyond it submit() is refused (HTTP 429)
+    max_waiting_per_client: int = 256  # one client's share of the queue; beyond it: its 429
+    fairness: FairnessConfig = FairnessConfig()
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_prefill_tokens < 1 or self.max_waiting < 1:
+        limits = (self.max_batch, self.max_prefill_tokens, self.max_waiting)
+        if min(limits) < 1 or self.max_waiting_per_client < 1:
             raise ValueError("scheduler limits must be >= 1")
 
 
@@ -51,16 +64,13 @@ class AdapterSlots(Protocol):
 
 @dataclass(frozen=True)
 class Chunk:
-    """Prompt tokens ``[start, start + length)`` of ``seq`` to prefill this step."""
+    """Context tokens ``[start, start + length)`` of ``seq`` to prefill this step (its prompt,
+    and the output so far when a preempted sequence is prefilled again)."""
 
     seq: Sequence
     start: int
     length: int
-
-    @property
-    def final(self) -> bool:
-        """The prompt is complete after this chunk: its last logits give the first token."""
-        return self.start + self.length == len(self.seq.prompt_ids)
+    final: bool  # the context is cached after it: its last logits give the next token
 
 
 @dataclass(frozen=True)
@@ -79,15 +89,22 @@ class StepPlan:
     decode: list[Sequence] = field(default_factory=list)  # prompt cached: one token each
     dropped: list[Sequence] = field(default_factory=list)  # cancelled while waiting
     failed: list[tuple[Sequence, str]] = field(default_factory=list)  # could never start: why
+    preempted: list[Sequence] = field(default_factory=list)  # back in the queue, row freed
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, slots: AdapterSlots | None = None) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        slots: AdapterSlots | None = None,
+        weight: Callable[[str], float] = lambda _: 1.0,
+    ) -> None:
         """``slots``: where sequences with an adapter ticket claim their slot (None: every
-        sequence runs the base model)."""
+        sequence runs the base model). ``weight(client)``: a client's share (its tier)."""
         self.config = config
         self.slots = slots
-        self.waiting: deque[Sequence] = deque()
+        self.weight = weight
+        self.waiting = FairQueue(config.fairness, weight)
         self.running: list[Sequence] = []
         self.prefilling: deque[Sequence] = deque()  # running, prompt not fully cached yet
         self._moves: list[RowMove] = []
@@ -96,88 +113,176 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self.waiting.push(seq, {s.client for s in self.running})
 
     def schedule(self) -> StepPlan:
         """Decode every sequence whose prompt is cached; spend the prefill budget on the
-        prompts in progress, then admit waiting sequences FIFO while rows and budget last.
-        A sequence whose adapter slot is not ready yet stays queued without blocking those
-        behind it."""
-        plan = StepPlan(moves=self._moves)
-        self._moves = []
-        plan.decode = [s for s in self.running if s not in self.prefilling]
+        prompts in progress, then admit waiting sequences in the queue's order while rows and
+        budget last (preempting for a client below its share when rows are full). A client
+        whose next sequence cannot start yet (its adapter is loading) does not block others."""
+        plan = StepPlan(decode=[s for s in self.running if s not in self.prefilling])
         budget = self.config.max_prefill_tokens
         for seq in list(self.prefilling):  # _chunk removes finished prompts
             if budget == 0:
                 break
             budget -= self._chunk(plan, seq, budget)
-        kept: deque[Sequence] = deque()
-        while self.waiting:
-            seq = self.waiting.popleft()
-            if seq.cancelled.is_set():
-                seq.status = Status.FINISHED
-                plan.dropped.append(seq)
-            elif (
-                len(self.running) < self.config.max_batch and budget > 0 and self._start(seq, plan)
-            ):
-                budget -= self._chunk(plan, seq, budget)
-            elif seq.status is Status.WAITING:
-                kept.append(seq)
-        self.waiting = kept
+        for seq in [s for s in self.waiting if s.cancelled.is_set()]:
+            self.waiting.remove(seq)
+            seq.status = Status.FINISHED
+            plan.dropped.append(seq)
+        admitted: list[Sequence] = []
+        blocked: set[str] = set()
+        while budget > 0:
+            client = next((c for c in self.waiting.order() if c not in blocked), None)
+            if client is None:
+                break
+            seq = self.waiting.head(client)
+            claimed = self._claim_slot(seq, plan)
+            if claimed is None:  # can never start: failed, in the plan
+                self.waiting.pop(client)
+                continue
+            if not claimed:  # its adapter is not ready yet
+                blocked.add(client)
+                continue
+            if len(self.running) >= self.config.max_batch:
+                victim = self._victim(client, admitted)
+                if victim is None:  # no row for this client; another may take one back
+                    self._unclaim(seq)
+                    blocked.add(client)
+                    continue
+                budget += self._preempt(victim, plan)
+            self.waiting.pop(client)
+            if seq.preemptions == 0:  # a recompute is not charged again
+                self.waiting.charge(client, prompt_tokens=len(seq.prompt_ids))
+            self._admit(seq)
+            admitted.append(seq)
+            budget -= self._chunk(plan, seq, budget)
+        for seq in plan.decode:
+            self.waiting.charge(seq.client, output_tokens=1)
+        for chunk in plan.prefill:
+            if chunk.final:  # its last logits give a token
+                self.waiting.charge(chunk.seq.client, output_tokens=1)
+        plan.moves, self._moves = self._moves, []
         return plan
 
     def finish(self, seq: Sequence) -> None:
         """Remove a running sequence and unpin its adapter slot; the last running sequence
         takes its KV row (the copy is a move of the next plan), so rows stay compact."""
-        row = seq.kv_row
-        if seq in self.prefilling:  # cancelled or failed mid-prompt
-            self.prefilling.remove(seq)
-        last = self.running.pop()
+        self._release_row(seq)
         seq.status = Status.FINISHED
-        seq.kv_row = -1
+
+    def take_waiting(self) -> list[Sequence]:
+        """Empty the queue (the engine is failing everything); returns what was in it."""
+        out = list(self.waiting)
+        for seq in out:
+            self.waiting.remove(seq)
+        return out
+
+    def tenants(self) -> dict[str, dict[str, float | int]]:
+        """Every client seen: its counter, weight, running and waiting sequences (a snapshot,
+        safe from any thread)."""
+        rows = Counter(s.client for s in list(self.running))
+        return {
+            client: {
+                "counter": round(counter, 1),
+                "weight": self.weight(client),
+                "running": rows.get(client, 0),
+                "waiting": waiting,
+            }
+            for client, (counter, waiting) in self.waiting.snapshot().items()
+        }
+
+    # -- admission ------------------------------------------------------------------------
+    def _claim_slot(self, seq: Sequence, plan: StepPlan) -> bool | None:
+        """Pin ``seq``'s adapter slot. True: it may start; False: not yet (loading, every
+        slot pinned); None: never (then it is in ``plan.failed``)."""
+        if seq.ticket is None:
+            return True
+        assert self.slots is not None, "a sequence with an adapter needs adapter slots"
+        try:
+            if seq.ticket.error is not None:
+                raise seq.ticket.error
+            slot = self.slots.acquire(seq.ticket)
+        except Exception as e:  # adapter vanished, slots exhausted: this one only
+            seq.status = Status.FINISHED
+            plan.failed.append((seq, str(e)))
+            return None
+        if slot is None:
+            return False
+        seq.adapter_slot = slot
+        return True
+
+    def _unclaim(self, seq: Sequence) -> None:
         if seq.adapter_slot:
             assert self.slots is not None
             self.slots.release(seq.adapter_slot)
             seq.adapter_slot = 0
+
+    def _admit(self, seq: Sequence) -> None:
+        seq.status = Status.RUNNING
+        seq.kv_row = len(self.running)
+        self.running.append(seq)
+        self.prefilling.append(seq)
+
+    def _chunk(self, plan: StepPlan, seq: Sequence, budget: int) -> int:
+        """Plan the next chunk of ``seq``'s context within ``budget``; return its length."""
+        need = len(seq.prompt_ids) + len(seq.output_ids) - seq.num_cached
+        chunk = Chunk(seq, seq.num_cached, min(budget, need), final=budget >= need)
+        plan.prefill.append(chunk)
+        if chunk.final:
+            self.prefilling.remove(seq)
+        return chunk.length
+
+    # -- preemption -----------------------------------------------------------------------
+    def _victim(self, client: str, admitted: list[Sequence]) -> Sequence | None:
+        """With every row taken: the sequence to preempt so that ``client`` gets a row, or
+        None (FIFO, preemption off, or nobody holds more than its share above ``client``)."""
+        fairness = self.config.fairness
+        if fairness.policy != "fair" or not fairness.preempt:
+            return None
+        rows = Counter(s.client for s in self.running)
+        active = set(rows) | set(self.waiting.order())
+        total = sum(self.weight(c) for c in active)
+        share = {c: self.config.max_batch * self.weight(c) / total for c in active}
+        if rows.get(client, 0) >= share[client]:
+            return None  # the waiting client already has its share
+        counters = self.waiting.counters
+        over = [
+            c
+            for c in rows
+            if c != client and rows[c] > share[c] and counters[c] >= counters[client]
+        ]
+        if not over:
+            return None
+        worst = max(over, key=lambda c: rows[c] - share[c])
+        candidates = [s for s in self.running if s.client == worst and s not in admitted]
+        return candidates[-1] if candidates else None  # the most recently admitted
+
+    def _preempt(self, seq: Sequence, plan: StepPlan) -> int:
+        """Take ``seq``'s row back now; it waits at its client's head, to be prefilled again.
+        Returns the prefill budget its planned chunk had taken (0 if none)."""
+        refund = sum(c.length for c in plan.prefill if c.seq is seq)
+        plan.prefill = [c for c in plan.prefill if c.seq is not seq]
+        if seq in plan.decode:
+            plan.decode.remove(seq)
+        self._release_row(seq)
+        seq.status = Status.WAITING
+        seq.num_cached = 0
+        seq.preemptions += 1
+        self.waiting.push_front(seq)
+        plan.preempted.append(seq)
+        return refund
+
+    def _release_row(self, seq: Sequence) -> None:
+        row = seq.kv_row
+        if seq in self.prefilling:  # cancelled or failed mid-prompt
+            self.prefilling.remove(seq)
+        last = self.running.pop()
+        seq.kv_row = -1
+        self._unclaim(seq)
         if not self.running:
             self._moves = []  # nothing left to read them: the cache is released
         elif last is not seq:
             self.running[row] = last
             self._moves.append(RowMove(last.kv_row, row, last.num_cached))
             last.kv_row = row
-
-    def take_waiting(self) -> list[Sequence]:
-        """Empty the queue (the engine is failing everything); returns what was in it."""
-        out = list(self.waiting)
-        self.waiting.clear()
-        return out
-
-    def _start(self, seq: Sequence, plan: StepPlan) -> bool:
-        """Claim ``seq``'s adapter slot and give it the next KV row; False if it waits (or
-        failed: then it is in ``plan.failed`` and leaves the queue)."""
-        if seq.ticket is not None:
-            assert self.slots is not None, "a sequence with an adapter needs adapter slots"
-            try:
-                if seq.ticket.error is not None:
-                    raise seq.ticket.error
-                slot = self.slots.acquire(seq.ticket)
-            except Exception as e:  # adapter vanished, slots exhausted: this one only
-                seq.status = Status.FINISHED
-                plan.failed.append((seq, str(e)))
-                return False
-            if slot is None:
-                return False
-            seq.adapter_slot = slot
-        seq.status = Status.RUNNING
-        seq.kv_row = len(self.running)
-        self.running.append(seq)
-        self.prefilling.append(seq)
-        return True
-
-    def _chunk(self, plan: StepPlan, seq: Sequence, budget: int) -> int:
-        """Plan the next chunk of ``seq``'s prompt within ``budget``; return its length."""
-        chunk = Chunk(seq, seq.num_cached, min(budget, len(seq.prompt_ids) - seq.num_cached))
-        plan.prefill.append(chunk)
-        if chunk.final:
-            self.prefilling.remove(seq)
-        return chunk.length

@@ -70,6 +70,7 @@ class Sequence:
     params: SamplingParams
     channel: Channel
     detok: StopChecker  # incremental text and stop strings of this request
+    client: str = "anonymous"  # the tenant it counts against (fair share, limits, usage)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     ticket: SlotTicket | None = None  # while an adapter is involved
@@ -77,6 +78,8 @@ class Sequence:
     adapter_version: int | None = None
     kv_row: int = -1
     num_cached: int = 0  # tokens whose K/V are in the cache
+    preemptions: int = 0  # times its row was taken back for a client below its share
+    engine_seconds: float = 0.0  # its share of the engine steps it took part in
     generator: torch.Generator | None = None  # seeded sampling
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrival: float = field(default_factory=time.perf_counter)
@@ -86,6 +89,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def context_ids(self) -> list[int]:
+        """Every token the KV cache must hold before the next decode: the prompt, and the
+        output so far when a preempted sequence is prefilled again."""
+        return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
 
     @property
     def text(self) -> str:

@@ -54,6 +54,7 @@ class EngineStats:
         self.submitted = 0
         self.completion_tokens = 0
         self.finish_reasons: Counter[str] = Counter()
+        self.preemptions = 0  # rows taken back for a client below its share
         self.ttft = Window(scale=1e3)  # seconds recorded, ms reported
         self.latency = Window(scale=1e3)
         self._recent: deque[tuple[float, int]] = deque(maxlen=4096)  # (time, tokens)

@@ -9,7 +9,7 @@ from server.engine.scheduler import RowMove, Scheduler, SchedulerConfig, StepPla
 from server.engine.sequence import Channel, Sequence, Status
 
 
-def seq(name: str, n: int = 4, user: str | None = None) -> Sequence:
+def seq(name: str, n: int = 4, user: str | None = None, client: str | None = None) -> Sequence:
     params = SamplingParams()
     s = Sequence(
         request_id=name,
@@ -18,6 +18,7 @@ def seq(name: str, n: int = 4, user: str | None = None) -> Sequence:
         params=params,
         channel=Channel(),
         detok=StopChecker(None, params.stop),
+        client=client or user or "anonymous",
     )
     if user is not None:
         s.ticket = SlotTicket(user, 1, 0.0)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from adapters_store.location import is_database_url
+from server.engine.fair_queue import POLICIES
 from vera_core.config import parse_targets
 
 COMPILE_MODES = ("auto", "on", "off")
@@ -49,6 +50,26 @@ class ServerConfig:
     )
     max_batch: int = field(default=64, metadata={"help": "max sequences decoded together"})
     max_waiting: int = field(default=512, metadata={"help": "queue bound; beyond it 429"})
+    max_waiting_per_user: int = field(
+        default=128,
+        metadata={
+            "help": "requests one user (tenant) may have queued; beyond it that user gets 429 "
+            "while others are still admitted (per-user override: admin limits API)"
+        },
+    )
+    scheduling: str = field(
+        default="fair",
+        metadata={
+            "help": "fair: users share the engine by virtual token counters, a flooding user "
+            "is preempted for one below its share; fifo: first come, first served"
+        },
+    )
+    fair_input_weight: float = field(
+        default=1.0, metadata={"help": "fair scheduling: counter charge per prompt token"}
+    )
+    fair_output_weight: float = field(
+        default=2.0, metadata={"help": "fair scheduling: counter charge per generated token"}
+    )
     max_prefill_tokens: int = field(
         default=512,
         metadata={
@@ -106,6 +127,7 @@ class ServerConfig:
         for name in (
             "max_batch",
             "max_waiting",
+            "max_waiting_per_user",
             "max_seq_len",
             "device_slots",
             "host_slots",
@@ -118,6 +140,10 @@ class ServerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if not 0 < self.train_share <= 1:
             raise ValueError("--train-share must be in (0, 1]")
+        if self.scheduling not in POLICIES:
+            raise ValueError(f"--scheduling must be one of {', '.join(POLICIES)}")
+        if self.fair_input_weight < 0 or self.fair_output_weight <= 0:
+            raise ValueError("--fair-input-weight must be >= 0 and --fair-output-weight > 0")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"--compile must be one of {', '.join(COMPILE_MODES)}")
         if self.max_training_file_mb <= 0:

@@ -20,6 +20,7 @@ from adapters_store.users import UserRegistry
 from server.adapter_service import AdapterService
 from server.config import ServerConfig
 from server.engine import Engine, EngineConfig, SlotPool
+from server.engine.fair_queue import FairnessConfig
 from server.engine.scheduler import SchedulerConfig
 from server.finetune.service import FineTuningService
 from server.finetune.worker import FineTuneConfig, JobWorker
@@ -71,6 +72,12 @@ class Runtime:
                 max_batch=config.max_batch,
                 max_prefill_tokens=config.max_prefill_tokens,
                 max_waiting=config.max_waiting,
+                max_waiting_per_client=config.max_waiting_per_user,
+                fairness=FairnessConfig(
+                    policy=config.scheduling,
+                    input_weight=config.fair_input_weight,
+                    output_weight=config.fair_output_weight,
+                ),
             ),
             max_seq_len=config.max_seq_len,
             background_share=config.train_share,

@@ -166,6 +166,7 @@ class Engine:
         params: SamplingParams,
         loop: asyncio.AbstractEventLoop | None = None,
         client: str | None = None,
+        key_id: str | None = None,
     ) -> Sequence:
         """Queue a request with ``user_id``'s adapter (None: the base model), counted against
         ``client`` (default: ``user_id``, else "anonymous"). Raises QueueFull (the queue, or
@@ -187,6 +188,7 @@ class Engine:
             channel=Channel(loop),
             detok=StopChecker(self.tokenizer, params.stop),
             client=client or user_id or ANONYMOUS,
+            key_id=key_id,
         )
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)

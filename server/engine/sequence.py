@@ -71,6 +71,7 @@ class Sequence:
     channel: Channel
     detok: StopChecker  # incremental text and stop strings of this request
     client: str = "anonymous"  # the tenant it counts against (fair share, limits, usage)
+    key_id: str | None = None  # the API key it came with (usage), never the key itself
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     ticket: SlotTicket | None = None  # while an adapter is involved

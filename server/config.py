@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from adapters_store.location import is_database_url
+from adapters_store import is_database_url
 
 COMPILE_MODES = ("auto", "on", "off")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -16,12 +16,12 @@ from adapters_store import (
     SlotsExhausted,
     StoreError,
     StoreUnavailable,
-    UserExists,
 )
-from adapters_store.errors import JobLimit
+from server.auth import UserExists
 from server.engine import ContextTooLong, EngineStopped, QueueFull
 from server.finetune.data import TrainingDataError
 from server.finetune.service import FineTuneForbidden, FineTuneInvalid, FineTuneNotFound
+from server.finetune.store import JobLimit
 from vera_core.errors import VeraError
 
 log = logging.getLogger("vera-serve")

@@ -14,8 +14,9 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from adapters_store import validate_user_id
-from adapters_store.training import FileRecord, JobEvent, JobRecord, TrainingStore
 from server.finetune.data import TrainingDataError, encode_rows, parse_jsonl
+from server.finetune.records import FileRecord, JobEvent, JobRecord
+from server.finetune.store import JobStore
 from server.finetune.worker import FineTuneConfig, JobWorker
 
 ADMIN_OWNER = "*admin"
@@ -38,7 +39,7 @@ class FineTuneInvalid(ValueError):
 class FineTuningService:
     def __init__(
         self,
-        store: TrainingStore,
+        store: JobStore,
         tokenizer: PreTrainedTokenizerBase,
         base_model: str,
         config: FineTuneConfig,

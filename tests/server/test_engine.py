@@ -216,7 +216,8 @@ def test_unknown_adapter_is_refused_at_submit(make_tiny, tmp_path) -> None:
 def test_nan_in_one_row_fails_only_that_request(make_tiny, tmp_path) -> None:
     """A row whose numbers blow up gets an error; the rest of the batch carries on."""
     vm, store, engine = build(make_tiny, "llama", tmp_path)
-    store.put("good", random_adapter(vm, 1))
+    good = random_adapter(vm, 1)
+    store.put("good", good)
     store.put("bad", random_adapter(vm, 2))
     ticket = engine.pool.request("bad")  # make "bad" resident, then corrupt its slot
     assert ticket.wait_host(10)
@@ -234,7 +235,7 @@ def test_nan_in_one_row_fails_only_that_request(make_tiny, tmp_path) -> None:
             reasons.append((ev.finish_reason, ev.error))
         assert reasons[0] == ("length", None) and reasons[2] == ("length", None)
         assert reasons[1][0] == "error" and "NaN/Inf" in reasons[1][1]
-        want = reference(vm, store.get("good")[0], [5, 6, 7], 6)
+        want = reference(vm, good, [5, 6, 7], 6)
         assert seqs[0].output_ids == want
         again = engine.submit("good", [5, 6, 7], SamplingParams(max_new_tokens=6))
         while again.channel.get_sync(timeout=60).finish_reason is None:

@@ -67,12 +67,14 @@ class Sql(Protocol):
 @dataclass(frozen=True)
 class LegacyFile:
     """Where a directory store written before ``vera.sqlite`` kept a component's rows: the
-    SQLite ``file`` in the store directory and its ``tables`` (old name -> new name; the new
-    table has every column of the old one). Imported once, when the component's tables are
-    created; the file is then renamed ``<file>.migrated``."""
+    SQLite ``file`` in the store directory and its ``tables`` (old name -> new name), whose
+    columns are those of the new tables after migration step ``version``. Imported once, right
+    after that step, when the component is created (later steps then apply to the imported
+    rows too); the file is then renamed ``<file>.migrated``."""
 
     file: str
     tables: Mapping[str, str]
+    version: int = 1
 
 
 class Database(ABC):

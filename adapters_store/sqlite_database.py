@@ -7,9 +7,10 @@ only committed data. ``lock`` needs to do nothing: ``BEGIN IMMEDIATE`` already s
 writer. ``notify`` and ``subscribe`` do nothing: nobody else writes the file.
 
 A component's ``LegacyFile`` (a store written before ``vera.sqlite`` kept each component in its
-own file) is attached and copied in the transaction that creates the component's tables, then
-renamed ``<file>.migrated`` after the commit (a crash in between leaves the file, which the next
-open, seeing the component recorded, only renames).
+own file) is attached and copied in the transaction that creates the component's tables (right
+after the step whose columns it has, before the later steps), then renamed ``<file>.migrated``
+after the commit (a crash in between leaves the file, which the next open, seeing the
+component recorded, only renames).
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ class SqliteDatabase(Database):
         ).fetchone()
         applied = row[0]
         check_not_newer(component, applied, len(todo))
+        importing = applied == 0 and legacy is not None and self._attached()
         for version in range(applied + 1, len(todo) + 1):
             for statement in _statements(todo[version - 1]):
                 sql.execute(statement)
@@ -143,9 +145,9 @@ class SqliteDatabase(Database):
                 "INSERT INTO vera_migrations (component, version, applied_at) VALUES (%s, %s, %s)",
                 (component, version, time.time()),
             )
-        if applied == 0 and legacy is not None and self._attached():
-            for old, new in legacy.tables.items():
-                _copy_table(sql, old, new)
+            if importing and legacy is not None and version == legacy.version:
+                for old, new in legacy.tables.items():
+                    _copy_table(sql, old, new)
 
     def _attached(self) -> bool:
         names = [row[1] for row in self._conn.execute("PRAGMA database_list").fetchall()]

@@ -47,8 +47,14 @@ CREATE UNIQUE INDEX IF NOT EXISTS vera_versions_current ON vera_versions (user_i
 CREATE INDEX IF NOT EXISTS vera_versions_retired ON vera_versions (retired_at)
     WHERE retired_at IS NOT NULL;
 """
-_LAST_COMMITTED = "ALTER TABLE vera_counters ADD COLUMN last_committed bigint NOT NULL DEFAULT 0;"
-# Step 1 is IF NOT EXISTS: a PostgreSQL database of the previous release already has it.
+# rows of a store from before this column: their newest row is their last committed version
+_LAST_COMMITTED = """
+ALTER TABLE vera_counters ADD COLUMN last_committed bigint NOT NULL DEFAULT 0;
+UPDATE vera_counters SET last_committed = coalesce(
+    (SELECT max(version) FROM vera_versions v WHERE v.user_id = vera_counters.user_id), 0);
+"""
+# Step 1 is IF NOT EXISTS: a PostgreSQL database of the previous release already has it, and
+# a directory store's index.sqlite holds its tables (imported right after step 1).
 STEPS = {"sqlite": (_TABLES, _LAST_COMMITTED), "postgresql": (_TABLES, _LAST_COMMITTED)}
 LEGACY = LegacyFile("index.sqlite", {"versions": "vera_versions", "counters": "vera_counters"})
 
@@ -183,6 +189,8 @@ class VersionIndex:
         keys = list(keys)
 
         def write(sql: Sql) -> list[tuple[BlobKey, float | None]]:
+            for user_id in sorted({k[0] for k in keys}):  # in order: never a lock cycle
+                self._db.lock(sql, f"adapters/{user_id}")
             dropped = [(k, sql.execute(query, k).fetchall()) for k in keys]
             return [(k, rows[0][0]) for k, rows in dropped if rows]
 

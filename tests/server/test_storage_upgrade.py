@@ -132,6 +132,8 @@ def check_everything_is_there(storage: Storage) -> None:
         for user, version, value, _ in VERSIONS:
             assert store.load_flat(user, version)[0].item() == value, (user, version)
         assert store.meta("ann").sha256 == version_rows()[1][4]
+    # a blob of these versions is never adopted again, even once its row was collected
+    assert storage.adapters.index.last_committed() == {"ann": 2, "bob": 3, "cy": 1}
     for user, key in KEYS.items():
         assert storage.keys.authenticate(key) == user
     jobs = storage.jobs

@@ -10,9 +10,10 @@ Tables (component "adapters"; the SQL is written once for both dialects)::
                   retired_at)
         -- retired_at IS NULL marks the one current version of a user (a unique index)
 
-Each method is one short transaction or one read, and touches no blob. Every write that
-changes a user's current version (``commit``, ``retire``) holds that user's writer lock, so
-two of them for one user run one after the other while other users proceed in parallel.
+Each method is one short transaction or one read, and touches no blob. Every write holds the
+writer lock of each user whose rows it changes, taken in user order before it touches them:
+two writes of one user run one after the other (other users proceed in parallel), and no two
+writes ever wait for each other's row locks in a cycle.
 """
 
 from __future__ import annotations
@@ -82,8 +83,10 @@ _AT_LEAST = (  # recovery: the counter covers an adopted version
     "excluded.last_version THEN excluded.last_version ELSE c.last_version END"
 )
 _RETIRE = "UPDATE vera_versions SET retired_at = %s WHERE user_id = %s AND retired_at IS NULL"
-_EXPIRED = "DELETE FROM vera_versions WHERE retired_at <= %s"
-_RETURNING = " RETURNING user_id, version"
+_EXPIRED = (
+    "DELETE FROM vera_versions WHERE retired_at <= %s AND user_id = %s RETURNING user_id, version"
+)
+_EXPIRED_USERS = "SELECT DISTINCT user_id FROM vera_versions WHERE retired_at <= %s"
 
 
 def _meta(row: tuple) -> AdapterMeta:
@@ -142,7 +145,19 @@ class VersionIndex:
 
     def collect(self, expire_before: float, user_id: str | None = None) -> list[BlobKey]:
         """Delete rows retired at or before ``expire_before`` (one user's or all); their keys."""
-        return self._db.run(lambda sql: _collect(sql, expire_before, user_id), write=True)
+
+        def write(sql: Sql) -> list[BlobKey]:
+            if user_id is None:
+                users = [u for (u,) in sql.execute(_EXPIRED_USERS, (expire_before,)).fetchall()]
+            else:
+                users = [user_id]
+            keys: list[BlobKey] = []
+            for user in sorted(users):
+                self._db.lock(sql, f"adapters/{user}")
+                keys += _collect(sql, expire_before, user)
+            return keys
+
+        return self._db.run(write, write=True)
 
     def current(self, user_id: str) -> AdapterMeta | None:
         query = f"SELECT {_COLUMNS} FROM vera_versions WHERE user_id = %s AND retired_at IS NULL"
@@ -215,12 +230,8 @@ class VersionIndex:
         sql.execute(_COMMITTED, (m.version, m.user_id, m.version))
 
 
-def _collect(sql: Sql, before: float, user_id: str | None) -> list[BlobKey]:
-    """Delete rows retired at or before ``before`` (``<=``: with no retention, the version a
-    publish retires goes at once); their keys."""
-    if user_id is None:
-        rows = sql.execute(_EXPIRED + _RETURNING, (before,)).fetchall()
-    else:
-        rows = sql.execute(_EXPIRED + " AND user_id = %s" + _RETURNING, (before, user_id))
-        rows = rows.fetchall()
+def _collect(sql: Sql, before: float, user_id: str) -> list[BlobKey]:
+    """Delete the user's rows retired at or before ``before`` (``<=``: with no retention, the
+    version a publish retires goes at once); their keys. The caller holds the user's lock."""
+    rows = sql.execute(_EXPIRED, (before, user_id)).fetchall()
     return [(u, v) for u, v in rows]

@@ -12,12 +12,12 @@ Guarantees of ``run(fn, write=...)``:
 
 * ``write=True``: ``fn`` runs in one transaction that holds the write lock (SQLite: ``BEGIN
   IMMEDIATE``, one writer at a time; PostgreSQL: the row locks it takes, and ``lock``). When
-  ``run`` returns, the transaction is committed and durable (``durable=False``: it may be lost
-  in a crash of the machine, together with every later commit, never alone). If ``fn`` raises,
-  the transaction is rolled back and the exception propagates.
+  ``run`` returns, the transaction is committed and durable (``durable=False``: a crash of the
+  machine may lose it, but only together with every commit after it). If ``fn`` raises, the
+  transaction is rolled back and the exception propagates.
 * Any other exception than ``StoreUnavailable`` from a write means nothing was committed. A
-  ``StoreUnavailable`` may leave the outcome unknown (the connection died during COMMIT): the
-  caller reports it and never repeats a non-idempotent write blindly.
+  ``StoreUnavailable`` may leave the outcome unknown (the connection died, or the disk failed,
+  during COMMIT): the caller reports it and never repeats a non-idempotent write blindly.
 * PostgreSQL: ``StoreUnavailable`` within a few seconds when the database is down or
   unreachable; a call on a connection that turned out dead is retried once on a fresh one when
   nothing can have committed, so the first call after a database restart succeeds.

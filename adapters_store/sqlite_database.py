@@ -34,6 +34,7 @@ from adapters_store.database import (
     check_not_newer,
     steps_for,
 )
+from adapters_store.errors import StoreUnavailable
 
 FILE_NAME = "vera.sqlite"
 _MIGRATIONS = (
@@ -100,11 +101,19 @@ class SqliteDatabase(Database):
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(self._sql)
-                self._conn.execute("COMMIT")
             except BaseException:
-                if self._conn.in_transaction:
+                if self._conn.in_transaction:  # some errors already ended it
                     self._conn.execute("ROLLBACK")
                 raise
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as e:  # e.g. an I/O error: the commit may have reached disk
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise StoreUnavailable(
+                    f"the store database {self.description} failed to commit ({e}); the write "
+                    "may or may not have happened"
+                ) from e
             return result
         finally:
             if not durable:

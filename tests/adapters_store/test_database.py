@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 from test_postgres import wait_for
 
-from adapters_store import Database, LegacyFile, StoreError, is_database_url, open_database
+from adapters_store import (
+    Database,
+    LegacyFile,
+    StoreError,
+    StoreUnavailable,
+    is_database_url,
+    open_database,
+)
 
 TABLE = "CREATE TABLE t (k text PRIMARY KEY, n bigint NOT NULL, doc text);"
 STEPS = {"sqlite": (TABLE,), "postgresql": (TABLE,)}
@@ -190,4 +197,28 @@ def test_a_legacy_file_is_imported_once_then_kept_aside(tmp_path: Path) -> None:
     db.migrate("test", WITH_EXTRA, legacy)
     assert db.run(lambda sql: sql.execute("SELECT count(*) FROM t").fetchone()[0]) == 2
     assert not (store / "old.sqlite").exists()
+    db.close()
+
+
+def test_a_failed_sqlite_commit_is_an_unknown_outcome(tmp_path: Path) -> None:
+    """A COMMIT that fails (a disk error) may still have reached the disk: StoreUnavailable,
+    which callers treat as "maybe", never as "nothing happened"."""
+    db = open_database(tmp_path)
+    db.migrate("test", STEPS)
+    real = db._conn  # type: ignore[attr-defined]
+
+    class FailingCommit:
+        in_transaction = property(lambda self: real.in_transaction)
+
+        def execute(self, query: str, *args):
+            if query == "COMMIT":
+                raise sqlite3.OperationalError("disk I/O error")
+            return real.execute(query, *args)
+
+    db._conn = FailingCommit()  # type: ignore[attr-defined]
+    insert = "INSERT INTO t (k, n) VALUES ('a', 1)"
+    with pytest.raises(StoreUnavailable, match="may or may not"):
+        db.run(lambda sql: sql.execute(insert), write=True)
+    db._conn = real  # type: ignore[attr-defined]
+    assert db.run(lambda sql: sql.execute("SELECT count(*) FROM t").fetchone()[0]) == 0
     db.close()

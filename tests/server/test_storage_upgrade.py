@@ -27,12 +27,11 @@ from server.auth import key_digest  # noqa: E402
 from server.finetune.records import JobEvent, JobRecord  # noqa: E402
 from server.storage import Storage, open_storage  # noqa: E402
 
-NOW = time.time()
 KEYS = {"alice": "vk-alice-legacy-key", "bob": "vk-bob-legacy-key"}
-# (user, version, value, retired_at): ann has a retained v1 and a current v2; bob's v3 is
-# current and his counter is at 4 (a publish that never completed); cy removed his adapter
-VERSIONS = [("ann", 1, 1.0, NOW - 10), ("ann", 2, 2.0, None), ("bob", 3, 3.0, None)]
-VERSIONS += [("cy", 1, 4.0, NOW - 5)]
+# (user, version, value, retired seconds ago): ann has a retained v1 and a current v2; bob's
+# v3 is current and his counter is at 4 (a publish that never completed); cy removed his adapter
+VERSIONS = [("ann", 1, 1.0, 10.0), ("ann", 2, 2.0, None), ("bob", 3, 3.0, None)]
+VERSIONS += [("cy", 1, 4.0, 5.0)]
 COUNTERS = {"ann": 2, "bob": 4, "cy": 1}
 FILE = ("file-legacy", "alice", "train.jsonl", "fine-tune", 17, 1_700_000_000)
 CONTENT = b'{"messages": []}\n'
@@ -70,11 +69,12 @@ def blob(value: float) -> bytes:
 def version_rows() -> list[tuple]:
     """Rows of the legacy index: (user_id, version, bytes, num_params, sha256, created_at,
     base_fingerprint, retired_at)."""
-    rows = []
-    for user, version, value, retired_at in VERSIONS:
+    rows, now = [], time.time()  # when the store is written: retired versions are retained
+    for user, version, value, retired_ago in VERSIONS:
         data = blob(value)
         sha = hashlib.sha256(data).hexdigest()
-        rows.append((user, version, len(data), LAYOUT.num_params, sha, NOW - 60, FP, retired_at))
+        retired_at = None if retired_ago is None else now - retired_ago
+        rows.append((user, version, len(data), LAYOUT.num_params, sha, now - 60, FP, retired_at))
     return rows
 
 
@@ -118,7 +118,7 @@ def write_legacy_directory(root: Path, scratch: Path) -> None:
     crashed.execute("PRAGMA wal_autocheckpoint=0")
     crashed.executescript(LEGACY_USERS)
     for user, key in KEYS.items():
-        crashed.execute("INSERT INTO users VALUES (?, ?, ?)", (user, key_digest(key), NOW))
+        crashed.execute("INSERT INTO users VALUES (?, ?, ?)", (user, key_digest(key), time.time()))
     for name in ("users.sqlite", "users.sqlite-wal"):  # copied while the writer still runs
         shutil.copy(scratch / name, root / name)
     crashed.close()
@@ -184,7 +184,9 @@ def write_legacy_database(dsn: str, schema: int = 2) -> None:
         for user, last in COUNTERS.items():
             conn.execute("INSERT INTO vera_counters VALUES (%s, %s)", (user, last))
         for user, key in KEYS.items():
-            conn.execute("INSERT INTO vera_users VALUES (%s, %s, %s)", (user, key_digest(key), NOW))
+            conn.execute(
+                "INSERT INTO vera_users VALUES (%s, %s, %s)", (user, key_digest(key), time.time())
+            )
         if schema < 2:
             return
         conn.execute(

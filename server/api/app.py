@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 
 from server.api import adapters, admin, errors, fine_tuning, generate, metrics, openai_routes
-from server.api.auth import KeyCache
 from server.api.errors import error_response
+from server.auth import KeyCache
 
 if TYPE_CHECKING:
     from server.runtime import Runtime

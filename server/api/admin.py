@@ -59,6 +59,9 @@ def collect_stats(rt: Runtime) -> dict[str, Any]:
             "finish_reasons": dict(engine.stats.finish_reasons),
             "ttft_ms": engine.stats.ttft.percentiles(),
             "latency_ms": engine.stats.latency.percentiles(),
+            "scheduling": rt.config.scheduling,
+            "preemptions": engine.stats.preemptions,
+            "rate_limited_requests": rt.tenants.limiter.refused,
         },
         "fine_tuning": {
             "current_job": rt.fine_tuning.worker.current,

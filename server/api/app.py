@@ -8,7 +8,17 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
-from server.api import adapters, admin, errors, fine_tuning, generate, metrics, openai_routes
+from server.api import (
+    adapters,
+    admin,
+    errors,
+    fine_tuning,
+    generate,
+    metrics,
+    openai_routes,
+    tenants,
+    usage,
+)
 from server.api.errors import error_response
 from server.auth import KeyCache
 
@@ -74,7 +84,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.state.keys = KeyCache(runtime.users)
     app.state.metrics_registry = metrics.make_registry(runtime)
     errors.install(app)
-    for module in (generate, adapters, admin, openai_routes, fine_tuning, metrics):
+    for module in (generate, adapters, admin, tenants, usage, openai_routes, fine_tuning, metrics):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit=runtime.config.max_body_bytes)
     return app

@@ -42,6 +42,22 @@ class _RuntimeCollector:
             "engine time spent on fine-tuning units",
             value=eng.background.seconds,
         )
+        yield CounterMetricFamily(
+            "vera_preemptions",
+            "rows taken back from a user over its fair share",
+            value=eng.stats.preemptions,
+        )
+        yield CounterMetricFamily(
+            "vera_rate_limited_requests",
+            "requests refused by a per-user rate limit",
+            value=rt.tenants.limiter.refused,
+        )
+        tenants = eng.scheduler.tenants()
+        yield GaugeMetricFamily(
+            "vera_active_users",
+            "users with requests running or waiting (per-user figures: /admin/tenants)",
+            value=sum(1 for t in tenants.values() if t["running"] or t["waiting"]),
+        )
         fin = CounterMetricFamily("vera_finished_requests", "finished requests", labels=["reason"])
         for reason, n in eng.stats.finish_reasons.items():
             fin.add_metric([reason], n)

@@ -19,6 +19,7 @@ from server.tenants import Limits
 
 router = APIRouter()
 _ERRORS = error_responses(400, 401, 403, 422, 503)
+MAX_LIMIT = 10**12  # any limit above is "unlimited" in practice (and fits a database integer)
 
 
 class LimitsBody(BaseModel):
@@ -27,10 +28,10 @@ class LimitsBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     weight: float | None = Field(None, gt=0, le=1000, description="fair share (tier); 1 = default")
-    requests_per_minute: int | None = Field(None, ge=0)
-    tokens_per_minute: int | None = Field(None, ge=0, description="prompt + max tokens")
-    max_concurrent: int | None = Field(None, ge=0, description="requests in flight at once")
-    max_queued: int | None = Field(None, ge=0, description="requests waiting in the queue")
+    requests_per_minute: int | None = Field(None, ge=0, le=MAX_LIMIT)
+    tokens_per_minute: int | None = Field(None, ge=0, le=MAX_LIMIT, description="prompt + max")
+    max_concurrent: int | None = Field(None, ge=0, le=MAX_LIMIT, description="in flight at once")
+    max_queued: int | None = Field(None, ge=0, le=MAX_LIMIT, description="waiting in the queue")
 
 
 def _limits(rt: Runtime, user_id: str) -> dict[str, Any]:

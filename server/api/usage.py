@@ -24,13 +24,16 @@ router = APIRouter()
 _ERRORS = error_responses(400, 401, 403, 422, 503)
 _DEFAULT_LIMIT = {"1m": 60, "1h": 24, "1d": 7}  # OpenAI's defaults
 _MAX_LIMIT = {"1m": 1440, "1h": 168, "1d": 31}
+MAX_TIME = 2**40  # unix seconds: far beyond any bucket, and fits a database integer
 
 
 @router.get("/v1/organization/usage/completions", responses=_ERRORS)
 async def usage_completions(
     rt: RuntimeDep,
-    start_time: Annotated[int, Query(ge=0, description="unix seconds, inclusive")],
-    end_time: Annotated[int | None, Query(ge=0, description="unix seconds, exclusive")] = None,
+    start_time: Annotated[int, Query(ge=0, le=MAX_TIME, description="unix seconds, inclusive")],
+    end_time: Annotated[
+        int | None, Query(ge=0, le=MAX_TIME, description="unix seconds, exclusive")
+    ] = None,
     bucket_width: Literal["1m", "1h", "1d"] = "1d",
     group_by: Annotated[list[Literal["user_id", "api_key_id", "model"]] | None, Query()] = None,
     user_ids: Annotated[list[str] | None, Query()] = None,
@@ -50,7 +53,7 @@ async def usage_completions(
         raise ApiError(400, f"limit must be at most {_MAX_LIMIT[bucket_width]} for {bucket_width}")
     start = start_time
     if page is not None:
-        if not page.isdigit() or int(page) < start_time:
+        if not page.isdigit() or not start_time <= int(page) <= MAX_TIME:
             raise ApiError(400, "page is not a next_page this endpoint gave")
         start = int(page)
     end = end_time if end_time is not None else int(time.time()) + 1

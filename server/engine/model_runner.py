@@ -71,12 +71,16 @@ class ModelRunner:
         """Prefill ``plan.prefill``, decode the live rows of ``plan.decode``: the sequences
         that produced logits, and those logits [len(seqs), vocab] in float32; None if none.
         The plan's row moves (compaction) come first."""
-        for move in plan.moves:
-            self.kv.move_row(move.src, move.dst, move.length)
         if not running:
             return None
         need = max(s.num_tokens + 1 for s in running)
-        self.kv.reserve(len(running), min(need, self.max_len))
+        # rows: this plan's (a move's source may lie past them: the row left when its sequence
+        # was preempted in the same plan)
+        rows = max([len(running)] + [m.src + 1 for m in plan.moves if m.length])
+        self.kv.reserve(rows, min(need, self.max_len))
+        for move in plan.moves:
+            if move.length:  # a row admitted in this plan holds nothing to copy yet
+                self.kv.move_row(move.src, move.dst, move.length)
         seqs: list[Sequence] = []
         logits: list[torch.Tensor] = []  # [rows, vocab] per forward
         if plan.prefill:

@@ -17,7 +17,8 @@ A sequence decodes once its whole prompt is in the KV cache.
 Who is admitted is the ``FairQueue``'s order (virtual token counters per client, or FIFO). When
 every row is taken and the next client in that order holds fewer rows than its weighted share,
 the scheduler preempts the most recently admitted sequence of the client furthest over its
-share (whose counter is above the waiting one's): its row is freed now, and it goes back to
+share (whose counter is not below the waiting one's, and never its last row): its row is freed
+now, and it goes back to
 the head of its client's queue to be prefilled again (prompt and output so far) when it is
 next admitted. So a client flooding every row makes another wait one step, not until its own
 requests end; preempted work is recomputed, and is not charged again.
@@ -247,10 +248,10 @@ class Scheduler:
         if rows.get(client, 0) >= share[client]:
             return None  # the waiting client already has its share
         counters = self.waiting.counters
-        over = [
-            c
+        over = [  # a client's last row is never taken: with more clients than rows, turns
+            c  # come as rows free (by counter), not by preempting one another every step
             for c in rows
-            if c != client and rows[c] > share[c] and counters[c] >= counters[client]
+            if c != client and rows[c] > max(1.0, share[c]) and counters[c] >= counters[client]
         ]
         if not over:
             return None

@@ -6,10 +6,11 @@ and tokens per minute, requests in flight at once, and requests it may have queu
 unlimited. Overrides live in the store's database (table ``vera_tenant_limits``), so every
 replica sharing it applies the same limits.
 
-Reads never touch the database on the hot path: the registry holds every override in memory,
-reloaded (one query) by ``refresh`` at most every ``ttl_s`` when a request asks for it; a
-change made here is visible here at once, on other replicas within ``ttl_s``. The engine
-thread reads ``weight`` and ``max_waiting`` from that copy only.
+Reads never touch the database on the hot path: the registry holds every override in memory;
+a change made here is visible here at once. Where other replicas may change them (a shared
+database), a background thread rereads them every few seconds (``refresh``), so they apply on
+every replica within that. The engine thread reads ``weight`` and ``max_waiting`` from that
+copy only.
 """
 
 from __future__ import annotations

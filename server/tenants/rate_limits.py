@@ -140,7 +140,6 @@ class RateLimiter:
     def admit(self, client: str, tokens: int) -> Permit:
         """Count a request of ``tokens`` (prompt + max_new_tokens) against ``client``'s limits,
         or raise RateLimited. Blocking (the shared ledger is a database call)."""
-        self.registry.refresh()
         limits = self.registry.effective(client)
         if not (limits.requests_per_minute or limits.tokens_per_minute or limits.max_concurrent):
             return Permit()

@@ -6,14 +6,14 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from adapters_store import Database
+from adapters_store import Database, StoreUnavailable
 from server.tenants.limits import LimitRegistry, Limits
 from server.tenants.rate_limits import DbLedger, LocalLedger, RateLimiter
 from server.tenants.usage import UsageMeter
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 5.0  # how often a replica rewrites its in-flight counts in a shared database
+HEARTBEAT_S = 5.0  # how often a replica rewrites its in-flight counts and rereads the limits
 
 
 @dataclass
@@ -46,9 +46,22 @@ class Tenants:
         self.usage.stop()
 
     def _beat(self) -> None:
+        """Shared database: reread other replicas' limit changes and rewrite this replica's
+        in-flight counts, off the request path (requests never wait for the database here)."""
         assert self._ledger is not None and self._stop is not None
+        reachable = True
         while not self._stop.wait(HEARTBEAT_S):
             try:
+                self.limits.refresh(force=True)
                 self._ledger.heartbeat()
-            except Exception:  # the store may be down for a while: try at the next beat
-                log.warning("rate limits: heartbeat failed", exc_info=True)
+            except StoreUnavailable as e:  # said once per outage; the next beat tries again
+                if reachable:
+                    log.warning("tenants: %s; limits kept, in-flight counts rewritten later", e)
+                reachable = False
+                continue
+            except Exception:
+                log.exception("tenants: maintenance failed")
+                continue
+            if not reachable:
+                log.info("tenants: the store is reachable again")
+            reachable = True

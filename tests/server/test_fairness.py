@@ -174,8 +174,9 @@ def test_victim_waits_a_step_while_another_client_holds_every_row() -> None:
 
 
 def test_preempted_sequence_resumes_with_its_output_prefilled_and_is_not_charged_twice() -> None:
-    s = scheduler(max_batch=1)
-    long = seq("flood", prompt=6, new=50)
+    s = scheduler(max_batch=2)
+    first, long = seq("flood", prompt=6, new=50), seq("flood", prompt=6, new=50)
+    s.add(first)
     s.add(long)
     sim = Sim(s)
     for _ in range(5):
@@ -183,14 +184,17 @@ def test_preempted_sequence_resumes_with_its_output_prefilled_and_is_not_charged
     assert len(long.output_ids) == 5
     charged = s.waiting.counters["flood"]
     s.add(seq("victim", new=2))
-    assert sim.step().preempted == [long]
+    plan = sim.step()
+    assert plan.preempted == [long]  # the most recently admitted; never a client's last row
+    charged += 2 * 1  # first decoded a token in that step
     resumed = []
     while not resumed:
         resumed = [c for c in sim.step().prefill if c.seq is long]
     # prefilled again from position 0: its prompt and the five tokens it had produced
     assert (resumed[0].start, resumed[0].length, resumed[0].final) == (0, 6 + 5, True)
     assert len(long.output_ids) == 6  # that prefill's logits gave its sixth token
-    uncharged = s.waiting.counters["flood"] - charged
+    first_tokens = len(first.output_ids) - 6  # first's tokens since, each charged 2
+    uncharged = s.waiting.counters["flood"] - charged - 2 * first_tokens
     assert uncharged == 2 * 1  # only the token it sampled; its prompt was not charged again
     sim.run_until(lambda: long.status is Status.FINISHED)
     assert len(long.output_ids) == 50
@@ -224,3 +228,18 @@ def test_fair_throughput_equals_fifo_when_clients_are_alike() -> None:
         sim.run_until(lambda s=s: not len(s))
         steps[policy] = sim.steps
     assert steps["fair"] <= steps["fifo"] * 1.05, steps
+
+
+def test_more_clients_than_rows_take_turns_without_preempting_each_other() -> None:
+    """Every client holding one row is over a share below one row; taking rows back from
+    one another every step would only recompute. Turns come as rows free, by counter."""
+    s = scheduler(max_batch=4)
+    for i in range(8):
+        for _ in range(3):
+            s.add(seq(f"c{i}", new=6))
+    sim = Sim(s)
+    preempted = 0
+    while len(s):
+        preempted += len(sim.step().preempted)
+    assert preempted == 0
+    assert set(sim.tokens) == {f"c{i}" for i in range(8)}

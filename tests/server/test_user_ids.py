@@ -3,6 +3,8 @@ names, fine-tuning suffixes); the stores behind the API trust them."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -11,6 +13,7 @@ from pydantic import ValidationError
 from adapters_store import InvalidUserId
 from server.api import adapters, errors, fine_tuning
 from server.api.auth import Principal, principal
+from server.api.deps import get_runtime
 from server.api.openai_routes import _user_for_model
 from server.api.schemas import CreateUserRequest, GenerateRequest
 from server.finetune.service import _job_user
@@ -30,14 +33,16 @@ def test_request_bodies_refuse_bad_user_ids(bad: str) -> None:
 
 @pytest.fixture
 def client() -> TestClient:
-    """The adapter and training routes, called as admin, with no runtime behind them: a
-    request that got past validation would fail on it (500), not answer 422."""
+    """The adapter and training routes, called as admin, with a runtime whose parts do nothing:
+    a request that got past validation would fail on them (500), not answer 422."""
     app = FastAPI()
     errors.install(app)
     app.include_router(adapters.router)
     app.include_router(fine_tuning.router)
     app.dependency_overrides[principal] = lambda: Principal("admin")
-    app.state.runtime = None
+    app.dependency_overrides[get_runtime] = lambda: SimpleNamespace(
+        adapters=object(), fine_tuning=object()
+    )
     return TestClient(app, raise_server_exceptions=False)
 
 

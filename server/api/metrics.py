@@ -38,6 +38,11 @@ class _RuntimeCollector:
             "vera_completion_tokens", "tokens generated", value=eng.stats.completion_tokens
         )
         yield CounterMetricFamily(
+            "vera_preemptions",
+            "sequences preempted for a client below its fair share",
+            value=eng.stats.preemptions,
+        )
+        yield CounterMetricFamily(
             "vera_training_seconds",
             "engine time spent on fine-tuning units",
             value=eng.background.seconds,

@@ -15,11 +15,15 @@ Guarantees:
 * A value missing from the stats (a CPU server has no device memory) is null in its column,
   so every column always has one entry per timestamp.
 * ``start`` and ``stop`` are idempotent; ``stop`` returns once the sampling thread has ended.
+* Every answer names its ``source`` (host and process): a cluster's replicas each keep their own
+  history, and a restarted server starts a new one, so a reader merging answers can tell.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections import deque
@@ -87,6 +91,7 @@ class StatsHistory:
         if interval_s <= 0 or window_s < interval_s:
             raise ValueError("need 0 < interval_s <= window_s")
         self.read, self.interval_s, self.window_s = read, interval_s, window_s
+        self.source = f"{socket.gethostname()}:{os.getpid()}"
         self._rows: deque[Row] = deque(maxlen=int(window_s / interval_s))
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -122,12 +127,13 @@ class StatsHistory:
         return True
 
     def columns(self, since: float | None = None) -> dict[str, Any]:
-        """``{"interval_s", "window_s", "columns": {"t": [...], <name>: [...]}}``, oldest first,
-        only rows with ``t > since`` when given."""
+        """``{"source", "interval_s", "window_s", "columns": {"t": [...], <name>: [...]}}``,
+        oldest first, only rows with ``t > since`` when given."""
         with self._lock:
             rows = [r for r in self._rows if since is None or (r[0] or 0) > since]
         names = ("t", *COLUMNS)
         return {
+            "source": self.source,
             "interval_s": self.interval_s,
             "window_s": self.window_s,
             "columns": {name: [r[i] for r in rows] for i, name in enumerate(names)},

@@ -18,7 +18,7 @@
   let generation = 0; // bumped on connect/disconnect: a stale loop stops itself
   let timer = null;
   let lastSlow = 0;
-  let hist = {};
+  let hist = {}; // {source, t: [...], <column>: [...]} as /admin/history names them
   let slow = { usage: null, jobs: null, events: new Map() };
 
   class HttpError extends Error {
@@ -123,14 +123,23 @@
     poll(generation);
   }
 
+  /** Append the rows after the last one held; an answer from another process (a restarted
+   * server, another replica of a cluster) replaces the history instead: returns false then,
+   * and the next poll asks for all of it. */
   function mergeHistory(h) {
+    if (hist.source !== undefined && hist.source !== h.source) {
+      hist = { source: h.source };
+      return false;
+    }
+    hist.source = h.source;
     const before = (hist.t || []).length;
     for (const [name, values] of Object.entries(h.columns)) {
       if (!hist[name]) hist[name] = new Array(before).fill(null);
       hist[name].push(...values);
     }
-    const extra = (hist.t || []).length - MAX_ROWS;
-    if (extra > 0) for (const name of Object.keys(hist)) hist[name].splice(0, extra);
+    const extra = hist.t.length - MAX_ROWS;
+    if (extra > 0) for (const name of Object.keys(h.columns)) hist[name].splice(0, extra);
+    return true;
   }
 
   function historyPath() {

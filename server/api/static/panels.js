@@ -58,10 +58,14 @@ const Panels = (() => {
     const a = v.adapters || {};
     const m = v.memory || {};
     const ft = v.fine_tuning || {};
+    // a cluster's percentiles are per replica: show the slowest replica's
+    const ttft = e.ttft_ms || slowest(stats.replicas, "ttft_ms");
+    const latency = e.latency_ms || slowest(stats.replicas, "latency_ms");
+    const of = stats.replicas ? " (slowest replica)" : "";
     const tiles = [
       ["Throughput", `${Fmt.num(e.tokens_per_s)} tok/s`, `${Fmt.num(e.completion_tokens)} tokens in all`],
-      ["TTFT p50", Fmt.ms(e.ttft_ms && e.ttft_ms.p50), `p99 ${Fmt.ms(e.ttft_ms && e.ttft_ms.p99)}`],
-      ["Latency p50", Fmt.ms(e.latency_ms && e.latency_ms.p50), `p99 ${Fmt.ms(e.latency_ms && e.latency_ms.p99)}`],
+      ["TTFT p50" + of, Fmt.ms(ttft.p50), `p99 ${Fmt.ms(ttft.p99)}`],
+      ["Latency p50" + of, Fmt.ms(latency.p50), `p99 ${Fmt.ms(latency.p99)}`],
       ["Waiting", Fmt.num(e.queue_depth), `${Fmt.num(e.running_batch)} running · ${Fmt.num(e.preemptions)} preempted`],
       ["Requests", Fmt.num(e.requests_submitted), finishes(e.finish_reasons)],
       ["Adapters on device", `${Fmt.num(a.slots_used)} / ${Fmt.num(a.slots_total)}`, `${Fmt.num(a.host && a.host.adapters)} in host · ${Fmt.num(a.stored)} stored`],
@@ -76,6 +80,12 @@ const Panels = (() => {
       h("div", "kpi-value", tile, value);
       h("div", "kpi-sub", tile, sub);
     }
+  }
+
+  function slowest(replicas, key) {
+    const all = (replicas || []).map((r) => (r.engine || {})[key]).filter((p) => p && p.p50 != null);
+    if (!all.length) return {};
+    return { p50: Math.max(...all.map((p) => p.p50)), p99: Math.max(...all.map((p) => p.p99)) };
   }
 
   function finishes(reasons) {
@@ -245,6 +255,7 @@ const Panels = (() => {
 
   function replicas(stats) {
     const section = $("replicas");
+    $("history-note").hidden = !stats.replicas;
     if (!stats.replicas) {
       section.hidden = true;
       return;

@@ -1,64 +1,64 @@
-"""Where adapters live: a persistent versioned store of users' adapters; and the fine-tuning
-files and jobs that make them (``training``).
+"""Where adapters live: versioned, validated adapter vectors in a store's database and blob
+store, and what reads them back.
 
-Depends only on vera_core (never on server/).
+``database`` is the one handle on a store's database (a directory's SQLite file, or a shared
+PostgreSQL database) on which every component of the server keeps its tables. Depends only on
+vera_core (never on server/).
 """
 
-from adapters_store.backend import DEFAULT_RETAIN_S, AdapterBackend, RecoveryReport
+from adapters_store.backend import (
+    DEFAULT_RETAIN_S,
+    AdapterBackend,
+    LocalBackend,
+    default_blobs,
+    open_backend,
+)
+from adapters_store.blobs import BlobKey, BlobStore, StoredBlob
+from adapters_store.database import (
+    Database,
+    LegacyFile,
+    Sql,
+    is_database_url,
+    open_database,
+)
 from adapters_store.errors import (
     AdapterNotFound,
     InvalidUserId,
-    JobLimit,
     StoreCorruptError,
     StoreError,
     StoreUnavailable,
-    UserExists,
 )
+from adapters_store.file_blobs import FileBlobs
 from adapters_store.ids import USER_ID_PATTERN, validate_user_id
-from adapters_store.local import LocalBackend
-from adapters_store.location import Storage, is_database_url, open_storage
 from adapters_store.meta import AdapterMeta
-from adapters_store.postgres import PostgresBackend
+from adapters_store.pg_blobs import PgBlobs
+from adapters_store.recovery import RecoveryReport
 from adapters_store.store import AdapterStore
-from adapters_store.training import (
-    TERMINAL,
-    FileRecord,
-    JobEvent,
-    JobRecord,
-    PostgresTraining,
-    SqliteTraining,
-    TrainingStore,
-)
-from adapters_store.users import PostgresUsers, SqliteUsers, UserRegistry
 
 __all__ = [
     "DEFAULT_RETAIN_S",
-    "TERMINAL",
     "USER_ID_PATTERN",
     "AdapterBackend",
     "AdapterMeta",
     "AdapterNotFound",
     "AdapterStore",
-    "FileRecord",
+    "BlobKey",
+    "BlobStore",
+    "Database",
+    "FileBlobs",
     "InvalidUserId",
-    "JobEvent",
-    "JobLimit",
-    "JobRecord",
+    "LegacyFile",
     "LocalBackend",
-    "PostgresBackend",
-    "PostgresTraining",
-    "PostgresUsers",
+    "PgBlobs",
     "RecoveryReport",
-    "SqliteTraining",
-    "SqliteUsers",
-    "Storage",
+    "Sql",
     "StoreCorruptError",
     "StoreError",
     "StoreUnavailable",
-    "TrainingStore",
-    "UserExists",
-    "UserRegistry",
+    "StoredBlob",
+    "default_blobs",
     "is_database_url",
-    "open_storage",
+    "open_backend",
+    "open_database",
     "validate_user_id",
 ]

@@ -1,10 +1,10 @@
-"""The storage backend contract: versioned blobs plus an index of the current version per user.
+"""Adapter versions: a version index on the store's database, composed with a blob store.
 
-The ``AdapterStore`` validates and (de)serializes adapters; a backend only moves bytes and keeps
-the index. Two backends implement it: ``LocalBackend`` (a directory plus SQLite, one server
-process) and ``PostgresBackend`` (index and blobs in PostgreSQL, shared by server replicas).
+The ``AdapterStore`` validates and (de)serializes adapters; the backend only keeps bytes (a
+``BlobStore``: files of a directory store, rows of a PostgreSQL one, or any other that
+implements the protocol) and the index (``VersionIndex``, SQL on the store's ``Database``).
 
-Guarantees every backend gives:
+Guarantees:
 
 1. A version number is never reused for a user, even after ``remove`` (the residency tiers key
    cached copies by ``(user_id, version)``). A version that was never visible (its publish
@@ -12,102 +12,201 @@ Guarantees every backend gives:
 2. ``publish`` makes the blob durable *before* the index names it, so a crash leaves either the
    previous or the new version current, never a torn one.
 3. A superseded or removed version stays readable for ``retain_s`` seconds (running requests and
-   loaders keep the version they started with), then ``collect_garbage`` deletes it.
-4. Calls that cannot reach a shared backend raise ``StoreUnavailable`` within a few seconds.
+   loaders keep the version they started with); then the next publish or remove of that user,
+   ``collect_garbage`` or ``recover`` deletes it.
+4. Calls that cannot reach a shared database raise ``StoreUnavailable`` within a few seconds.
+5. On a shared store, ``subscribe`` hears every process's publishes and removes (the change
+   feed), so replicas drop stale copies early; correctness never waits for it.
 
-How ``PostgresBackend`` meets them: (1) a ``vera_counters`` row per user, never deleted,
-incremented with ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING``; (2) the blob row, the index
-row and the retirement of the previous current row are written in one transaction whose COMMIT
-is the publish point (WAL fsync'd); (3) retired rows keep their blob until a publish/remove of
-that user, ``collect_garbage`` or ``recover`` runs after ``retain_s``; (4) a small connection pool
-with short timeouts. ``subscribe`` follows ``NOTIFY vera_adapters`` so replicas drop stale copies.
+Publish order (each step durable before the next):
 
-An S3-compatible object store under the PostgreSQL index replaces only its ``BlobStore``
-(``adapters_store.blobs``): ``publish`` reserves the version in its own short transaction,
-PUTs ``<prefix>/<user>/v<version>.safetensors`` (an object PUT is atomic and durable when it
-returns), then commits the index row in one transaction that retires the previous current row,
-so the commit stays the publish point. ``read`` is a GET of that key; ``collect_garbage``
-deletes the rows, then the objects (a crash in between leaves unindexed objects); ``recover``
-lists objects without rows older than an in-flight publish could be and deletes them.
+1. reserve the version in its own short transaction (a counter row per user, never deleted,
+   bumped atomically across processes);
+2. ``blobs.put`` the bytes, outside any transaction or lock;
+3. one index transaction, under the user's writer lock: retire the older current row, insert
+   the new one (already retired if a newer version is current: concurrent publishes), record it
+   as the user's last committed version, delete the user's rows retired ``retain_s`` ago
+   (returning their keys) and notify the change feed. Its COMMIT is the publish point;
+4. delete the expired rows' blobs, after the commit (a crash in between leaves unindexed blobs,
+   which recovery deletes: they are not above the last committed version).
+
+A publish that fails before its publish point deletes the blob it wrote, unless it failed with
+``StoreUnavailable`` (the commit's outcome may be unknown): then, as after a crash, recovery
+settles the blob. ``read`` is one ``blobs.get``: no database connection is held meanwhile (the
+caller looked the version up first). Recovery: ``adapters_store.recovery``.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
+from adapters_store.blobs import BlobKey, BlobStore, label
+from adapters_store.database import Database, is_database_url, open_database
+from adapters_store.errors import StoreUnavailable
+from adapters_store.file_blobs import FileBlobs
 from adapters_store.meta import AdapterMeta
+from adapters_store.pg_blobs import PgBlobs
+from adapters_store.pg_database import PostgresDatabase
+from adapters_store.recovery import BlobValidator, Reconciler, RecoveryReport
+from adapters_store.sqlite_database import SqliteDatabase
+from adapters_store.version_index import CHANNEL, VersionIndex
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RETAIN_S = 300.0  # how long a superseded or removed version stays readable
-
-# data -> (num_params, base_fingerprint); raises a VeraError when the blob is not adoptable
-BlobValidator = Callable[[bytes], tuple[int, str]]
-
-
-@dataclass
-class RecoveryReport:
-    """What ``recover`` found and fixed; each list holds ``"user/v<version>"`` labels or paths.
-
-    For ``PostgresBackend`` "files" are blobs: ``files_removed`` lists blobs no row names, and
-    ``temp_files_removed`` / ``files_adopted`` stay empty (blob and row commit together).
-    """
-
-    temp_files_removed: list[str] = field(default_factory=list)
-    rows_dropped: list[str] = field(default_factory=list)  # index row, file missing or corrupt
-    files_adopted: list[str] = field(default_factory=list)  # complete file, index commit lost
-    files_removed: list[str] = field(default_factory=list)  # unindexed and stale or invalid
-
-    @property
-    def clean(self) -> bool:
-        return not (
-            self.temp_files_removed or self.rows_dropped or self.files_adopted or self.files_removed
-        )
+# shared store: an unindexed blob younger than this may belong to a publish still in flight
+DEFAULT_GRACE_S = 3600.0
 
 
-class AdapterBackend(ABC):
-    """Versioned adapter blobs with a per-user current-version index. Thread-safe."""
+def failpoint(name: str) -> None:
+    """No-op in production; crash tests replace it to stop a writer at a named step."""
 
-    @abstractmethod
+
+class AdapterBackend:
+    """Versioned adapter blobs with a per-user current-version index (see the module
+    docstring). Thread-safe. ``owns_db``: ``close`` closes ``db`` too."""
+
+    def __init__(
+        self,
+        db: Database,
+        blobs: BlobStore,
+        retain_s: float = DEFAULT_RETAIN_S,
+        *,
+        grace_s: float = DEFAULT_GRACE_S,
+        owns_db: bool = False,
+    ) -> None:
+        self.db, self.blobs = db, blobs
+        self.retain_s, self.grace_s = retain_s, grace_s
+        self.index = VersionIndex(db)
+        self._owns_db = owns_db
+
     def publish(
         self, user_id: str, data: bytes, sha256: str, num_params: int, base_fingerprint: str
     ) -> AdapterMeta:
         """Store ``data`` durably as the user's next version and make it current; return it."""
+        version = self.index.reserve(user_id)
+        failpoint("reserved")
+        try:
+            self.blobs.put(user_id, version, data)
+            failpoint("blob_written")
+            now = time.time()
+            meta = AdapterMeta(
+                user_id, version, len(data), num_params, sha256, now, base_fingerprint
+            )
+            expired = self.index.commit(meta, now - self.retain_s)
+        except StoreUnavailable:
+            raise  # the commit may have happened: recovery settles the blob, not this call
+        except Exception:
+            self._delete_quietly([(user_id, version)])  # rolled back: the blob is nobody's
+            raise
+        failpoint("committed")
+        self._delete_quietly(expired)
+        return meta
 
-    @abstractmethod
     def meta(self, user_id: str, version: int | None = None) -> AdapterMeta | None:
         """The current version's meta (``version=None``) or a retained older one; None if gone."""
+        if version is None:
+            return self.index.current(user_id)
+        return self.index.version(user_id, version)
 
-    @abstractmethod
     def read(self, meta: AdapterMeta) -> bytes:
         """The blob of ``meta``'s version; ``FileNotFoundError`` if it was collected meanwhile."""
+        data = self.blobs.get(meta.user_id, meta.version)
+        if data is None:
+            raise FileNotFoundError(f"blob {label((meta.user_id, meta.version))} was collected")
+        return data
 
-    @abstractmethod
     def remove(self, user_id: str) -> bool:
         """Retire the user's current version (it stays readable ``retain_s``); False if none."""
+        now = time.time()
+        removed, expired = self.index.retire(user_id, now, now - self.retain_s)
+        self._delete_quietly(expired)
+        return removed
 
-    @abstractmethod
     def list(self) -> list[AdapterMeta]:
         """Current version of every user, sorted by user id."""
+        return self.index.list_current()
 
-    @abstractmethod
     def totals(self) -> tuple[int, int]:
         """(users with a current version, their blobs' bytes): one aggregate query."""
+        return self.index.totals()
 
-    @abstractmethod
     def collect_garbage(self, user_id: str | None = None) -> int:
-        """Delete blobs retired longer than ``retain_s`` ago (one user or all); return count."""
+        """Delete versions retired ``retain_s`` ago or more (one user or all); return count."""
+        expired = self.index.collect(time.time() - self.retain_s, user_id)
+        self.blobs.delete(expired)
+        return len(expired)
 
-    @abstractmethod
     def recover(self, validate: BlobValidator, verify_checksums: bool = True) -> RecoveryReport:
-        """Reconcile index and blobs after a crash; called once when the store opens."""
+        """Reconcile index and blobs after a crash, then collect expired versions; called once
+        when the store opens (``adapters_store.recovery``)."""
+        reconciler = Reconciler(self.index, self.blobs, validate, self.db.exclusive, self.grace_s)
+        report = reconciler.run(verify_checksums)
+        self.collect_garbage()
+        if not report.clean:
+            log.warning("adapter store %s recovered: %s", self.db.description, report)
+        return report
 
     def subscribe(self, callback: Callable[[str | None], None]) -> None:
         """Call ``callback(user_id)`` from a background thread after any process publishes or
         removes a version of ``user_id``; ``callback(None)`` after the change feed reconnects
-        (changes may have been missed: revalidate everything). Default: no-op (one writer)."""
-        return None  # only this process writes a local store: it invalidates its own copies
+        (changes may have been missed: revalidate everything). A directory store has no
+        other writer: nothing is ever called."""
+        self.db.subscribe(CHANNEL, callback)
 
-    @abstractmethod
     def close(self) -> None:
-        """Release connections and file handles. Idempotent."""
+        """Close the database if this backend opened it. Idempotent."""
+        if self._owns_db:
+            self.db.close()
+
+    def _delete_quietly(self, keys: Sequence[BlobKey]) -> None:
+        """Delete blobs nothing names any more; a failure only leaves garbage for recovery."""
+        try:
+            self.blobs.delete(keys)
+        except Exception as e:  # the publish or remove itself succeeded: do not fail it
+            log.warning("could not delete adapter blobs %s (%s); recovery will", keys, e)
+
+
+class LocalBackend(AdapterBackend):
+    """A directory store's adapters on their own: ``<root>/vera.sqlite`` and files under
+    ``<root>/adapters`` (``FileBlobs``); the backend owns and closes its database."""
+
+    def __init__(self, root: Path | str, retain_s: float = DEFAULT_RETAIN_S) -> None:
+        self.root = Path(root)
+        db = SqliteDatabase(self.root)
+        self.files = FileBlobs(self.root / "adapters")
+        try:
+            super().__init__(db, self.files, retain_s, owns_db=True)
+        except BaseException:
+            db.close()
+            raise
+
+    def path(self, user_id: str, version: int) -> Path:
+        return self.files.path(user_id, version)
+
+
+def default_blobs(db: Database) -> BlobStore:
+    """Where a store's adapter bytes go: files under ``<dir>/adapters`` beside a directory
+    store's database, the ``vera_blobs`` table of a PostgreSQL one."""
+    if isinstance(db, SqliteDatabase):
+        return FileBlobs(db.directory / "adapters")
+    if isinstance(db, PostgresDatabase):
+        return PgBlobs(db)
+    raise TypeError(f"no default blob store for {type(db).__name__}")
+
+
+def open_backend(location: Path | str, retain_s: float = DEFAULT_RETAIN_S) -> AdapterBackend:
+    """The adapters of the store at ``location`` (a directory or a database URL), on a
+    database of their own that ``close`` closes (a server process opens one database for all
+    its components instead, and hands it to ``AdapterBackend``)."""
+    if not is_database_url(location):
+        return LocalBackend(location, retain_s)
+    db = open_database(location)
+    try:
+        return AdapterBackend(db, default_blobs(db), retain_s, owns_db=True)
+    except BaseException:
+        db.close()
+        raise

@@ -1,79 +1,56 @@
-"""Where ``PostgresBackend`` keeps adapter bytes: the seam an object store would replace.
+"""Where adapter bytes live: the seam between the version index and any byte store.
 
-``PgBlobs`` (the default) stores each version as a ``bytea`` row of ``vera_blobs`` written in the
-caller's transaction, so a blob and its index row commit or vanish together. An S3-compatible
-store would implement the same four methods, ignoring ``conn`` (see ``adapters_store.backend``
-for the publish order that keeps the index commit the publish point).
+A ``BlobStore`` keeps immutable blobs addressed by ``(user_id, version)`` and knows nothing of
+the index: which version is current, retained or collected is the backend's business
+(``adapters_store.backend``, whose publish order makes the index commit the publish point).
+Implementations: ``FileBlobs`` (files in the store directory) and ``PgBlobs`` (rows of the
+PostgreSQL store). An S3-compatible object store would be one more: a PUT is atomic and durable
+when it returns, ``scan`` lists objects with their sizes and ages, ``checksums`` reads them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
-
-import psycopg
 
 BlobKey = tuple[str, int]  # (user_id, version)
 
 
+def label(key: BlobKey) -> str:
+    """``user/v<version>``: how reports and messages name a blob."""
+    return f"{key[0]}/v{key[1]}"
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """One stored blob as ``scan`` sees it."""
+
+    key: BlobKey
+    bytes: int
+    age_s: float  # seconds since it was stored, on the store's own clock
+
+
 class BlobStore(Protocol):
-    """Versioned blobs addressed by ``(user_id, version)``; each key is written at most once."""
+    """Immutable blobs by ``(user_id, version)``; a key is written once (a key whose version
+    was never published may be written again). Thread-safe."""
 
-    def put(self, conn: psycopg.Connection, user_id: str, version: int, data: bytes) -> None:
-        """Store ``data`` (durable when the caller's transaction commits, or on return)."""
+    def put(self, user_id: str, version: int, data: bytes) -> None:
+        """Store ``data``; durable when this returns. Raises if it could not be stored (and
+        then leaves nothing but what ``sweep_partial`` removes)."""
 
-    def get(self, conn: psycopg.Connection, user_id: str, version: int) -> bytes | None:
-        """The blob, or None if it does not exist (collected)."""
+    def get(self, user_id: str, version: int) -> bytes | None:
+        """The blob, or None if it does not exist (never stored, or deleted)."""
 
-    def delete(self, conn: psycopg.Connection, keys: Sequence[BlobKey]) -> None:
+    def delete(self, keys: Sequence[BlobKey]) -> None:
         """Delete these blobs; missing ones are ignored."""
 
-    def audit(
-        self, conn: psycopg.Connection, verify_checksums: bool
-    ) -> tuple[list[BlobKey], list[BlobKey]]:
-        """(index rows whose blob is missing, has the wrong size, or, for current rows with
-        ``verify_checksums``, the wrong sha256; blobs that no index row names)."""
+    def scan(self) -> list[StoredBlob]:
+        """Every stored blob (recovery)."""
 
+    def checksums(self, keys: Iterable[BlobKey]) -> dict[BlobKey, str]:
+        """sha256 hex digests of the existing blobs among ``keys`` (recovery)."""
 
-class PgBlobs:
-    """Blobs in ``vera_blobs``, inside the caller's transaction. Stateless, thread-safe."""
-
-    def put(self, conn: psycopg.Connection, user_id: str, version: int, data: bytes) -> None:
-        conn.execute(  # %b: sent in binary, no hex escaping of the payload
-            "INSERT INTO vera_blobs (user_id, version, data) VALUES (%s, %s, %b)",
-            (user_id, version, data),
-        )
-
-    def get(self, conn: psycopg.Connection, user_id: str, version: int) -> bytes | None:
-        row = conn.execute(
-            "SELECT data FROM vera_blobs WHERE user_id = %s AND version = %s",
-            (user_id, version),
-            binary=True,
-        ).fetchone()
-        return None if row is None else bytes(row[0])
-
-    def delete(self, conn: psycopg.Connection, keys: Sequence[BlobKey]) -> None:
-        if keys:
-            conn.execute(
-                "DELETE FROM vera_blobs WHERE (user_id, version) IN "
-                "(SELECT * FROM unnest(%s::text[], %s::bigint[]))",
-                ([k[0] for k in keys], [k[1] for k in keys]),
-            )
-
-    def audit(
-        self, conn: psycopg.Connection, verify_checksums: bool
-    ) -> tuple[list[BlobKey], list[BlobKey]]:
-        # length() of a bytea reads its header only; sha256() runs in the server: no transfer
-        bad = conn.execute(
-            "SELECT v.user_id, v.version FROM vera_versions v "
-            "LEFT JOIN vera_blobs b USING (user_id, version) "
-            "WHERE b.data IS NULL OR length(b.data) <> v.bytes OR (%s AND v.retired_at IS NULL "
-            "AND encode(sha256(b.data), 'hex') <> v.sha256) ORDER BY 1, 2",
-            (verify_checksums,),
-        ).fetchall()
-        unindexed = conn.execute(
-            "SELECT b.user_id, b.version FROM vera_blobs b "
-            "LEFT JOIN vera_versions v USING (user_id, version) "
-            "WHERE v.user_id IS NULL ORDER BY 1, 2"
-        ).fetchall()
-        return [(u, v) for u, v in bad], [(u, v) for u, v in unindexed]
+    def sweep_partial(self, older_than_s: float) -> list[str]:
+        """Remove the leftovers of interrupted ``put`` calls older than ``older_than_s``
+        seconds; return what was removed (recovery)."""

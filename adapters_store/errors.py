@@ -28,14 +28,5 @@ class StoreCorruptError(StoreError):
 
 
 class StoreUnavailable(StoreError):
-    """The backend (the adapter database) cannot be reached now; raised within a few seconds,
+    """The store's database cannot be reached now; raised within a few seconds,
     never after a long hang. Transient: the same call may succeed once the database is back."""
-
-
-class UserExists(StoreError):
-    """``UserRegistry.create`` of a user that already has a key, without ``rotate``."""
-
-
-class JobLimit(StoreError):
-    """``TrainingStore.create_job`` refused: too many queued or running fine-tuning jobs, in the
-    whole store or for this user. Transient: retry once some job has finished."""

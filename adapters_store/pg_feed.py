@@ -1,12 +1,12 @@
-"""The change feed: ``NOTIFY vera_adapters, '<user_id>'`` from writers, one listener per process.
+"""A change feed: ``NOTIFY <channel>, '<payload>'`` from writers, one listener per process.
 
-Writers call ``notify`` inside their transaction; PostgreSQL delivers it at COMMIT (never for a
-rolled-back write) to every connection that ran ``LISTEN vera_adapters``, including the
-writer's own process. ``ChangeFeed`` owns one daemon thread with its own connection that calls
-every subscribed ``callback(user_id)`` per notification. When the connection breaks it
-reconnects by itself (backoff ``_BACKOFF_S`` up to ``_MAX_BACKOFF_S``) and then calls
-``callback(None)``: notifications sent while it was away are lost, so the subscriber must
-revalidate everything it holds. Callbacks run on the listener thread one at a time; one that
+Writers notify inside their transaction (``PostgresDatabase.notify``); PostgreSQL delivers it
+at COMMIT (never for a rolled-back write) to every connection that ran ``LISTEN <channel>``,
+including the writer's own process. ``ChangeFeed`` owns one daemon thread with its own
+connection that calls every subscribed ``callback(payload)`` per notification. When the
+connection breaks it reconnects by itself (backoff ``_BACKOFF_S`` up to ``_MAX_BACKOFF_S``) and
+then calls ``callback(None)``: notifications sent while it was away are lost, so the subscriber
+must revalidate everything it holds. Callbacks run on the listener thread one at a time; one that
 raises is logged and the feed goes on.
 """
 
@@ -23,22 +23,18 @@ from adapters_store.pg_pool import CONNECT_TIMEOUT_S, connect
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "vera_adapters"
 _POLL_S = 0.5  # how often the listener looks at its stop flag
 _BACKOFF_S, _MAX_BACKOFF_S = 0.1, 2.0
 Callback = Callable[[str | None], None]
 
 
-def notify(conn: psycopg.Connection, user_id: str) -> None:
-    """Announce a change of ``user_id`` when the caller's transaction commits."""
-    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, user_id))
-
-
 class ChangeFeed:
-    """One LISTEN connection and thread per backend, started by the first ``add``."""
+    """One LISTEN connection and thread per channel, started by the first ``add``."""
 
-    def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
+    def __init__(self, dsn: str, channel: str) -> None:
+        if not channel.isidentifier():
+            raise ValueError(f"channel {channel!r} is not an SQL identifier")
+        self._dsn, self._channel = dsn, channel
         self._callbacks: list[Callback] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -52,7 +48,8 @@ class ChangeFeed:
         with self._lock:
             self._callbacks.append(callback)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="vera-feed", daemon=True)
+                name = f"vera-feed-{self._channel}"
+                self._thread = threading.Thread(target=self._run, name=name, daemon=True)
                 self._thread.start()
         self._listening.wait(CONNECT_TIMEOUT_S + 1)
         with self._lock:
@@ -69,31 +66,33 @@ class ChangeFeed:
         while not self._stop.is_set():
             try:
                 with connect(self._dsn) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
+                    conn.execute(f"LISTEN {self._channel}")
                     with self._lock:
                         missed = self._subscribed  # changes may have passed while away
                     self._listening.set()
                     delay, connected = _BACKOFF_S, True
                     if missed:
-                        log.info("adapter change feed reconnected: revalidating")
+                        log.info("change feed %s reconnected: revalidating", self._channel)
                         self._deliver(None)
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=_POLL_S):
                             self._deliver(note.payload)
             except (psycopg.Error, StoreUnavailable) as e:
                 level = logging.WARNING if connected else logging.DEBUG  # once per outage
-                log.log(level, "adapter change feed lost its connection (%s); reconnecting", e)
+                log.log(
+                    level, "change feed %s lost its connection (%s); reconnecting", self._channel, e
+                )
                 connected = False
             with self._lock:
                 self._subscribed = self._subscribed or self._listening.is_set()
             self._stop.wait(delay)
             delay = min(2 * delay, _MAX_BACKOFF_S)
 
-    def _deliver(self, user_id: str | None) -> None:
+    def _deliver(self, payload: str | None) -> None:
         with self._lock:
             callbacks = list(self._callbacks)
         for callback in callbacks:
             try:
-                callback(user_id)
+                callback(payload)
             except Exception:
-                log.exception("adapter change feed callback failed for %r", user_id)
+                log.exception("change feed %s: a callback failed for %r", self._channel, payload)

@@ -1,7 +1,6 @@
-"""Connections to the adapter database: one small pool, failures mapped to ``StoreUnavailable``.
+"""Connections to a PostgreSQL store: one small pool, failures mapped to ``StoreUnavailable``.
 
-Guarantees of ``run`` (every PostgreSQL call of the backend and the user registry goes through
-it):
+Guarantees of ``run`` (every call of ``PostgresDatabase`` goes through it):
 
 * It gives up within about ``POOL_TIMEOUT_S`` (plus one ``CONNECT_TIMEOUT_S`` when a retry has
   to connect) when the database is down, raising ``StoreUnavailable``; it never hangs on a dead
@@ -12,6 +11,8 @@ it):
 * A write (``write=True``, one explicit transaction) is retried only if it failed before COMMIT
   was sent, when nothing can have committed; a failure during COMMIT raises ``StoreUnavailable``
   (the write may or may not have happened: the caller reports it, never repeats it blindly).
+* ``durable=False`` commits with ``synchronous_commit = off``: the commit may be lost if the
+  database server crashes, but only together with every later commit (WAL order).
 * Messages name the database without its password (``describe``).
 """
 
@@ -27,7 +28,6 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from adapters_store.errors import StoreUnavailable
-from adapters_store.pg_schema import migrate
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,11 @@ def unavailable(dsn: str, error: BaseException) -> StoreUnavailable:
     password = conninfo_to_dict(dsn).get("password")
     if password:
         reason = reason.replace(str(password), "***")
-    return StoreUnavailable(f"the adapter database {describe(dsn)} is unreachable: {reason}")
+    return StoreUnavailable(f"the store database {describe(dsn)} is unreachable: {reason}")
 
 
 def connect(dsn: str, *, autocommit: bool = True) -> psycopg.Connection:
-    """One connection outside the pool (migration, change feed); StoreUnavailable if down."""
+    """One connection outside the pool (the change feed); StoreUnavailable if down."""
     try:
         return psycopg.connect(dsn, autocommit=autocommit, **connect_kwargs(dsn))
     except psycopg.OperationalError as e:
@@ -95,13 +95,12 @@ def connect(dsn: str, *, autocommit: bool = True) -> psycopg.Connection:
 
 
 def open_pool(dsn: str) -> ConnectionPool:
-    """Migrate the schema (on its own connection: errors stay precise), then open the pool.
+    """Open the pool once a first connection succeeded (its error, if any, is the precise one).
 
     The pool holds autocommit connections: a read is one round trip, a write opens its own
     transaction. Raises StoreUnavailable if the database cannot be reached.
     """
-    with connect(dsn) as conn:
-        migrate(conn)
+    connect(dsn).close()
     pool = ConnectionPool(
         dsn,
         kwargs={"autocommit": True, **connect_kwargs(dsn)},
@@ -120,7 +119,13 @@ def open_pool(dsn: str) -> ConnectionPool:
     return pool
 
 
-def run(pool: ConnectionPool, fn: Callable[[psycopg.Connection], T], *, write: bool = False) -> T:
+def run(
+    pool: ConnectionPool,
+    fn: Callable[[psycopg.Connection], T],
+    *,
+    write: bool = False,
+    durable: bool = True,
+) -> T:
     """``fn(conn)`` on a pooled connection (``write``: inside one transaction), retried once if
     the connection turned out dead and nothing can have committed; see the module docstring."""
     for attempt in (1, 2):
@@ -130,6 +135,8 @@ def run(pool: ConnectionPool, fn: Callable[[psycopg.Connection], T], *, write: b
                 if not write:
                     return fn(conn)
                 with conn.transaction():
+                    if not durable:
+                        conn.execute("SET LOCAL synchronous_commit = off")
                     result = fn(conn)
                     committing = True  # the block's exit sends COMMIT
                 return result
@@ -140,6 +147,6 @@ def run(pool: ConnectionPool, fn: Callable[[psycopg.Connection], T], *, write: b
                 raise
             if attempt == 2 or committing or not is_gone(e):
                 raise unavailable(str(pool.conninfo), e) from None
-            log.info("adapter database connection lost (%s); retrying once", e.sqlstate)
+            log.info("store database connection lost (%s); retrying once", e.sqlstate)
             pool.check()  # drop the other dead idle connections before the retry
     raise AssertionError("unreachable")

@@ -14,12 +14,10 @@ from pathlib import Path
 
 import torch
 
-from adapters_store.backend import DEFAULT_RETAIN_S, AdapterBackend, RecoveryReport
+from adapters_store.backend import DEFAULT_RETAIN_S, AdapterBackend, open_backend
 from adapters_store.errors import AdapterNotFound, StoreCorruptError
-from adapters_store.ids import validate_user_id
-from adapters_store.local import LocalBackend
-from adapters_store.location import is_database_url
 from adapters_store.meta import AdapterMeta
+from adapters_store.recovery import RecoveryReport
 from vera_core.adapter import Adapter
 from vera_core.adapter_file import adapter_from_bytes, adapter_to_bytes, load_tensors, split_vectors
 from vera_core.layout import Layout
@@ -32,7 +30,8 @@ class AdapterStore:
 
     Thread-safe. ``put`` returns a new version (1, 2, ... per user, never reused even after
     ``delete``); older versions stay readable via ``load_flat(user, version)`` for the backend's
-    retention period, so a running request keeps the version it started with.
+    retention period, so a running request keeps the version it started with. User ids were
+    validated at the edge (the API); the store trusts them.
     """
 
     def __init__(
@@ -45,17 +44,15 @@ class AdapterStore:
         retain_s: float = DEFAULT_RETAIN_S,
         verify_on_open: bool = True,
     ) -> None:
-        """Open the store on ``backend`` (a directory means ``LocalBackend(dir, retain_s)``,
-        created if needed; ``retain_s`` applies only then) and run crash recovery.
+        """Open the store on ``backend`` (a location, a directory or a database URL, means
+        ``open_backend(location, retain_s)``; ``retain_s`` applies only then) and run crash
+        recovery.
 
         ``verify_on_open`` checks the sha256 of every current blob during recovery (sizes are
-        always checked). ``close`` closes the backend too. A database URL is refused here:
-        ``location.open_storage`` is where a configured location becomes a backend.
+        always checked). ``close`` closes the backend too.
         """
         if not isinstance(backend, AdapterBackend):
-            if is_database_url(backend):
-                raise ValueError("open a database with adapters_store.open_storage(url)")
-            backend = LocalBackend(backend, retain_s)
+            backend = open_backend(backend, retain_s)
         self.layout = layout
         self.projection_prng_key = projection_prng_key
         self.fingerprint = fingerprint
@@ -79,10 +76,9 @@ class AdapterStore:
     def put(self, user_id: str, adapter: Adapter) -> AdapterMeta:
         """Validate, then atomically store ``adapter`` as the user's new current version.
 
-        Raises InvalidUserId, AdapterValueError or AdapterMismatchError before anything is
-        written. The file is stamped with this server's base-model fingerprint.
+        Raises AdapterValueError or AdapterMismatchError before anything is written. The file
+        is stamped with this server's base-model fingerprint.
         """
-        validate_user_id(user_id)
         self.check(adapter)
         header = replace(adapter.header, base_fingerprint=self.fingerprint)
         data = adapter_to_bytes(Adapter(header, adapter.vectors))
@@ -91,19 +87,14 @@ class AdapterStore:
 
     def meta(self, user_id: str) -> AdapterMeta:
         """The current version's metadata; AdapterNotFound if the user has none."""
-        meta = self.backend.meta(validate_user_id(user_id))
+        meta = self.backend.meta(user_id)
         if meta is None:
             raise AdapterNotFound(f"no adapter stored for user {user_id!r}")
         return meta
 
-    def get(self, user_id: str) -> tuple[Adapter, AdapterMeta]:
-        """The current adapter and its metadata; AdapterNotFound if absent."""
-        meta, data = self._read(user_id, None)
-        return adapter_from_bytes(data), meta
-
     def delete(self, user_id: str) -> bool:
         """Retire the user's adapter (readable by version until collected); False if absent."""
-        return self.backend.remove(validate_user_id(user_id))
+        return self.backend.remove(user_id)
 
     def list(self) -> list[AdapterMeta]:
         """Current metadata of every user, sorted by user id."""
@@ -129,7 +120,6 @@ class AdapterStore:
             raise StoreCorruptError(f"{user_id!r}: stored adapter lacks layer {e}") from None
 
     def _read(self, user_id: str, version: int | None) -> tuple[AdapterMeta, bytes]:
-        validate_user_id(user_id)
         for _ in range(_READ_RETRIES):
             meta = self.backend.meta(user_id, version)
             if meta is None:

@@ -30,8 +30,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from live import adapter_bytes, random_adapter, start_server  # noqa: E402
 from pg_server import PgServer, find_bindir  # noqa: E402
 
-from adapters_store import AdapterStore, open_storage  # noqa: E402
+from adapters_store import AdapterStore  # noqa: E402
 from server.model_source import load_model  # noqa: E402
+from server.storage import open_storage  # noqa: E402
 from vera_core import VeraConfig, inject_vera, model_fingerprint  # noqa: E402
 
 OCTET = {"Content-Type": "application/octet-stream"}
@@ -48,7 +49,7 @@ def ms(samples: list[float]) -> str:
 
 def lookup_latency(location: str, vm, lookups: int) -> list[float]:
     storage = open_storage(location)
-    store = AdapterStore(storage.backend, vm.layout, 0, model_fingerprint(vm.model))
+    store = AdapterStore(storage.adapters, vm.layout, 0, model_fingerprint(vm.model))
     for i in range(50):
         store.put(f"user{i}", random_adapter(vm, i))
     samples = []
@@ -64,7 +65,7 @@ def feed_latency(dsn: str, vm, rounds: int) -> tuple[list[float], list[float]]:
     """Publish on one backend; seconds until another backend's subscriber hears it, and until
     the writer's own put returns (both from the start of the put)."""
     writer, reader = open_storage(dsn), open_storage(dsn)
-    store = AdapterStore(writer.backend, vm.layout, 0, model_fingerprint(vm.model))
+    store = AdapterStore(writer.adapters, vm.layout, 0, model_fingerprint(vm.model))
     heard: dict[str, float] = {}
     event = threading.Event()
 
@@ -73,7 +74,7 @@ def feed_latency(dsn: str, vm, rounds: int) -> tuple[list[float], list[float]]:
             heard[user_id] = time.perf_counter()
             event.set()
 
-    reader.backend.subscribe(on_change)
+    reader.adapters.subscribe(on_change)
     time.sleep(0.5)  # LISTEN is up
     adapter, heard_after, acked_after = random_adapter(vm, 1), [], []
     for i in range(rounds):

@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from adapters_store import AdapterBackend, AdapterStore, LocalBackend, PostgresBackend, SlotPool
+from adapters_store import AdapterBackend, AdapterStore, SlotPool, open_backend
 from vera_core import Adapter, AdapterHeader, Layout, VeraBank, VeraConfig, model_fingerprint
 from vera_core.inject import layout_for
 
@@ -216,8 +216,8 @@ def compare_backends(layout: Layout, fp: str, adapters: list[Adapter], args) -> 
     columns = []
     with tempfile.TemporaryDirectory(dir=args.root) as tmp:
         backends: list[AdapterBackend] = [
-            LocalBackend(tmp, retain_s=0.0),
-            PostgresBackend(args.store, retain_s=0.0),
+            open_backend(tmp, retain_s=0.0),
+            open_backend(args.store, retain_s=0.0),
         ]
         for backend in backends:
             with AdapterStore(backend, layout, 0, fp) as store:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from adapters_store.location import is_database_url
+from adapters_store import is_database_url
 from server.engine.fair_queue import POLICIES
 from vera_core.config import parse_targets
 

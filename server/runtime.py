@@ -15,9 +15,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from adapters_store import AdapterStore
-from adapters_store.location import Storage, is_database_url, open_storage
-from adapters_store.users import UserRegistry
 from server.adapter_service import AdapterService
+from server.auth import KeyRegistry
 from server.config import ServerConfig
 from server.engine import Engine, EngineConfig, SlotPool
 from server.engine.fair_queue import FairnessConfig
@@ -25,6 +24,7 @@ from server.engine.scheduler import SchedulerConfig
 from server.finetune.service import FineTuningService
 from server.finetune.worker import FineTuneConfig, JobWorker
 from server.model_source import load_model
+from server.storage import Storage, open_storage
 from vera_core import VeraConfig, VeraModel, inject_vera, model_fingerprint
 from vera_core.train_data import DataLimits
 
@@ -37,7 +37,7 @@ class Runtime:
     vm: VeraModel
     tokenizer: PreTrainedTokenizerBase
     model_name: str
-    storage: Storage  # the backend chosen from --store, and the API-key registry beside it
+    storage: Storage  # --store: one database for adapters, API keys and fine-tuning jobs
     store: AdapterStore
     pool: SlotPool
     adapters: AdapterService
@@ -46,8 +46,8 @@ class Runtime:
     base_model_bytes: int
 
     @property
-    def users(self) -> UserRegistry:
-        return self.storage.users
+    def users(self) -> KeyRegistry:
+        return self.storage.keys
 
     @classmethod
     def build(cls, config: ServerConfig) -> Runtime:
@@ -64,7 +64,7 @@ class Runtime:
         vm = inject_vera(model, vera_config, num_slots=config.device_slots + 1)
         fingerprint = model_fingerprint(model)
         storage = open_storage(config.store_location)
-        store = AdapterStore(storage.backend, vm.layout, config.projection_prng_key, fingerprint)
+        store = AdapterStore(storage.adapters, vm.layout, config.projection_prng_key, fingerprint)
         pool = SlotPool(vm.bank, store, config.host_slots, acquire_timeout_s=config.slot_wait_s)
         adapters = AdapterService(store, pool)
         engine_config = EngineConfig(
@@ -185,8 +185,6 @@ def _fine_tuning(
     )
     ft_config = FineTuneConfig(limits, max_queued_jobs=config.max_jobs)
     owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-    exclusive = not is_database_url(config.store_location)  # a directory has one server
-    worker = JobWorker(
-        storage.training, engine, vm, tokenizer, adapters, ft_config, owner, exclusive
-    )
-    return FineTuningService(storage.training, tokenizer, model_name, ft_config, worker)
+    exclusive = storage.db.exclusive  # a directory has one server
+    worker = JobWorker(storage.jobs, engine, vm, tokenizer, adapters, ft_config, owner, exclusive)
+    return FineTuningService(storage.jobs, tokenizer, model_name, ft_config, worker)

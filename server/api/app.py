@@ -20,8 +20,8 @@ from server.api import (
     metrics,
     openai_routes,
 )
-from server.api.auth import KeyCache
 from server.api.errors import error_response
+from server.auth import KeyCache
 
 if TYPE_CHECKING:
     from server.runtime import Runtime

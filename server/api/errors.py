@@ -15,11 +15,11 @@ from adapters_store import (
     InvalidUserId,
     StoreError,
     StoreUnavailable,
-    UserExists,
 )
-from adapters_store.errors import JobLimit
+from server.auth import UserExists
 from server.engine import ContextTooLong, EngineStopped, QueueFull
 from server.finetune.service import FineTuneForbidden, FineTuneInvalid, FineTuneNotFound
+from server.finetune.store import JobLimit
 from vera_core.errors import VeraError
 from vera_core.train_data import TrainingDataError
 

@@ -14,12 +14,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapters_store.training import FileRecord, JobEvent, JobRecord
 from server.api.adapters import UserId
 from server.api.auth import Principal, principal, require_access
 from server.api.deps import RuntimeDep
 from server.api.errors import ApiError
 from server.api.schemas import error_responses
+from server.finetune.records import FileRecord, JobEvent, JobRecord
 from server.finetune.service import FineTuneInvalid, FineTuningService
 
 router = APIRouter()

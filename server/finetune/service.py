@@ -14,7 +14,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from adapters_store import validate_user_id
-from adapters_store.training import FileRecord, JobEvent, JobRecord, TrainingStore
+from server.finetune.records import FileRecord, JobEvent, JobRecord
+from server.finetune.store import JobStore
 from server.finetune.worker import FineTuneConfig, JobWorker
 from vera_core.train_data import TrainingDataError, read_examples
 
@@ -38,7 +39,7 @@ class FineTuneInvalid(ValueError):
 class FineTuningService:
     def __init__(
         self,
-        store: TrainingStore,
+        store: JobStore,
         tokenizer: PreTrainedTokenizerBase,
         base_model: str,
         config: FineTuneConfig,

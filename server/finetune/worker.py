@@ -1,6 +1,6 @@
 """Runs fine-tuning jobs inside the server, one at a time, on the model that is serving.
 
-The worker thread claims the oldest queued job from the training store (any replica sharing the
+The worker thread claims the oldest queued job from the job store (any replica sharing the
 store may claim it; a job whose worker stopped heartbeating is claimed again and restarts), reads
 and tokenizes its file, and trains the user's vectors with ``AdapterTrainer``. Every
 forward/backward unit runs on the engine thread through ``Engine.run_background``: training never
@@ -25,9 +25,10 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from adapters_store import StoreUnavailable
-from adapters_store.training import JobRecord, TrainingStore
 from server.adapter_service import AdapterService
 from server.engine import Engine, EngineStopped
+from server.finetune.records import JobRecord
+from server.finetune.store import JobStore
 from vera_core.inject import VeraModel
 from vera_core.train import AdapterTrainer, StepReport, TrainConfig
 from vera_core.train_data import IGNORE, DataLimits, Example, TrainingDataError, read_examples
@@ -57,7 +58,7 @@ class _Stop(Exception):
 class JobWorker:
     def __init__(
         self,
-        store: TrainingStore,
+        store: JobStore,
         engine: Engine,
         vm: VeraModel,
         tokenizer: PreTrainedTokenizerBase,
@@ -339,7 +340,7 @@ def _error(code: str, message: str) -> dict[str, Any]:
     return {"code": code, "message": message, "param": None}
 
 
-def _all_jobs(store: TrainingStore) -> list[JobRecord]:
+def _all_jobs(store: JobStore) -> list[JobRecord]:
     jobs: list[JobRecord] = []
     after = None
     while True:

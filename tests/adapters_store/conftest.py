@@ -13,9 +13,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import FP, KEY, LAYOUT, open_backend  # noqa: E402
+from helpers import FP, KEY, LAYOUT  # noqa: E402
 
-from adapters_store import DEFAULT_RETAIN_S, AdapterBackend, AdapterStore  # noqa: E402
+from adapters_store import (  # noqa: E402
+    DEFAULT_RETAIN_S,
+    AdapterBackend,
+    AdapterStore,
+    open_backend,
+)
 
 BackendFactory = Callable[..., AdapterBackend]
 

@@ -16,13 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+# the checkout this file is in, before any installed copy of the packages; then helpers
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).resolve().parents[2])]
 
-from helpers import FP, KEY, LAYOUT, filled_adapter, open_backend  # noqa: E402
+from helpers import FP, KEY, LAYOUT, filled_adapter  # noqa: E402
 
-import adapters_store.local  # noqa: E402
-import adapters_store.postgres  # noqa: E402
-from adapters_store import AdapterStore  # noqa: E402
+import adapters_store.backend  # noqa: E402
+import adapters_store.file_blobs  # noqa: E402
+from adapters_store import AdapterStore, open_backend  # noqa: E402
 
 
 def main() -> None:
@@ -36,8 +37,8 @@ def main() -> None:
             print(f"AT {name}", flush=True)
             time.sleep(3600)
 
-    adapters_store.local.failpoint = failpoint
-    adapters_store.postgres.failpoint = failpoint
+    adapters_store.backend.failpoint = failpoint
+    adapters_store.file_blobs.failpoint = failpoint
     print("READY", flush=True)
     for k in itertools.count(first):
         current["put"] = k - first + 1

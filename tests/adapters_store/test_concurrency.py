@@ -8,7 +8,7 @@ import threading
 import time
 
 import torch
-from helpers import LAYOUT, filled_adapter
+from helpers import LAYOUT, filled_adapter, read_adapter
 
 from adapters_store import AdapterNotFound, AdapterStore
 from server.engine import SlotPool
@@ -38,7 +38,7 @@ def client(store: AdapterStore, pool: SlotPool, seed: int, jobs: queue.Queue, er
                     store.delete(user)
                     pool.invalidate(user)
                 elif op < 0.6:
-                    adapter, meta = store.get(user)
+                    adapter, meta = read_adapter(store, user)
                     value = adapter.flat(LAYOUT)[0].item()
                     assert value_ok(user, value) and meta.user_id == user
                 elif op < 0.7:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FP, KEY, LAYOUT, open_backend
+from helpers import FP, KEY, LAYOUT, read_adapter
 
-from adapters_store import AdapterStore
+from adapters_store import AdapterStore, open_backend
 
 WRITER = Path(__file__).with_name("crash_writer.py")
 USERS = 4
@@ -54,7 +54,7 @@ def check_consistent(location: str, last_acked: dict[str, int], max_started: int
         assert not list(Path(location).glob("adapters/*/.tmp-*"))  # local: no temp file left
         values = {}
         for meta in store.list():
-            adapter, _ = store.get(meta.user_id)  # sha256-verified read of the whole file
+            adapter, _ = read_adapter(store, meta.user_id)  # sha256-checked, parsed whole
             flat = store.load_flat(meta.user_id)
             assert torch.equal(flat, adapter.flat(LAYOUT))
             value = int(flat[0].item())
@@ -70,9 +70,10 @@ def check_consistent(location: str, last_acked: dict[str, int], max_started: int
 STEPS = [
     ("local", "tmp_written", False),
     ("local", "tmp_synced", False),
-    ("local", "renamed", True),  # the complete file is adopted
+    ("local", "renamed", True),  # the complete file is adopted: this process is its only writer
     ("local", "committed", True),
-    ("postgres", "blob_written", False),  # between blob write and COMMIT: rolled back
+    ("postgres", "reserved", False),  # a version that never became visible
+    ("postgres", "blob_written", False),  # blob stored, index commit never sent: not adopted
     ("postgres", "committed", True),
 ]
 

@@ -14,7 +14,8 @@ import pytest
 from helpers import FP, KEY, LAYOUT, filled_adapter
 from test_postgres import wait_for
 
-from adapters_store import AdapterStore, PostgresBackend, PostgresUsers, StoreUnavailable
+from adapters_store import AdapterStore, StoreUnavailable, open_backend
+from server.auth import KeyRegistry
 
 QUICK_S = 3.5  # StoreUnavailable within the pool timeout plus a little scheduling slack
 
@@ -34,8 +35,8 @@ def secret_dsn(postgres) -> str:
 
 
 def test_kill_gives_store_unavailable_then_everything_works_again(postgres, secret_dsn) -> None:
-    backend = PostgresBackend(secret_dsn)
-    store, users = AdapterStore(backend, LAYOUT, KEY, FP), PostgresUsers(backend.pool)
+    backend = open_backend(secret_dsn)
+    store, users = AdapterStore(backend, LAYOUT, KEY, FP), KeyRegistry(backend.db)
     key = users.create("alice")
     store.put("alice", filled_adapter(1.0))
     heard: list[str | None] = []
@@ -57,11 +58,11 @@ def test_kill_gives_store_unavailable_then_everything_works_again(postgres, secr
         postgres.start()
     for message in messages:
         assert "unreachable" in message and "s3cr3t" not in message, message
-    assert "s3cr3t" not in backend.description
+    assert "s3cr3t" not in backend.db.description
     assert store.meta("alice").version == 1  # the first request after the restart succeeds
     assert users.authenticate(key) == "alice"
     assert wait_for(lambda: None in heard, 10.0), heard  # the feed reconnected: revalidate
-    other = PostgresBackend(secret_dsn)
+    other = open_backend(secret_dsn)
     AdapterStore(other, LAYOUT, KEY, FP).put("alice", filled_adapter(3.0))
     assert wait_for(lambda: heard[-1] == "alice", 2.0), heard  # and listens again
     assert store.load_flat("alice")[0].item() == 3.0
@@ -72,12 +73,13 @@ def test_kill_gives_store_unavailable_then_everything_works_again(postgres, secr
 def test_fast_shutdown_and_restart_first_calls_succeed(postgres) -> None:
     """Pooled connections die with the server; the first read and write after it comes back
     succeed without re-creating the backend."""
-    backend = PostgresBackend(postgres.new_database())
+    backend = open_backend(postgres.new_database())
     store = AdapterStore(backend, LAYOUT, KEY, FP)
     store.put("a", filled_adapter(1.0))
-    with backend.pool.connection(), backend.pool.connection(), backend.pool.connection():
+    pool = backend.db.pool
+    with pool.connection(), pool.connection(), pool.connection():
         pass  # three idle connections now, all dead after the restart
-    assert backend.pool.get_stats()["pool_available"] == 3
+    assert pool.get_stats()["pool_available"] == 3
     postgres.stop("fast")
     postgres.start()
     assert store.meta("a").version == 1

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from helpers import LAYOUT, LOCAL_ONLY, filled_adapter, random_adapter, stamped_bytes
 
-from adapters_store import AdapterStore
-from adapters_store.local import _write_durably
+from adapters_store import AdapterStore, StoreUnavailable
+from adapters_store.file_blobs import _write_durably
 
 pytestmark = LOCAL_ONLY  # files and SQLite rows; Postgres recovery: test_postgres.py
 
@@ -99,3 +100,47 @@ def test_deleted_user_is_not_resurrected_by_its_retained_file(open_store) -> Non
     first.close()
     second = open_store()
     assert second.recovery.clean and second.list() == []
+
+
+def test_blob_left_by_a_crash_after_collecting_its_row_is_not_resurrected(
+    open_store, monkeypatch
+) -> None:
+    """Collection deletes rows, then blobs after the commit: a crash in between leaves a blob
+    newer than every remaining row of a removed user, which must not come back."""
+    first = open_store(retain_s=0.0)
+    first.put("a", filled_adapter(1.0))
+    monkeypatch.setattr(first.backend.blobs, "delete", lambda keys: None)  # the crash
+    assert first.delete("a")
+    first.close()
+    assert (user_dir(first, "a") / "v1.safetensors").exists()
+    second = open_store(retain_s=0.0)
+    assert second.recovery.files_removed == ["a/v1"] and second.list() == []
+    assert second.put("a", filled_adapter(2.0)).version == 2
+
+
+def test_publish_after_a_removal_whose_commit_was_lost_is_adopted(open_store) -> None:
+    first = open_store(retain_s=0.0)
+    first.put("a", filled_adapter(1.0))
+    first.delete("a")
+    first.close()
+    _write_durably(user_dir(first, "a") / "v2.safetensors", stamped_bytes(filled_adapter(2.0)))
+    second = open_store()
+    assert second.recovery.files_adopted == ["a/v2"] and second.meta("a").version == 2
+
+
+def test_a_publish_whose_commit_outcome_is_unknown_keeps_its_file(open_store, monkeypatch) -> None:
+    """StoreUnavailable from the index commit may mean it committed: the file stays, and the
+    next open settles it (here the commit did not happen, so the complete file is adopted)."""
+    first = open_store()
+    first.put("a", filled_adapter(1.0))
+
+    def unknown(*args) -> None:
+        raise StoreUnavailable("the store database failed to commit (test)")
+
+    monkeypatch.setattr(first.backend.index, "commit", unknown)
+    with pytest.raises(StoreUnavailable):
+        first.put("a", filled_adapter(2.0))
+    assert (user_dir(first, "a") / "v2.safetensors").exists()
+    first.close()
+    second = open_store()
+    assert second.recovery.files_adopted == ["a/v2"] and second.meta("a").version == 2

@@ -14,8 +14,8 @@ import pytest
 from kit import OCTET, stored_bytes, tiny_adapter
 from live import ADMIN, LiveServer, adapter_bytes, random_adapter, start_server
 
-from adapters_store.users import UserRegistry
 from server.api import auth
+from server.auth import KeyRegistry
 
 MARKER = b"SECRET-ADAPTER-BYTES-7f3a"
 
@@ -79,9 +79,9 @@ def test_admin_endpoints_refuse_user_keys(tiny_auth: LiveServer, tenants) -> Non
 
 
 def test_keys_are_stored_hashed(tiny_auth: LiveServer, tenants) -> None:
-    db = sqlite3.connect(tiny_auth.store / "users.sqlite")
+    db = sqlite3.connect(tiny_auth.store / "vera.sqlite")
     try:
-        rows = dict(db.execute("SELECT user_id, key_sha256 FROM users").fetchall())
+        rows = dict(db.execute("SELECT user_id, key_sha256 FROM vera_users").fetchall())
     finally:
         db.close()
     for uid, key in tenants.items():
@@ -96,7 +96,7 @@ def test_keys_are_compared_in_constant_time() -> None:
     """The admin token and user-key digests go through hmac.compare_digest, and a user key is
     looked up by its SHA-256 (an index probe on a digest, not a comparison of secrets)."""
     assert "hmac.compare_digest" in inspect.getsource(auth.principal)
-    source = inspect.getsource(UserRegistry.authenticate)
+    source = inspect.getsource(KeyRegistry.authenticate)
     assert "hmac.compare_digest" in source and "_digest(key)" in source
     assert "== token" not in inspect.getsource(auth) and "token ==" not in inspect.getsource(auth)
 

@@ -13,8 +13,8 @@ import pytest
 
 def system_tool(name: str, package: str) -> Path:
     """The executable ``name`` (on PATH or in /usr/bin); else skip, or fail on CI."""
-    found = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
-    if found is None:
+    found = shutil.which(name) or f"/usr/bin/{name}"
+    if not Path(found).exists():
         reason = f"{name} not found; apt-get install {package}"
         if os.environ.get("CI"):
             pytest.fail(reason)

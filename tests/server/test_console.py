@@ -197,7 +197,7 @@ def test_a_user_key_is_refused_with_a_visible_message(page, busy: BusyServer, sh
     assert page.locator("#dashboard").is_hidden() and page.input_value("#token") == ""
     screenshot(page, shots, "console-user-key-refused")
     open_console(page, busy, "not-a-key")
-    page.wait_for_function("() => document.querySelector('#login-error').textContent.includes('401')")
+    page.wait_for_function("() => document.querySelector('#login-error').innerText.includes('401')")
     assert page.locator("#dashboard").is_hidden()
 
 

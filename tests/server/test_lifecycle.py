@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +20,8 @@ from adapters_store import (  # noqa: E402
     LocalBackend,
     StoreUnavailable,
 )
-from adapters_store.users import UserRegistry  # noqa: E402
 from server.adapter_service import AdapterService  # noqa: E402
-from server.api.auth import KeyCache  # noqa: E402
+from server.auth import KeyCache, key_digest  # noqa: E402
 from server.engine import SlotPool  # noqa: E402
 from vera_core import AdapterMismatchError, VeraBank  # noqa: E402
 
@@ -101,7 +99,7 @@ def test_delete_and_change_feed_free_slots(service: AdapterService) -> None:
     assert torch.count_nonzero(pool.bank.rows[0]) == 0
 
 
-class CountingRegistry(UserRegistry):
+class CountingRegistry:
     """Keys in a dict; counts lookups; can be made unreachable."""
 
     def __init__(self) -> None:
@@ -109,20 +107,14 @@ class CountingRegistry(UserRegistry):
         self.calls = 0
         self.down = False
 
-    def create(self, user_id: str, rotate: bool = False) -> str:
-        raise NotImplementedError
-
-    def _find(self, digest: str) -> tuple[str, str] | None:
+    def authenticate(self, key: str) -> str | None:
         self.calls += 1
         if self.down:
             raise StoreUnavailable("the user database is unreachable (test)")
-        for key, user in self.keys.items():
-            if hashlib.sha256(key.encode()).hexdigest() == digest:
-                return user, digest
+        for known, user in self.keys.items():
+            if key_digest(known) == key_digest(key):
+                return user
         return None
-
-    def close(self) -> None:
-        pass
 
 
 def test_key_cache_trusts_recent_answers_and_survives_an_outage() -> None:

@@ -108,10 +108,10 @@ def test_admin_endpoints_refuse_user_keys_and_strangers(live: LiveServer, keys) 
 
 
 def test_keys_are_stored_hashed(live: LiveServer, keys) -> None:
-    raw = (live.store / "users.sqlite").read_bytes()
+    raw = (live.store / "vera.sqlite").read_bytes()
     for k in keys.values():
         assert k.encode() not in raw
-    wal = live.store / "users.sqlite-wal"
+    wal = live.store / "vera.sqlite-wal"
     if wal.exists():
         assert all(k.encode() not in wal.read_bytes() for k in keys.values())
 

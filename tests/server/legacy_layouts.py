@@ -1,35 +1,57 @@
-"""The adapter database's tables, created or migrated on first start.
-
-``migrate`` is idempotent and safe when several replicas start at once: it runs in one
-transaction holding ``pg_advisory_xact_lock(SCHEMA_LOCK)``, reads the applied version from
-``vera_schema`` and applies only the missing steps of ``MIGRATIONS`` (append new steps; never
-edit an applied one). A database newer than this code is refused rather than misread.
-
-Tables (all prefixed ``vera_``)::
-
-    vera_counters(user_id, last_version)   -- never deleted: versions are never reused
-    vera_versions(user_id, version, bytes, num_params, sha256, created_at, base_fingerprint,
-                  retired_at)              -- retired_at IS NULL marks the one current version
-    vera_blobs(user_id, version, data)     -- the safetensors bytes (``PgBlobs``)
-    vera_users(user_id, key_sha256, created_at)  -- API keys, stored only as SHA-256 digests
-    vera_files(seq, id, user_id, filename, purpose, bytes, created_at, data)
-                                           -- fine-tuning uploads (``training.py``)
-    vera_jobs(seq, id, user_id, model, training_file, ..., status, attempts, owner,
-              heartbeat_at, cancel_requested, event_seq)  -- fine-tuning jobs, any replica's
-    vera_job_events(id, job_id, seq, created_at, level, message, type, data)  -- their logs
-
-``seq`` of files and jobs is insertion order (ties of their one-second ``created_at``).
-"""
+"""The layouts the previous release wrote, copied verbatim from its code: upgrade tests build
+stores with them (a directory of three SQLite files and adapter files, or a PostgreSQL database
+migrated to ``vera_schema`` version 2)."""
 
 from __future__ import annotations
 
-import psycopg
+# index.sqlite (adapters_store/local_index.py)
+LEGACY_INDEX = """
+CREATE TABLE IF NOT EXISTS versions (
+    user_id TEXT NOT NULL, version INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    num_params INTEGER NOT NULL, sha256 TEXT NOT NULL, created_at REAL NOT NULL,
+    base_fingerprint TEXT NOT NULL, retired_at REAL,
+    PRIMARY KEY (user_id, version)
+);
+CREATE INDEX IF NOT EXISTS versions_retired ON versions (retired_at);
+CREATE TABLE IF NOT EXISTS counters (user_id TEXT PRIMARY KEY, last_version INTEGER NOT NULL);
+"""
 
-from adapters_store.errors import StoreError
+# users.sqlite (adapters_store/users.py)
+LEGACY_USERS = """
+CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, key_sha256 TEXT NOT NULL,
+ created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS users_key ON users(key_sha256);
+"""
 
-SCHEMA_LOCK = 0x7665_7261_0001  # "vera" + 1: the advisory lock id of migrations
+# training.sqlite (adapters_store/training.py)
+LEGACY_TRAINING = """
+CREATE TABLE IF NOT EXISTS vera_files (
+    seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, user_id TEXT NOT NULL,
+    filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL, data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS vera_files_user ON vera_files (user_id, created_at, seq);
+CREATE TABLE IF NOT EXISTS vera_jobs (
+    seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, user_id TEXT NOT NULL,
+    model TEXT NOT NULL, training_file TEXT NOT NULL, validation_file TEXT,
+    hyperparameters TEXT NOT NULL, suffix TEXT, status TEXT NOT NULL CHECK (status IN
+    ('queued', 'running', 'succeeded', 'failed', 'cancelled')), created_at INTEGER NOT NULL,
+    started_at INTEGER, finished_at INTEGER, error TEXT, fine_tuned_model TEXT,
+    trained_tokens INTEGER, result TEXT, attempts INTEGER NOT NULL, owner TEXT,
+    heartbeat_at REAL, cancel_requested INTEGER NOT NULL, event_seq INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS vera_jobs_user ON vera_jobs (user_id, created_at, seq);
+CREATE INDEX IF NOT EXISTS vera_jobs_order ON vera_jobs (created_at, seq);
+CREATE TABLE IF NOT EXISTS vera_job_events (
+    id TEXT PRIMARY KEY, job_id TEXT NOT NULL REFERENCES vera_jobs (id), seq INTEGER NOT NULL,
+    created_at INTEGER NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL, type TEXT NOT NULL,
+    data TEXT, UNIQUE (job_id, seq)
+);
+"""
 
-MIGRATIONS: tuple[str, ...] = (
+
+# PostgreSQL, applied in order and recorded in vera_schema (adapters_store/pg_schema.py)
+LEGACY_PG: tuple[str, ...] = (
     """
     CREATE TABLE vera_counters (
         user_id text PRIMARY KEY,
@@ -117,24 +139,3 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """,
 )
-
-
-def migrate(conn: psycopg.Connection) -> int:
-    """Bring the schema to ``len(MIGRATIONS)``; return that version. ``conn`` is autocommit."""
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS vera_schema (version integer PRIMARY KEY, "
-            "applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        row = conn.execute("SELECT coalesce(max(version), 0) FROM vera_schema").fetchone()
-        current = row[0] if row else 0
-        if current > len(MIGRATIONS):
-            raise StoreError(
-                f"the adapter database has schema version {current}, newer than this server's "
-                f"{len(MIGRATIONS)}: upgrade vera-serve"
-            )
-        for version in range(current + 1, len(MIGRATIONS) + 1):
-            conn.execute(MIGRATIONS[version - 1])
-            conn.execute("INSERT INTO vera_schema (version) VALUES (%s)", (version,))
-    return len(MIGRATIONS)

@@ -1,14 +1,14 @@
-"""Fine-tuning files, jobs and job events: durable, and shared by replicas with PostgreSQL.
+"""Fine-tuning files, jobs and job events in the store's database, shared by replicas.
 
-Guarantees of every ``TrainingStore`` (both implementations run the same SQL):
+Guarantees of ``JobStore`` (one SQL text for both dialects):
 
 * Each method is one transaction; what it returned is committed (SQLite WAL, PostgreSQL COMMIT)
   and survives a restart. Jobs are never deleted; files are (a job keeps only their id).
 * A job moves queued -> running -> succeeded | failed | cancelled, running -> queued
   (``requeue``) and queued -> cancelled (``request_cancel``). Terminal states are final, and
   ``heartbeat``, ``finish(owner=...)`` and ``requeue`` act only for the worker that owns the job.
-* ``create_job`` counts non-terminal jobs and inserts under one lock (SQLite ``BEGIN
-  IMMEDIATE``; PostgreSQL ``pg_advisory_xact_lock(JOBS_LOCK)``): concurrent creators, in one
+* ``create_job`` counts non-terminal jobs and inserts under one writer lock (``Database.lock``:
+  SQLite's ``BEGIN IMMEDIATE``, PostgreSQL an advisory lock): concurrent creators, in one
   process or in several replicas, never exceed a limit.
 * ``claim`` gives a job to exactly one worker (PostgreSQL ``FOR UPDATE SKIP LOCKED``, SQLite the
   file's write lock): the oldest queued job, or a running one whose heartbeat is older than
@@ -20,96 +20,40 @@ Guarantees of every ``TrainingStore`` (both implementations run the same SQL):
   and ``created_at`` has one-second resolution); ``claim`` takes the opposite order.
 
 Timestamps come from the caller's clock (``created_at`` etc. in unix seconds, ``heartbeat_at`` a
-``time.time()`` float): replicas' clocks must agree to well within ``stale_s``. ``SqliteTraining``
-serves one server process; ``PostgresTraining`` raises ``StoreUnavailable`` when the database
-is down (``pg_pool.run``), with its tables created by ``pg_schema`` migration 2.
+``time.time()`` float): replicas' clocks must agree to well within ``stale_s``. On PostgreSQL a
+call raises ``StoreUnavailable`` when the database is down. User ids were validated at the edge.
+The tables are in ``records``.
 """
 
 from __future__ import annotations
 
-import json
-import secrets
-import sqlite3
-import threading
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass, fields
-from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from collections.abc import Sequence
+from dataclasses import astuple, fields
+from typing import Any
 
-from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
+from adapters_store import Database, Sql, StoreError
+from server.finetune.records import (
+    LEGACY,
+    STEPS,
+    TERMINAL,
+    FileRecord,
+    JobEvent,
+    JobRecord,
+    new_id,
+)
 
-from adapters_store.errors import JobLimit, StoreError
-from adapters_store.ids import validate_user_id
-from adapters_store.pg_pool import run
-
-T = TypeVar("T")
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-JOBS_LOCK = 0x7665_7261_0002  # "vera" + 2: the advisory lock id of job creation
 _LEVELS = frozenset({"info", "warn", "error"})
 _EVENT_TYPES = frozenset({"message", "metrics"})
 
 
-def new_id(prefix: str) -> str:
-    """``prefix`` + 24 URL-safe random characters (144 bits): ``new_id("file-")``."""
-    return prefix + secrets.token_urlsafe(18)
+class JobLimit(Exception):
+    """``JobStore.create_job`` refused: too many queued or running fine-tuning jobs, in the
+    whole store or for this user. Transient: retry once some job has finished."""
 
 
 def _now() -> int:
     return int(time.time())
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    """An uploaded file, without its content (``TrainingStore.file_content``)."""
-
-    id: str  # "file-" + 24 random characters
-    user_id: str
-    filename: str
-    purpose: str  # e.g. "fine-tune"
-    bytes: int
-    created_at: int  # unix seconds
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """A fine-tuning job. JSON fields hold JSON-serializable dicts."""
-
-    id: str  # "ftjob-" + 24 random characters
-    user_id: str  # whose adapter it trains
-    model: str  # base model name
-    training_file: str
-    validation_file: str | None
-    hyperparameters: dict[str, Any]
-    suffix: str | None
-    status: str  # "queued" | "running" | one of TERMINAL
-    created_at: int  # unix seconds, like started_at and finished_at
-    started_at: int | None  # first claim
-    finished_at: int | None
-    error: dict[str, Any] | None  # {"code": ..., "message": ..., "param": ...}
-    fine_tuned_model: str | None
-    trained_tokens: int | None
-    result: dict[str, Any] | None  # free JSON of the trainer (adapter version, losses, ...)
-    attempts: int  # how many times a worker claimed it
-    owner: str | None  # the worker holding it while running
-    heartbeat_at: float | None  # time.time() of the owner's last heartbeat
-    cancel_requested: bool
-
-
-@dataclass(frozen=True)
-class JobEvent:
-    """One line of a job's log: a message or metrics."""
-
-    id: str  # "ftevent-" + 24 random characters
-    job_id: str
-    seq: int  # 1, 2, ... per job
-    created_at: int
-    level: str  # "info" | "warn" | "error"
-    message: str
-    type: str  # "message" | "metrics"
-    data: dict[str, Any] | None
 
 
 def _insert(table: str, record: type, *extra: str) -> str:
@@ -162,24 +106,6 @@ _REQUEUE = (  # a job asked to cancel is not handed to another worker: it ends h
 _NEXT_EVENT = "UPDATE vera_jobs SET event_seq = event_seq + 1 WHERE id = %s RETURNING event_seq"
 
 
-class Cursor(Protocol):
-    rowcount: int
-
-    def fetchall(self) -> list[Any]: ...
-
-
-class Sql(Protocol):
-    """The part of a connection the stores use: psycopg's, or ``_SqliteSql``."""
-
-    def execute(self, query: str, params: Sequence[Any] = ...) -> Cursor: ...
-
-
-def _one(cursor: Cursor) -> Any:
-    """The first row or None; fetchall finishes the statement (SQLite RETURNING needs it)."""
-    rows = cursor.fetchall()
-    return rows[0] if rows else None
-
-
 def _where(*conditions: str, **equal: Any) -> tuple[str, list[Any]]:
     """`` WHERE a = %s AND ... AND conditions`` for the columns ``equal`` gives a value other
     than None, and those values (the parameters of ``conditions`` follow them)."""
@@ -193,30 +119,12 @@ def _page(rows: list[Any], limit: int) -> tuple[list[Any], bool]:
     return rows[:limit], len(rows) > limit
 
 
-class TrainingStore(ABC):
-    """Files, jobs and events (see the module docstring); subclasses give the connection."""
+class JobStore:
+    """Files, jobs and events in ``db`` (see the module docstring). Thread-safe."""
 
-    _row_lock = ""  # appended to the claim's SELECT
-
-    @abstractmethod
-    def _run(self, fn: Callable[[Sql], T], *, write: bool = False) -> T:
-        """``fn`` on a connection; ``write``: inside one transaction holding the write lock."""
-
-    @abstractmethod
-    def _json(self, value: dict[str, Any] | None) -> Any:
-        """``value`` as a parameter of a JSON column."""
-
-    @abstractmethod
-    def _unjson(self, value: Any) -> dict[str, Any] | None:
-        """A JSON column's value as a dict."""
-
-    @abstractmethod
-    def _lock_jobs(self, sql: Sql) -> None:
-        """Serialize job creation until the transaction ends."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Release what the store holds (not a pool it was given)."""
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        db.migrate("jobs", STEPS, LEGACY)
 
     # files
 
@@ -226,29 +134,29 @@ class TrainingStore(ABC):
         if not user_id:
             raise ValueError("a file needs an owner")
         record = FileRecord(new_id("file-"), user_id, filename, purpose, len(content), _now())
-        self._run(lambda sql: sql.execute(_INSERT_FILE, (*astuple(record), content)), write=True)
+        self._db.run(lambda sql: sql.execute(_INSERT_FILE, (*astuple(record), content)), write=True)
         return record
 
     def get_file(self, file_id: str) -> FileRecord | None:
         query = f"SELECT {_FILE_COLS} FROM vera_files WHERE id = %s"
-        row = self._run(lambda sql: _one(sql.execute(query, (file_id,))))
+        row = self._db.run(lambda sql: sql.execute(query, (file_id,)).fetchone())
         return None if row is None else FileRecord(*row)
 
     def file_content(self, file_id: str) -> bytes | None:
         query = "SELECT data FROM vera_files WHERE id = %s"
-        row = self._run(lambda sql: _one(sql.execute(query, (file_id,))))
+        row = self._db.run(lambda sql: sql.execute(query, (file_id,)).fetchone())
         return None if row is None else bytes(row[0])
 
     def list_files(self, user_id: str | None, purpose: str | None = None) -> list[FileRecord]:
         """Files of ``user_id`` (None: everyone's) with ``purpose`` (None: any), newest first."""
         where, params = _where(user_id=user_id, purpose=purpose)
         query = f"SELECT {_FILE_COLS} FROM vera_files{where} ORDER BY created_at DESC, seq DESC"
-        rows = self._run(lambda sql: sql.execute(query, params).fetchall())
+        rows = self._db.run(lambda sql: sql.execute(query, params).fetchall())
         return [FileRecord(*row) for row in rows]
 
     def delete_file(self, file_id: str) -> bool:
         query = "DELETE FROM vera_files WHERE id = %s"
-        return self._run(lambda sql: sql.execute(query, (file_id,)).rowcount > 0, write=True)
+        return self._db.run(lambda sql: sql.execute(query, (file_id,)).rowcount > 0, write=True)
 
     # jobs
 
@@ -266,7 +174,6 @@ class TrainingStore(ABC):
     ) -> JobRecord:
         """A new queued job; ``JobLimit`` if the store already has ``max_queued`` queued or
         running jobs, or this user ``max_active_per_user`` (counted and inserted under a lock)."""
-        validate_user_id(user_id)
         job = JobRecord(
             id=new_id("ftjob-"),
             user_id=user_id,
@@ -284,7 +191,7 @@ class TrainingStore(ABC):
 
         def insert(sql: Sql) -> None:
             if max_queued is not None or max_active_per_user is not None:
-                self._lock_jobs(sql)
+                self._db.lock(sql, "vera_jobs")
             if max_queued is not None and (n := _count(sql, None)) >= max_queued:
                 raise JobLimit(f"the fine-tuning queue is full ({n} jobs queued or running)")
             if max_active_per_user is not None and _count(sql, user_id) >= max_active_per_user:
@@ -294,11 +201,11 @@ class TrainingStore(ABC):
                 )
             sql.execute(_INSERT_JOB, self._job_params(job))
 
-        self._run(insert, write=True)
+        self._db.run(insert, write=True)
         return job
 
     def get_job(self, job_id: str) -> JobRecord | None:
-        row = self._run(lambda sql: _one(sql.execute(_GET_JOB, (job_id,))))
+        row = self._db.run(lambda sql: sql.execute(_GET_JOB, (job_id,)).fetchone())
         return None if row is None else self._job(row)
 
     def list_jobs(
@@ -310,7 +217,7 @@ class TrainingStore(ABC):
         where, params = _where(*([older] if after else []), user_id=user_id)
         params += [after, limit + 1] if after else [limit + 1]
         query = f"SELECT {_JOB_COLS} FROM vera_jobs{where} ORDER BY created_at DESC, seq DESC"
-        rows = self._run(lambda sql: sql.execute(query + " LIMIT %s", params).fetchall())
+        rows = self._db.run(lambda sql: sql.execute(query + " LIMIT %s", params).fetchall())
         page, more = _page(rows, limit)
         return [self._job(row) for row in page], more
 
@@ -320,15 +227,17 @@ class TrainingStore(ABC):
         there is none."""
         now = time.time()
 
+        next_job = _NEXT + self._db.skip_locked  # claimers of other replicas skip its row
+
         def take(sql: Sql) -> Any:
-            while (row := _one(sql.execute(_NEXT + self._row_lock, (now - stale_s,)))) is not None:
+            while (row := sql.execute(next_job, (now - stale_s,)).fetchone()) is not None:
                 job_id, cancel_requested = row
                 if not cancel_requested:
-                    return _one(sql.execute(_CLAIM, (owner, now, int(now), job_id)))
+                    return sql.execute(_CLAIM, (owner, now, int(now), job_id)).fetchone()
                 sql.execute(_CANCEL_DEAD, (int(now), job_id))  # its worker died: end it
             return None
 
-        row = self._run(take, write=True)
+        row = self._db.run(take, write=True)
         return None if row is None else self._job(row)
 
     def heartbeat(
@@ -341,8 +250,8 @@ class TrainingStore(ABC):
     ) -> bool:
         """Record that ``owner`` still works on the job (and the given fields); False if it no
         longer owns a running job. A requested cancel shows in ``get_job``."""
-        params = (time.time(), trained_tokens, self._json(result), job_id, owner)
-        return self._run(lambda sql: sql.execute(_HEARTBEAT, params).rowcount == 1, write=True)
+        params = (time.time(), trained_tokens, self._db.json_param(result), job_id, owner)
+        return self._db.run(lambda sql: sql.execute(_HEARTBEAT, params).rowcount == 1, write=True)
 
     def finish(
         self,
@@ -360,10 +269,10 @@ class TrainingStore(ABC):
         if status not in TERMINAL:
             raise ValueError(f"finish needs a terminal status {sorted(TERMINAL)}, got {status!r}")
         mine = "" if owner is None else " AND owner = %s"
-        params = [status, _now(), self._json(error), fine_tuned_model, trained_tokens]
-        params += [self._json(result), job_id] + ([] if owner is None else [owner])
+        params = [status, _now(), self._db.json_param(error), fine_tuned_model, trained_tokens]
+        params += [self._db.json_param(result), job_id] + ([] if owner is None else [owner])
         query = f"{_FINISH}{mine} RETURNING {_JOB_COLS}"
-        row = self._run(lambda sql: _one(sql.execute(query, params)), write=True)
+        row = self._db.run(lambda sql: sql.execute(query, params).fetchone(), write=True)
         return None if row is None else self._job(row)
 
     def request_cancel(self, job_id: str) -> JobRecord | None:
@@ -380,20 +289,16 @@ class TrainingStore(ABC):
                 "UPDATE vera_jobs SET cancel_requested = %s WHERE id = %s AND status = 'running'",
                 (True, job_id),
             )
-            return _one(sql.execute(_GET_JOB, (job_id,)))
+            return sql.execute(_GET_JOB, (job_id,)).fetchone()
 
-        row = self._run(cancel, write=True)
+        row = self._db.run(cancel, write=True)
         return None if row is None else self._job(row)
 
     def requeue(self, job_id: str, owner: str) -> bool:
         """Hand a running job of ``owner`` back to the queue (cancelled instead if a cancel was
         requested). False if ``owner`` does not own a running job."""
         params = (_now(), job_id, owner)
-        return self._run(lambda sql: sql.execute(_REQUEUE, params).rowcount == 1, write=True)
-
-    def count_active(self, user_id: str | None = None) -> int:
-        """Queued and running jobs of ``user_id`` (None: of everyone)."""
-        return self._run(lambda sql: _count(sql, user_id))
+        return self._db.run(lambda sql: sql.execute(_REQUEUE, params).rowcount == 1, write=True)
 
     # events
 
@@ -411,14 +316,14 @@ class TrainingStore(ABC):
             raise ValueError(f"event level {level!r} or type {type!r} is not allowed")
 
         def add(sql: Sql) -> JobEvent:
-            row = _one(sql.execute(_NEXT_EVENT, (job_id,)))
+            row = sql.execute(_NEXT_EVENT, (job_id,)).fetchone()
             if row is None:
                 raise StoreError(f"no fine-tuning job {job_id!r}")
             event = JobEvent(new_id("ftevent-"), job_id, row[0], _now(), level, message, type, data)
-            sql.execute(_INSERT_EVENT, (*astuple(event)[:-1], self._json(data)))
+            sql.execute(_INSERT_EVENT, (*astuple(event)[:-1], self._db.json_param(data)))
             return event
 
-        return self._run(add, write=True)
+        return self._db.run(add, write=True)
 
     def list_events(
         self, job_id: str, after: str | None = None, limit: int = 20
@@ -431,8 +336,8 @@ class TrainingStore(ABC):
             "ORDER BY seq DESC LIMIT %s"
         )
         params = (job_id, after, limit + 1) if after else (job_id, limit + 1)
-        rows, more = _page(self._run(lambda sql: sql.execute(query, params).fetchall()), limit)
-        return [JobEvent(*row[:-1], self._unjson(row[-1])) for row in rows], more
+        rows, more = _page(self._db.run(lambda sql: sql.execute(query, params).fetchall()), limit)
+        return [JobEvent(*row[:-1], self._db.json_value(row[-1])) for row in rows], more
 
     # rows
 
@@ -440,13 +345,13 @@ class TrainingStore(ABC):
         values = [getattr(job, name) for name in _JOB_FIELDS]
         for name in _JSON_FIELDS:
             index = _JOB_FIELDS.index(name)
-            values[index] = self._json(values[index])
+            values[index] = self._db.json_param(values[index])
         return values
 
     def _job(self, row: Sequence[Any]) -> JobRecord:
         values = dict(zip(_JOB_FIELDS, row))
         for name in _JSON_FIELDS:
-            values[name] = self._unjson(values[name])
+            values[name] = self._db.json_value(values[name])
         values["cancel_requested"] = bool(values["cancel_requested"])
         return JobRecord(**values)
 
@@ -455,104 +360,4 @@ def _count(sql: Sql, user_id: str | None) -> int:
     """Queued and running jobs of ``user_id`` (None: of everyone)."""
     where, params = _where(_ACTIVE, user_id=user_id)
     query = f"SELECT count(*) FROM vera_jobs{where}"
-    return _one(sql.execute(query, params))[0]
-
-
-_SQLITE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS vera_files (
-    seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, user_id TEXT NOT NULL,
-    filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
-    created_at INTEGER NOT NULL, data BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS vera_files_user ON vera_files (user_id, created_at, seq);
-CREATE TABLE IF NOT EXISTS vera_jobs (
-    seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, user_id TEXT NOT NULL,
-    model TEXT NOT NULL, training_file TEXT NOT NULL, validation_file TEXT,
-    hyperparameters TEXT NOT NULL, suffix TEXT, status TEXT NOT NULL CHECK (status IN
-    ('queued', 'running', 'succeeded', 'failed', 'cancelled')), created_at INTEGER NOT NULL,
-    started_at INTEGER, finished_at INTEGER, error TEXT, fine_tuned_model TEXT,
-    trained_tokens INTEGER, result TEXT, attempts INTEGER NOT NULL, owner TEXT,
-    heartbeat_at REAL, cancel_requested INTEGER NOT NULL, event_seq INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS vera_jobs_user ON vera_jobs (user_id, created_at, seq);
-CREATE INDEX IF NOT EXISTS vera_jobs_order ON vera_jobs (created_at, seq);
-CREATE TABLE IF NOT EXISTS vera_job_events (
-    id TEXT PRIMARY KEY, job_id TEXT NOT NULL REFERENCES vera_jobs (id), seq INTEGER NOT NULL,
-    created_at INTEGER NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL, type TEXT NOT NULL,
-    data TEXT, UNIQUE (job_id, seq)
-);
-"""
-
-
-class _SqliteSql:
-    """An sqlite3 connection taking psycopg's ``%s`` placeholders: both stores share their SQL."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def execute(self, query: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
-        return self._db.execute(query.replace("%s", "?"), params)
-
-
-class SqliteTraining(TrainingStore):
-    """One SQLite file (WAL), the tables of ``_SQLITE_SCHEMA``; for one server process. Writes
-    take the file's write lock (``BEGIN IMMEDIATE``), so two stores on one file stay correct."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SQLITE_SCHEMA)
-        self._sql = _SqliteSql(self._db)
-
-    def _run(self, fn: Callable[[Sql], T], *, write: bool = False) -> T:
-        with self._lock:
-            if not write:
-                return fn(self._sql)
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(self._sql)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-            return result
-
-    def _json(self, value: dict[str, Any] | None) -> str | None:
-        return None if value is None else json.dumps(value)
-
-    def _unjson(self, value: Any) -> dict[str, Any] | None:
-        return None if value is None else json.loads(value)
-
-    def _lock_jobs(self, sql: Sql) -> None:
-        """Nothing more: every write transaction already holds the file's write lock."""
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-
-class PostgresTraining(TrainingStore):
-    """Tables ``vera_files``, ``vera_jobs`` and ``vera_job_events`` of the adapter database;
-    ``pool`` comes from ``pg_pool.open_pool`` (schema migrated) and stays open on ``close``."""
-
-    _row_lock = " FOR UPDATE SKIP LOCKED"  # claimers skip each other's candidate rows
-
-    def __init__(self, pool: ConnectionPool) -> None:
-        self._pool = pool
-
-    def _run(self, fn: Callable[[Sql], T], *, write: bool = False) -> T:
-        return run(self._pool, fn, write=write)
-
-    def _json(self, value: dict[str, Any] | None) -> Jsonb | None:
-        return None if value is None else Jsonb(value)
-
-    def _unjson(self, value: Any) -> dict[str, Any] | None:
-        return value  # psycopg loads jsonb itself
-
-    def _lock_jobs(self, sql: Sql) -> None:
-        sql.execute("SELECT pg_advisory_xact_lock(%s)", (JOBS_LOCK,))
-
-    def close(self) -> None:
-        """Nothing to release: the pool belongs to whoever opened it."""
+    return sql.execute(query, params).fetchone()[0]

@@ -1,5 +1,5 @@
-"""Fine-tuning stores (SQLite, PostgreSQL) pass one suite: files, job lifecycle, claims by
-several workers and replicas at once, events, durability; open_storage opens the right one."""
+"""The fine-tuning job store passes one suite on both databases (SQLite, PostgreSQL): files,
+job lifecycle, claims by several workers and replicas at once, events, durability."""
 
 from __future__ import annotations
 
@@ -12,56 +12,53 @@ from pathlib import Path
 import psycopg
 import pytest
 
-import adapters_store.training
-from adapters_store import (
-    JobLimit,
-    PostgresTraining,
-    SqliteTraining,
-    StoreError,
-    StoreUnavailable,
-    TrainingStore,
-    open_storage,
-)
-from adapters_store.pg_pool import open_pool
-from adapters_store.pg_schema import MIGRATIONS
+import server.finetune.store
+from adapters_store import Database, StoreError, StoreUnavailable, open_database
+from server.finetune.store import JobLimit, JobStore
 
-Opener = Callable[[], TrainingStore]
+Opener = Callable[[], JobStore]
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def open_training(request, tmp_path: Path) -> Iterator[Opener]:
-    """open_training() -> a new store on this test's storage: a second process or replica
-    (its own SQLite connection, or its own connection pool)."""
-    closers: list[Callable[[], None]] = []
+def open_db(request, tmp_path: Path) -> Iterator[Callable[[], Database]]:
+    """open_db() -> a new handle on this test's database: a second process or replica (its
+    own SQLite connection, or its own connection pool)."""
+    location = str(tmp_path / "store")
     if request.param == "postgres":
-        dsn = request.getfixturevalue("postgres").new_database()
+        location = request.getfixturevalue("postgres").new_database()
+    opened: list[Database] = []
 
-        def _open() -> TrainingStore:
-            pool = open_pool(dsn)
-            closers.append(pool.close)
-            return PostgresTraining(pool)
-    else:
-
-        def _open() -> TrainingStore:
-            store = SqliteTraining(tmp_path / "training.sqlite")
-            closers.append(store.close)
-            return store
+    def _open() -> Database:
+        opened.append(open_database(location))
+        return opened[-1]
 
     yield _open
-    for close in closers:
-        close()
+    for db in opened:
+        db.close()
 
 
 @pytest.fixture
-def store(open_training: Opener) -> TrainingStore:
+def open_training(open_db) -> Opener:
+    """open_training() -> a job store on a new handle of this test's database."""
+    return lambda: JobStore(open_db())
+
+
+@pytest.fixture
+def store(open_training: Opener) -> JobStore:
     return open_training()
 
 
-def new_job(store: TrainingStore, user: str = "alice", **limits: int):
+def new_job(store: JobStore, user: str = "alice", **limits: int):
     return store.create_job(user, "base", "file-x", None, {"n_epochs": 2}, None, **limits)
 
 
-def test_file_round_trip_listing_and_delete(store: TrainingStore) -> None:
+def active(store: JobStore, user_id: str | None = None) -> int:
+    """Queued and running jobs of ``user_id`` (None: of everyone)."""
+    jobs, _ = store.list_jobs(user_id, limit=1000)
+    return sum(job.status in ("queued", "running") for job in jobs)
+
+
+def test_file_round_trip_listing_and_delete(store: JobStore) -> None:
     content = bytes(range(256)) * 3  # every byte value: a BLOB, not text
     a = store.put_file("alice", "train.jsonl", "fine-tune", content)
     b = store.put_file("alice", "notes.txt", "assistants", b"x")
@@ -79,7 +76,7 @@ def test_file_round_trip_listing_and_delete(store: TrainingStore) -> None:
     assert store.list_files(None) == [c, b]
 
 
-def test_jobs_newest_first_with_pages(store: TrainingStore) -> None:
+def test_jobs_newest_first_with_pages(store: JobStore) -> None:
     jobs = [new_job(store, user) for user in ("alice", "bob", "alice", "alice", "bob")]
     job = jobs[0]
     assert job.id.startswith("ftjob-") and len(job.id) == 30
@@ -99,16 +96,16 @@ def test_jobs_newest_first_with_pages(store: TrainingStore) -> None:
     assert store.list_jobs("alice", after="ftjob-unknown") == ([], False)
 
 
-def test_created_at_orders_before_insertion(store: TrainingStore, monkeypatch) -> None:
-    monkeypatch.setattr(adapters_store.training, "_now", lambda: 2_000)
+def test_created_at_orders_before_insertion(store: JobStore, monkeypatch) -> None:
+    monkeypatch.setattr(server.finetune.store, "_now", lambda: 2_000)
     later = new_job(store)
-    monkeypatch.setattr(adapters_store.training, "_now", lambda: 1_000)
+    monkeypatch.setattr(server.finetune.store, "_now", lambda: 1_000)
     earlier = new_job(store)  # inserted second, created first (another replica's clock)
     assert store.list_jobs(None)[0] == [later, earlier]
     assert store.claim("w", 60).id == earlier.id
 
 
-def test_limits_on_active_jobs(store: TrainingStore) -> None:
+def test_limits_on_active_jobs(store: JobStore) -> None:
     first = new_job(store, "alice", max_active_per_user=1)
     with pytest.raises(JobLimit, match="alice"):
         new_job(store, "alice", max_active_per_user=1)
@@ -117,18 +114,18 @@ def test_limits_on_active_jobs(store: TrainingStore) -> None:
     new_job(store, "carol", max_queued=3)
     with pytest.raises(JobLimit, match="full"):
         new_job(store, "dave", max_queued=3)
-    assert store.count_active() == 3 and store.count_active("alice") == 1
+    assert active(store) == 3 and active(store, "alice") == 1
     assert len(store.list_jobs(None)[0]) == 3  # the refused ones left nothing
     store.finish(first.id, None, "succeeded")
     new_job(store, "alice", max_active_per_user=1, max_queued=3)
-    assert store.count_active("alice") == 1 and store.count_active("erin") == 0
+    assert active(store, "alice") == 1 and active(store, "erin") == 0
 
 
 def test_concurrent_creates_never_exceed_the_limit(open_training: Opener) -> None:
     replicas = [open_training() for _ in range(4)]
     start = threading.Barrier(4)
 
-    def create(store: TrainingStore) -> int:
+    def create(store: JobStore) -> int:
         start.wait()
         made = 0
         for _ in range(3):
@@ -141,10 +138,10 @@ def test_concurrent_creates_never_exceed_the_limit(open_training: Opener) -> Non
 
     with ThreadPoolExecutor(4) as pool:
         assert sum(pool.map(create, replicas)) == 5
-    assert replicas[0].count_active() == 5
+    assert active(replicas[0]) == 5
 
 
-def test_claim_takes_the_oldest_queued_job(store: TrainingStore) -> None:
+def test_claim_takes_the_oldest_queued_job(store: JobStore) -> None:
     assert store.claim("w1", 60) is None
     jobs = [new_job(store) for _ in range(3)]
     claimed = store.claim("w1", 60)
@@ -174,7 +171,7 @@ def test_concurrent_claimers_take_every_job_exactly_once(open_training: Opener) 
     assert all(first.get_job(j).attempts == 1 for j in jobs)
 
 
-def test_stale_job_is_claimed_again_and_its_old_owner_loses_it(store: TrainingStore) -> None:
+def test_stale_job_is_claimed_again_and_its_old_owner_loses_it(store: JobStore) -> None:
     job = new_job(store)
     first = store.claim("w1", 60)
     assert store.claim("w2", 60) is None  # the heartbeat is fresh
@@ -186,7 +183,7 @@ def test_stale_job_is_claimed_again_and_its_old_owner_loses_it(store: TrainingSt
     assert store.heartbeat(job.id, "w2")
 
 
-def test_stale_job_asked_to_cancel_is_cancelled_not_resumed(store: TrainingStore) -> None:
+def test_stale_job_asked_to_cancel_is_cancelled_not_resumed(store: JobStore) -> None:
     job = new_job(store)
     store.claim("w1", 60)
     store.request_cancel(job.id)
@@ -198,7 +195,7 @@ def test_stale_job_asked_to_cancel_is_cancelled_not_resumed(store: TrainingStore
     assert ended.finished_at is not None
 
 
-def test_heartbeat_records_progress_for_the_owner_only(store: TrainingStore) -> None:
+def test_heartbeat_records_progress_for_the_owner_only(store: JobStore) -> None:
     job = new_job(store)
     assert not store.heartbeat(job.id, "w1")  # queued: nobody owns it
     before = store.claim("w1", 60).heartbeat_at
@@ -210,7 +207,7 @@ def test_heartbeat_records_progress_for_the_owner_only(store: TrainingStore) -> 
     assert now.heartbeat_at > before
 
 
-def test_finish_once_and_only_by_the_owner(store: TrainingStore) -> None:
+def test_finish_once_and_only_by_the_owner(store: JobStore) -> None:
     job = new_job(store)
     store.claim("w1", 60)
     store.heartbeat(job.id, "w1", trained_tokens=50)
@@ -233,7 +230,7 @@ def test_finish_once_and_only_by_the_owner(store: TrainingStore) -> None:
     assert (failed.status, failed.error, failed.started_at) == ("failed", error, None)
 
 
-def test_request_cancel(store: TrainingStore) -> None:
+def test_request_cancel(store: JobStore) -> None:
     queued, running = new_job(store), new_job(store)
     assert store.claim("w1", 60).id == queued.id and store.claim("w1", 60).id == running.id
     queued = new_job(store)
@@ -246,10 +243,10 @@ def test_request_cancel(store: TrainingStore) -> None:
     ended = store.finish(running.id, "w1", "cancelled")
     assert ended.status == "cancelled" and store.request_cancel(running.id) == ended
     assert store.request_cancel("ftjob-missing") is None
-    assert store.count_active() == 1  # only the first job, still running
+    assert active(store) == 1  # only the first job, still running
 
 
-def test_requeue_hands_the_job_back(store: TrainingStore) -> None:
+def test_requeue_hands_the_job_back(store: JobStore) -> None:
     job = new_job(store)
     store.claim("w1", 60)
     assert not store.requeue(job.id, "w2")
@@ -284,17 +281,18 @@ def test_events_numbered_newest_first_in_pages(open_training: Opener) -> None:
     assert store.list_events(job.id, limit=20)[0][0].seq == 11  # the refused ones left nothing
 
 
-def test_records_survive_closing_and_reopening(open_training: Opener) -> None:
-    store = open_training()
+def test_records_survive_closing_and_reopening(open_db) -> None:
+    db = open_db()
+    store = JobStore(db)
     file = store.put_file("alice", "t.jsonl", "fine-tune", b'{"messages": []}\n')
     job = store.create_job("alice", "base", file.id, "file-v", {"lr": 0.1}, "mine")
     store.claim("w1", 60)
     store.heartbeat(job.id, "w1", trained_tokens=7, result={"adapter_version": 4})
     event = store.add_event(job.id, "started", data={"epoch": 0})
     running = store.get_job(job.id)
-    store.close()
-    store.close()  # idempotent
-    reopened = open_training()
+    db.close()
+    db.close()  # idempotent
+    reopened = JobStore(open_db())
     assert (
         reopened.get_file(file.id) == file
         and reopened.file_content(file.id) == b'{"messages": []}\n'
@@ -302,39 +300,6 @@ def test_records_survive_closing_and_reopening(open_training: Opener) -> None:
     assert reopened.get_job(job.id) == running and running.validation_file == "file-v"
     assert reopened.list_events(job.id) == ([event], False)
     assert reopened.add_event(job.id, "resumed").seq == 2
-
-
-def test_open_storage_opens_the_training_store(tmp_path: Path, postgres) -> None:
-    local = open_storage(tmp_path / "store")
-    assert isinstance(local.training, SqliteTraining)
-    job = new_job(local.training)
-    local.close()
-    assert (tmp_path / "store" / "training.sqlite").is_file()
-    again = open_storage(tmp_path / "store")
-    assert again.training.get_job(job.id) == job
-    again.close()
-    shared = open_storage(postgres.new_database())
-    assert isinstance(shared.training, PostgresTraining)
-    assert shared.training._pool is shared.backend.pool
-    assert shared.training.get_job(new_job(shared.training).id).status == "queued"
-    shared.close()
-
-
-def test_a_database_at_schema_1_gains_the_training_tables(postgres) -> None:
-    dsn = postgres.new_database()
-    with psycopg.connect(dsn, autocommit=True) as conn:  # as a server before fine-tuning left it
-        conn.execute(
-            "CREATE TABLE vera_schema (version integer PRIMARY KEY, applied_at timestamptz)"
-        )
-        conn.execute(MIGRATIONS[0])
-        conn.execute("INSERT INTO vera_schema VALUES (1, now())")
-        conn.execute("INSERT INTO vera_users VALUES ('alice', 'digest', 0)")
-    pool = open_pool(dsn)
-    store = PostgresTraining(pool)
-    assert store.get_job(new_job(store).id).status == "queued"
-    with pool.connection() as conn:
-        assert conn.execute("SELECT user_id FROM vera_users").fetchall() == [("alice",)]
-    pool.close()
 
 
 def raises_unavailable_quickly(call: Callable[[], object]) -> None:
@@ -349,7 +314,7 @@ def test_database_refusing_connections_gives_store_unavailable(postgres) -> None
     than stopping the whole server, whose shutdown checkpoint is slow after many tests)."""
     dsn = postgres.new_database()
     name = dsn.rsplit("/", 1)[1]
-    store = PostgresTraining(pool := open_pool(dsn))
+    store = JobStore(db := open_database(dsn))
     job = new_job(store)
     calls = [lambda: store.get_job(job.id), lambda: store.claim("w", 60), lambda: new_job(store)]
     with psycopg.connect(postgres.dsn, autocommit=True) as admin:
@@ -363,4 +328,4 @@ def test_database_refusing_connections_gives_store_unavailable(postgres) -> None
         finally:
             admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
     assert store.claim("w", 60).id == job.id  # the first call after it is back succeeds
-    pool.close()
+    db.close()

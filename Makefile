@@ -30,6 +30,7 @@ serve: install  ## start the server on the embedded SmolLM2-135M-Instruct (ARGS=
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: install lint  ## lint + the whole test suite
 	$(VENV)/bin/pytest -q $(ARGS)

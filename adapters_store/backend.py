@@ -6,8 +6,8 @@ implements the protocol) and the index (``VersionIndex``, SQL on the store's ``D
 
 Guarantees:
 
-1. A version number is never reused for a user, even after ``remove`` (the residency tiers key
-   cached copies by ``(user_id, version)``). A version that was never visible (its publish
+1. A version number is never reused for a user, even after ``remove`` (the engine's adapter
+   slots key cached copies by ``(user_id, version)``). A version that was never visible (its publish
    failed or crashed before the publish point) may be handed out again: nobody cached it.
 2. ``publish`` makes the blob durable *before* the index names it, so a crash leaves either the
    previous or the new version current, never a torn one.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import psycopg
@@ -61,7 +61,7 @@ def describe(dsn: str) -> str:
     return f"postgresql://{user}{p.get('host') or 'localhost'}{port}/{p.get('dbname') or ''}"
 
 
-def connect_kwargs(dsn: str) -> dict[str, str]:
+def connect_kwargs(dsn: str) -> dict[str, Any]:
     """Our libpq defaults for the parameters ``dsn`` leaves unset."""
     given = conninfo_to_dict(dsn)
     return {k: v for k, v in _DEFAULTS.items() if k not in given}

@@ -34,13 +34,13 @@ from live import LiveServer, adapter_bytes, random_adapter, start_server  # noqa
 from server.model_source import load_model  # noqa: E402
 from vera_core import VeraConfig, inject_vera  # noqa: E402
 
-PROMPT = "Write a short story about a lighthouse keeper."
+MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 OCTET = {"Content-Type": "application/octet-stream"}
 
 
 async def stream(client: httpx.AsyncClient, user: str, n: int, times: list[float]) -> float | None:
     """One streamed /generate; appends each token's arrival time; returns the TTFT."""
-    body = {"user_id": user, "prompt": PROMPT, "max_new_tokens": n, "stream": True}
+    body = {"user_id": user, "messages": MESSAGES, "max_new_tokens": n, "stream": True}
     t0, ttft = time.perf_counter(), None
     async with client.stream("POST", "/generate", json=body) as r:
         assert r.status_code == 200, await r.aread()
@@ -90,6 +90,7 @@ async def backlogged(url: str, users: int, requests: int, n: int) -> dict:
 
 
 def serve(work: Path, policy: str, args: argparse.Namespace) -> LiveServer:
+    (work / policy).mkdir()
     return start_server(
         work / policy,
         "--scheduling",
@@ -127,7 +128,7 @@ def main() -> None:
     model, _, _ = load_model()
     vm = inject_vera(model, VeraConfig(r=256), num_slots=2)
     adapters = {
-        u: adapter_bytes(random_adapter(vm, i + 1, scale=0.05))
+        u: adapter_bytes(random_adapter(vm, i + 1, scale=0.01))
         for i, u in enumerate(["flood", "victim", "u0", "u1", "u2", "u3"])
     }
     results: dict[str, dict] = {}

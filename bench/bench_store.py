@@ -25,11 +25,18 @@ from pathlib import Path
 import psutil
 import torch
 
-from adapters_store import AdapterBackend, AdapterStore, SlotPool, open_backend
+from adapters_store import AdapterBackend, AdapterStore, open_backend
+from server.engine import SlotPool, SlotTicket
 from vera_core import Adapter, AdapterHeader, Layout, VeraBank, VeraConfig, model_fingerprint
 from vera_core.inject import layout_for
 
 Row = tuple[str, str, str]  # metric, value, target / note
+
+
+def wait_host(ticket: SlotTicket, timeout: float) -> None:
+    """Until the ticket's adapter is in host memory (or its load failed)."""
+    if ticket.host is not None:
+        ticket.host.done.wait(timeout)
 
 
 def rss() -> int:
@@ -91,7 +98,7 @@ def bench_slot_load(store: AdapterStore, n: int, loads: int, cold: bool) -> list
             drop_page_cache(store, user)
         start = time.perf_counter()
         ticket = pool.request(user)
-        ticket.wait_host(10.0)
+        wait_host(ticket, 10.0)
         slot = pool.acquire(ticket)
         samples.append((time.perf_counter() - start) * 1e3)
         assert slot is not None
@@ -115,7 +122,7 @@ def bench_memory(store: AdapterStore, n: int, resident: int) -> list[Row]:
     before = rss()
     tickets = [pool.request(f"user{i:05d}") for i in range(min(n, resident))]
     for t in tickets:
-        t.wait_host(30.0)
+        wait_host(t, 30.0)
     del tickets
     host_each = (rss() - before) / min(n, resident)
     host_exact = pool.stats()["host"]["bytes"] / min(n, resident)
@@ -137,7 +144,7 @@ def churn_cycle(store: AdapterStore, pool: SlotPool, user: str, adapter: Adapter
     """upload -> request -> slot -> release -> delete -> invalidate."""
     store.put(user, adapter)
     ticket = pool.request(user)
-    ticket.wait_host(10.0)
+    wait_host(ticket, 10.0)
     slot = pool.acquire(ticket)
     assert slot is not None
     pool.release(slot)
@@ -195,7 +202,7 @@ def backend_figures(store: AdapterStore, adapters: list[Adapter], n: int, loads:
     for user in users[: min(loads, n)]:  # distinct users: resident in neither tier
         t0 = time.perf_counter()
         ticket = pool.request(user)
-        ticket.wait_host(10.0)
+        wait_host(ticket, 10.0)
         slot = pool.acquire(ticket)
         slot_ms.append((time.perf_counter() - t0) * 1e3)
         assert slot is not None

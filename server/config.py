@@ -57,6 +57,17 @@ class ServerConfig:
             "while others are still admitted (per-user override: admin limits API)"
         },
     )
+    user_requests_per_minute: int = field(
+        default=0,
+        metadata={"help": "requests one user may send per minute; 0 = unlimited (429 beyond)"},
+    )
+    user_tokens_per_minute: int = field(
+        default=0,
+        metadata={"help": "prompt + max new tokens one user may ask for per minute; 0 = unlimited"},
+    )
+    user_max_concurrent: int = field(
+        default=0, metadata={"help": "requests one user may have in flight; 0 = unlimited"}
+    )
     scheduling: str = field(
         default="fair",
         metadata={
@@ -140,6 +151,9 @@ class ServerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if not 0 < self.train_share <= 1:
             raise ValueError("--train-share must be in (0, 1]")
+        for name in ("user_requests_per_minute", "user_tokens_per_minute", "user_max_concurrent"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0 = unlimited)")
         if self.scheduling not in POLICIES:
             raise ValueError(f"--scheduling must be one of {', '.join(POLICIES)}")
         if self.fair_input_weight < 0 or self.fair_output_weight <= 0:

@@ -25,6 +25,7 @@ from server.finetune.service import FineTuningService
 from server.finetune.worker import FineTuneConfig, JobWorker
 from server.model_source import load_model
 from server.storage import Storage, open_storage
+from server.tenants import Limits, Tenants, UsageMeter
 from vera_core import VeraConfig, VeraModel, inject_vera, model_fingerprint
 from vera_core.train_data import DataLimits
 
@@ -43,6 +44,7 @@ class Runtime:
     adapters: AdapterService
     engine: Engine
     fine_tuning: FineTuningService
+    tenants: Tenants  # limits, rate limiter, usage meter
     base_model_bytes: int
 
     @property
@@ -64,6 +66,8 @@ class Runtime:
         vm = inject_vera(model, vera_config, num_slots=config.device_slots + 1)
         fingerprint = model_fingerprint(model)
         storage = open_storage(config.store_location)
+        owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        tenants = Tenants.open(storage.db, default_limits(config), path.name, owner)
         store = AdapterStore(storage.adapters, vm.layout, config.projection_prng_key, fingerprint)
         pool = SlotPool(vm.bank, store, config.host_slots, acquire_timeout_s=config.slot_wait_s)
         adapters = AdapterService(store, pool)
@@ -85,12 +89,15 @@ class Runtime:
             # CUDA graphs replay fixed shapes: bucketed batches over a preallocated KV cache
             static_decode=config.compile_decode and device.type == "cuda",
         )
-        engine = Engine(vm, tokenizer, pool, engine_config)
+        engine = Engine(vm, tokenizer, pool, engine_config, tenants.limits)
+        engine.stats.observers.append(tenants.usage)
         if engine_config.compile:
             mode = engine.decode_mode()
             log.info("compiling the decode step (--compile %s): %s", config.compile, mode)
             log.info("decode step compiled and warmed in %.1f s", engine.warm_up())
-        fine_tuning = _fine_tuning(config, storage, engine, vm, tokenizer, adapters, path.name)
+        fine_tuning = _fine_tuning(
+            config, storage, engine, vm, tokenizer, adapters, path.name, owner, tenants.usage
+        )
         rt = cls(
             config=config,
             vm=vm,
@@ -102,6 +109,7 @@ class Runtime:
             adapters=adapters,
             engine=engine,
             fine_tuning=fine_tuning,
+            tenants=tenants,
             base_model_bytes=base_bytes,
         )
         rt._log_startup(path, time.perf_counter() - t0)
@@ -145,12 +153,14 @@ class Runtime:
             )
 
     def start(self) -> None:
+        self.tenants.start()
         self.engine.start()
         self.fine_tuning.worker.start()
 
     def shutdown(self) -> None:
         self.fine_tuning.worker.stop()  # a running job goes back to the queue
         self.engine.stop()
+        self.tenants.stop()  # after the engine: the last requests' usage is flushed
         self.pool.close()
         self.storage.close()
 
@@ -168,6 +178,17 @@ class Runtime:
         return out
 
 
+def default_limits(config: ServerConfig) -> Limits:
+    """Every user's limits unless the admin set an override (0 = unlimited)."""
+    return Limits(
+        weight=1.0,
+        requests_per_minute=config.user_requests_per_minute,
+        tokens_per_minute=config.user_tokens_per_minute,
+        max_concurrent=config.user_max_concurrent,
+        max_queued=config.max_waiting_per_user,
+    )
+
+
 def _fine_tuning(
     config: ServerConfig,
     storage: Storage,
@@ -176,6 +197,8 @@ def _fine_tuning(
     tokenizer: PreTrainedTokenizerBase,
     adapters: AdapterService,
     model_name: str,
+    owner: str,
+    usage: UsageMeter,
 ) -> FineTuningService:
     limits = DataLimits(
         max_bytes=config.max_training_file_bytes,
@@ -184,7 +207,16 @@ def _fine_tuning(
         max_total_tokens=config.max_training_tokens,
     )
     ft_config = FineTuneConfig(limits, max_queued_jobs=config.max_jobs)
-    owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
     exclusive = storage.db.exclusive  # a directory has one server
-    worker = JobWorker(storage.jobs, engine, vm, tokenizer, adapters, ft_config, owner, exclusive)
+    worker = JobWorker(
+        storage.jobs,
+        engine,
+        vm,
+        tokenizer,
+        adapters,
+        ft_config,
+        owner,
+        exclusive,
+        on_trained=usage.trained,
+    )
     return FineTuningService(storage.jobs, tokenizer, model_name, ft_config, worker)

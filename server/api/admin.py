@@ -57,9 +57,11 @@ def collect_stats(rt: Runtime) -> dict[str, Any]:
             "requests_submitted": engine.stats.submitted,
             "completion_tokens": engine.stats.completion_tokens,
             "finish_reasons": dict(engine.stats.finish_reasons),
-            "preemptions": engine.stats.preemptions,
             "ttft_ms": engine.stats.ttft.percentiles(),
             "latency_ms": engine.stats.latency.percentiles(),
+            "scheduling": rt.config.scheduling,
+            "preemptions": engine.stats.preemptions,
+            "rate_limited_requests": rt.tenants.limiter.refused,
         },
         "fine_tuning": {
             "current_job": rt.fine_tuning.worker.current,

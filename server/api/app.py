@@ -19,6 +19,8 @@ from server.api import (
     history,
     metrics,
     openai_routes,
+    tenants,
+    usage,
 )
 from server.api.errors import error_response
 from server.auth import KeyCache
@@ -88,8 +90,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.state.metrics_registry = metrics.make_registry(runtime)
     app.state.history = history.StatsHistory(partial(admin.collect_stats, runtime))
     errors.install(app)
-    routers = (generate, adapters, admin, history, console, openai_routes, fine_tuning, metrics)
-    for module in routers:
+    routers = (generate, adapters, admin, tenants, usage, history, console)
+    for module in (*routers, openai_routes, fine_tuning, metrics):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit=runtime.config.max_body_bytes)
     return app

@@ -14,8 +14,10 @@ from adapters_store import AdapterNotFound
 from server.api.errors import ApiError
 from server.api.streams import StreamEvent, sse
 from server.engine import Event, SamplingParams, Sequence
+from server.tenants import Permit
 
 if TYPE_CHECKING:
+    from server.api.auth import Principal
     from server.runtime import Runtime
 
 _DISCONNECT_POLL_S = 0.5
@@ -47,25 +49,46 @@ def encode_prompt(rt: Runtime, prompt: str | None, messages: list[dict] | None) 
     return list(tok(prompt, add_special_tokens=True)["input_ids"])
 
 
+@dataclass
+class Admission:
+    """A request the engine took, and its hold on its user's rate limits (released when the
+    response ends: ``collect`` and ``sse_stream`` do it)."""
+
+    seq: Sequence
+    permit: Permit
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The rate-limit headers the response carries (none for a user without limits)."""
+        return self.permit.headers
+
+
 async def submit(
-    rt: Runtime, user_id: str | None, ids: list[int], params: SamplingParams
-) -> Sequence:
-    """Queue on the engine; unknown adapter -> 404, or base model with --fallback-to-base.
+    rt: Runtime, who: Principal, user_id: str | None, ids: list[int], params: SamplingParams
+) -> Admission:
+    """Check the caller's rate limits, then queue on the engine, counted against the tenant
+    ``who.client(user_id)``. Unknown adapter -> 404, or base model with --fallback-to-base.
 
-    In a worker thread: admission asks the store for the user's current version (I/O that
-    must not stall the event loop, least of all while the store is unreachable)."""
+    In a worker thread: admission asks the store for the user's current version, and on a
+    shared store counts the rate limits there (I/O that must not stall the event loop)."""
     loop = asyncio.get_running_loop()
+    client = who.client(user_id)
 
-    def admit() -> Sequence:
+    def admit() -> Admission:
+        permit = rt.tenants.limiter.admit(client, len(ids) + params.max_new_tokens)
+        engine, key = rt.engine, who.key_id
         try:
-            return rt.engine.submit(user_id, ids, params, loop=loop)
-        except AdapterNotFound:
-            if not rt.config.fallback_to_base or user_id is None:
-                raise
-            return rt.engine.submit(None, ids, params, loop=loop)
+            try:
+                seq = engine.submit(user_id, ids, params, loop, client=client, key_id=key)
+            except AdapterNotFound:
+                if not rt.config.fallback_to_base or user_id is None:
+                    raise
+                seq = engine.submit(None, ids, params, loop, client=client, key_id=key)
+        except BaseException:
+            permit.release()
+            raise
+        return Admission(seq, permit)
 
-    if user_id is None:
-        return admit()
     return await asyncio.to_thread(admit)
 
 
@@ -75,10 +98,11 @@ class Outcome:
     final: Event
 
 
-async def collect(seq: Sequence, request: Request) -> Outcome:
+async def collect(admission: Admission, request: Request) -> Outcome:
     """Wait for the end; a client that goes away cancels the sequence (frees its KV row and
     its adapter slot). The connection is checked every ``_DISCONNECT_POLL_S`` whether or not
     tokens are arriving: a hang-up is noticed within that, not when generation ends."""
+    seq = admission.seq
     pieces: list[str] = []
     loop = asyncio.get_running_loop()
     next_check = loop.time() + _DISCONNECT_POLL_S
@@ -100,6 +124,8 @@ async def collect(seq: Sequence, request: Request) -> Outcome:
     except asyncio.CancelledError:
         seq.cancel()
         raise
+    finally:
+        admission.permit.release()
 
 
 def raise_for_error(ev: Event) -> None:
@@ -125,17 +151,20 @@ async def events(seq: Sequence) -> AsyncIterator[Event]:
 
 
 async def sse_stream(
-    seq: Sequence,
+    admission: Admission,
     token: Callable[[Event], StreamEvent | None],
     final: Callable[[Event], list[StreamEvent]],
 ) -> AsyncIterator[str]:
-    """The events of ``seq`` as SSE: ``token(ev)`` per token (None: nothing to send yet),
-    ``final(ev)`` at the end (``streams`` builds those for each API shape)."""
-    async for ev in events(seq):
-        if ev.finish_reason is None:
-            body = token(ev)
-            if body is not None:
-                yield sse(body)
-        else:
-            for body in final(ev):
-                yield sse(body)
+    """The events of the admitted sequence as SSE: ``token(ev)`` per token (None: nothing to
+    send yet), ``final(ev)`` at the end (``streams`` builds those for each API shape)."""
+    try:
+        async for ev in events(admission.seq):
+            if ev.finish_reason is None:
+                body = token(ev)
+                if body is not None:
+                    yield sse(body)
+            else:
+                for body in final(ev):
+                    yield sse(body)
+    finally:
+        admission.permit.release()

@@ -20,6 +20,7 @@ from server.auth import UserExists
 from server.engine import ContextTooLong, EngineStopped, QueueFull
 from server.finetune.service import FineTuneForbidden, FineTuneInvalid, FineTuneNotFound
 from server.finetune.store import JobLimit
+from server.tenants import RateLimited
 from vera_core.errors import VeraError
 from vera_core.train_data import TrainingDataError
 
@@ -54,6 +55,7 @@ _MAPPING: list[tuple[type[Exception], int, str]] = [
     (VeraError, 400, "invalid_adapter"),
     (ContextTooLong, 400, "context_length_exceeded"),
     (QueueFull, 429, "queue_full"),
+    (RateLimited, 429, "rate_limit_exceeded"),
     (EngineStopped, 503, "shutting_down"),
     (FineTuneInvalid, 400, "invalid_request_error"),
     (FineTuneNotFound, 404, "not_found"),
@@ -104,6 +106,8 @@ def install(app: FastAPI) -> None:
 def _make_handler(status: int, kind: str):
     async def handler(_: Request, exc: Exception) -> JSONResponse:
         headers = {"Retry-After": "1"} if status in (429, 503) else None
+        if isinstance(exc, RateLimited):  # OpenAI's x-ratelimit-* and its own Retry-After
+            headers = exc.headers
         return error_response(status, str(exc), kind, headers)
 
     return handler

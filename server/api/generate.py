@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from server.api.auth import Principal, principal, require_access
@@ -26,7 +26,11 @@ _ERRORS.update(STREAM_200)
 
 @router.post("/generate", response_model=GenerateResponse, responses=_ERRORS)
 async def generate(
-    body: GenerateRequest, request: Request, rt: RuntimeDep, who: Principal = Depends(principal)
+    body: GenerateRequest,
+    request: Request,
+    response: Response,
+    rt: RuntimeDep,
+    who: Principal = Depends(principal),
 ):
     """Generate with ``user_id``'s adapter (or the base model). ``stream`` -> Server-Sent Events:
     one ``{"type": "token", "text", "token_id"}`` event per token, then a ``{"type": "done"}``
@@ -35,7 +39,8 @@ async def generate(
         require_access(who, body.user_id)
     messages = [m.model_dump() for m in body.messages] if body.messages else None
     ids = encode_prompt(rt, body.prompt, messages)
-    seq = await submit(rt, body.user_id, ids, body.sampling_params())
+    admission = await submit(rt, who, body.user_id, ids, body.sampling_params())
+    seq = admission.seq
     version = seq.adapter_version if seq.user_id is not None else None
 
     def done(ev: Event) -> list[StreamEvent]:
@@ -52,12 +57,12 @@ async def generate(
 
     if body.stream:
         stream = sse_stream(
-            seq, lambda ev: {"type": "token", "text": ev.text, "token_id": ev.token_id}, done
+            admission, lambda ev: {"type": "token", "text": ev.text, "token_id": ev.token_id}, done
         )
-        return StreamingResponse(
-            stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
-    out = await collect(seq, request)
+        headers = {"Cache-Control": "no-cache", **admission.headers}
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+    response.headers.update(admission.headers)
+    out = await collect(admission, request)
     raise_for_error(out.final)
     return GenerateResponse(
         user_id=body.user_id,

@@ -38,14 +38,25 @@ class _RuntimeCollector:
             "vera_completion_tokens", "tokens generated", value=eng.stats.completion_tokens
         )
         yield CounterMetricFamily(
-            "vera_preemptions",
-            "sequences preempted for a client below its fair share",
-            value=eng.stats.preemptions,
-        )
-        yield CounterMetricFamily(
             "vera_training_seconds",
             "engine time spent on fine-tuning units",
             value=eng.background.seconds,
+        )
+        yield CounterMetricFamily(
+            "vera_preemptions",
+            "rows taken back from a user over its fair share",
+            value=eng.stats.preemptions,
+        )
+        yield CounterMetricFamily(
+            "vera_rate_limited_requests",
+            "requests refused by a per-user rate limit",
+            value=rt.tenants.limiter.refused,
+        )
+        tenants = eng.scheduler.tenants()
+        yield GaugeMetricFamily(
+            "vera_active_users",
+            "users with requests running or waiting (per-user figures: /admin/tenants)",
+            value=sum(1 for t in tenants.values() if t["running"] or t["waiting"]),
         )
         fin = CounterMetricFamily("vera_finished_requests", "finished requests", labels=["reason"])
         for reason, n in eng.stats.finish_reasons.items():

@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from adapters_store import AdapterNotFound, validate_user_id
@@ -78,13 +78,17 @@ async def list_models(rt: RuntimeDep, who: Principal = Depends(principal)) -> di
 
 @router.post("/completions", responses={**_ERRORS, **STREAM_200})
 async def completions(
-    body: CompletionRequest, request: Request, rt: RuntimeDep, who: Principal = Depends(principal)
+    body: CompletionRequest,
+    request: Request,
+    response: Response,
+    rt: RuntimeDep,
+    who: Principal = Depends(principal),
 ):
     user_id = _user_for_model(rt, body.model, who)
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     ids = encode_prompt(rt, prompt, None)
     params = body.sampling_params(max_new_tokens=body.max_tokens or 16)
-    seq = await submit(rt, user_id, ids, params)
+    admission = await submit(rt, who, user_id, ids, params)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(text: str, finish: str | None) -> dict:
@@ -102,10 +106,12 @@ async def completions(
             return _final_events(ev, chunk("", _finish(ev)), body)
 
         return StreamingResponse(
-            sse_stream(seq, lambda ev: chunk(ev.text, None) if ev.text else None, final),
+            sse_stream(admission, lambda ev: chunk(ev.text, None) if ev.text else None, final),
             media_type="text/event-stream",
+            headers=admission.headers,
         )
-    out = await collect(seq, request)
+    response.headers.update(admission.headers)
+    out = await collect(admission, request)
     raise_for_error(out.final)
     return {**chunk(out.text, _finish(out.final)), "usage": _usage(out.final)}
 
@@ -114,6 +120,7 @@ async def completions(
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
+    response: Response,
     rt: RuntimeDep,
     who: Principal = Depends(principal),
 ):
@@ -126,7 +133,7 @@ async def chat_completions(
     limit = body.max_completion_tokens or body.max_tokens
     if limit is None:
         limit = max(1, min(_CHAT_DEFAULT_MAX, rt.engine.context_limit - len(ids)))
-    seq = await submit(rt, user_id, ids, body.sampling_params(max_new_tokens=limit))
+    admission = await submit(rt, who, user_id, ids, body.sampling_params(max_new_tokens=limit))
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(delta: dict, finish: str | None) -> dict:
@@ -153,8 +160,13 @@ async def chat_completions(
             delta = {"role": "assistant", "content": ""} if first[0] else {}
             return _final_events(ev, chunk(delta, _finish(ev)), body)
 
-        return StreamingResponse(sse_stream(seq, token, final), media_type="text/event-stream")
-    out = await collect(seq, request)
+        return StreamingResponse(
+            sse_stream(admission, token, final),
+            media_type="text/event-stream",
+            headers=admission.headers,
+        )
+    response.headers.update(admission.headers)
+    out = await collect(admission, request)
     raise_for_error(out.final)
     return {
         "id": rid,

@@ -126,6 +126,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._adapter_loaded = False  # a load ended since the loop last looked (under _cv)
+        self._blocked = False  # the last step could start nothing: waiting on loads or slots
         if pool is not None:
             pool.on_host_ready(self._adapter_ready)
 
@@ -268,7 +269,7 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._cv:
-                while not self._has_work():
+                if not self._has_work():  # woken by work, or at a deadline: look again
                     self._cv.wait(timeout=self._wait_s())
                 self._adapter_loaded = False
                 while self._inbox:
@@ -293,7 +294,7 @@ class Engine:
             self._stopping
             or bool(self._inbox)
             or bool(s.running)
-            or (bool(s.waiting) and self._adapter_loaded)
+            or (bool(s.waiting) and (self._adapter_loaded or not self._blocked))
             or self.background.due(serving=bool(len(s)))
         )
 
@@ -324,6 +325,7 @@ class Engine:
         if out is not None:
             self._postprocess(*out)
         _share_step_time(plan, time.perf_counter() - t0)
+        self._blocked = not (plan.prefill or plan.decode or plan.dropped or plan.failed)
         for seq in list(self.scheduler.running):
             if seq.cancelled.is_set():
                 self._end(seq, "cancelled")

@@ -337,9 +337,15 @@ class JobStore:
         )
         params = (job_id, after, limit + 1) if after else (job_id, limit + 1)
         rows, more = _page(self._db.run(lambda sql: sql.execute(query, params).fetchall()), limit)
-        return [JobEvent(*row[:-1], self._db.json_value(row[-1])) for row in rows], more
+        return [self._event(row) for row in rows], more
 
     # rows
+
+    def _event(self, row: Sequence[Any]) -> JobEvent:
+        event_id, job_id, seq, created_at, level, message, kind, data = row
+        return JobEvent(
+            event_id, job_id, seq, created_at, level, message, kind, self._db.json_value(data)
+        )
 
     def _job_params(self, job: JobRecord) -> list[Any]:
         values = [getattr(job, name) for name in _JOB_FIELDS]

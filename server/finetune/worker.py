@@ -19,6 +19,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -66,10 +67,14 @@ class JobWorker:
         config: FineTuneConfig,
         owner: str,
         exclusive: bool,
+        *,
+        on_trained: Callable[[str, int], None] | None = None,
     ) -> None:
         """``exclusive``: this process is the store's only user (a local directory), so jobs
-        left running by a previous process are orphans and are requeued at start."""
+        left running by a previous process are orphans and are requeued at start.
+        ``on_trained(user_id, tokens)``: told after every optimizer step (usage metering)."""
         self.store, self.engine, self.vm, self.tokenizer = store, engine, vm, tokenizer
+        self._on_trained = on_trained
         self.adapters, self.config, self.owner, self.exclusive = adapters, config, owner, exclusive
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -231,6 +236,8 @@ class JobWorker:
         while not trainer.done:
             self._check(job)
             step = self._on_engine(job, lambda: trainer.micro_step(self._unit_tokens()))
+            if step is not None and self._on_trained is not None:
+                self._on_trained(job.user_id, step.tokens)
             if step is not None and (step.step % every == 0 or trainer.done):
                 self._step_event(job, step)
             if time.monotonic() >= next_beat:

@@ -135,6 +135,7 @@ def _duration(seconds: float) -> str:
 class RateLimiter:
     def __init__(self, registry: LimitRegistry, ledger: Ledger) -> None:
         self.registry, self.ledger = registry, ledger
+        self.refused = 0  # requests answered 429 by a rate limit
 
     def admit(self, client: str, tokens: int) -> Permit:
         """Count a request of ``tokens`` (prompt + max_new_tokens) against ``client``'s limits,
@@ -152,6 +153,7 @@ class RateLimiter:
             if limits.max_concurrent and use.in_flight >= limits.max_concurrent:
                 wait = 1.0
             out["Retry-After"] = str(max(1, math.ceil(wait)))
+            self.refused += 1
             raise RateLimited(f"{refused} for user {client!r}", out)
         return Permit(out, threading.Event(), self.ledger, client)
 

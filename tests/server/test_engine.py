@@ -252,3 +252,20 @@ def test_nan_in_one_row_fails_only_that_request(make_tiny, tmp_path) -> None:
         assert again.output_ids == want  # the poisoned KV row was cleaned
     finally:
         engine.stop()
+
+
+def test_queued_base_requests_start_as_rows_free(make_tiny, tmp_path) -> None:
+    """Requests queued behind a full batch start as soon as rows free, with no adapter load
+    to wake the engine (nothing polls: the step that frees a row schedules again)."""
+    _, _, engine = build(make_tiny, "llama", tmp_path, max_batch=2)
+    engine.start()
+    try:
+        t0 = time.perf_counter()
+        seqs = [engine.submit(None, [5, 6, 7], SamplingParams(max_new_tokens=4)) for _ in range(7)]
+        for seq in seqs:
+            while (ev := seq.channel.get_sync(timeout=30)).finish_reason is None:
+                pass
+            assert ev.finish_reason == "length"
+        assert time.perf_counter() - t0 < 10
+    finally:
+        engine.stop()

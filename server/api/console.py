@@ -21,7 +21,18 @@ _TYPES = {
     ".css": "text/css; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
 }
-ASSETS = ("console.css", "format.js", "charts.js", "panels.js", "console.js")
+ASSETS = (  # every file the page loads, in its order; nothing else is served
+    "console.css",
+    "panels.css",
+    "format.js",
+    "svg.js",
+    "charts.js",
+    "bars.js",
+    "panels.js",
+    "tenants.js",
+    "jobs.js",
+    "console.js",
+)
 HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "

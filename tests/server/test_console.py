@@ -6,6 +6,8 @@ usage, loss curves), missing views and a cluster's replicas; full-page screensho
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from busy_server import TRAINED, USERS, BusyServer, Load
 from live import ADMIN
 from system_tools import system_tool
 
+import server.api
 from server.api.console import ASSETS
 
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -123,6 +126,18 @@ def test_page_is_public_static_and_loads_only_its_own_files(busy: BusyServer) ->
     assert not re.findall(r"https?://", sources.replace(SVG_NS, ""))  # nothing external
     for kept in ("localStorage", "sessionStorage", "document.cookie", "indexedDB"):
         assert kept not in sources  # the token is kept nowhere but in a variable
+
+
+def test_the_package_ships_every_file_the_page_loads() -> None:
+    static = Path(server.api.__file__).parent / "static"
+    files = {p.name for p in static.iterdir()}
+    assert files == {"console.html", *ASSETS}  # nothing served that is not shipped, or back
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    line = re.search(r'(?m)^"server\.api" = (\[.*\])$', pyproject)  # package-data (Python 3.10:
+    assert line, "pyproject.toml ships no package data for server.api"  # no tomllib)
+    globs = json.loads(line.group(1))
+    for name in files:
+        assert any(fnmatch.fnmatch(f"static/{name}", g) for g in globs), name
 
 
 def test_history_is_admin_only_and_follows_the_traffic(busy: BusyServer) -> None:

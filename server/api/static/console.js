@@ -41,7 +41,9 @@
       let message = r.statusText;
       try {
         message = (await r.json()).error.message;
-      } catch (e) { /* not our error body */ }
+      } catch (e) {
+        /* not our error body */
+      }
       throw new HttpError(r.status, message);
     }
     return r.json();
@@ -53,15 +55,18 @@
       return await api(path);
     } catch (e) {
       if (e.status === 401 || e.status === 403) throw e;
-      if (e.status === 404 || e.status === 405 || e.status === 501) return { unavailable: e.status };
+      if (e.status === 404 || e.status === 405 || e.status === 501)
+        return { unavailable: e.status };
       return { error: e.message };
     }
   }
 
   function refusal(e, hadToken) {
     if (e.status === 403) {
-      return "This key is a user API key: the admin API refused it (403 Forbidden). " +
-        "The console needs the admin token (VERA_ADMIN_TOKEN).";
+      return (
+        "This key is a user API key: the admin API refused it (403 Forbidden). " +
+        "The console needs the admin token (VERA_ADMIN_TOKEN)."
+      );
     }
     if (e.status === 401) {
       return hadToken
@@ -154,23 +159,36 @@
   }
 
   async function pollSlow() {
-    const [usage, jobs] = await Promise.all([optional(usagePath()), optional("../v1/fine_tuning/jobs?limit=10")]);
+    const [usage, jobs] = await Promise.all([
+      optional(usagePath()),
+      optional("../v1/fine_tuning/jobs?limit=10"),
+    ]);
     slow.usage = usage;
     slow.jobs = jobs;
     if (!jobs.data) return;
     const wanted = jobs.data.slice(0, EVENT_JOBS);
-    await Promise.all(wanted.map(async (job) => {
-      const have = slow.events.get(job.id);
-      if (have && have.final) return; // a finished job's curve does not change
-      const got = await optional(`../v1/fine_tuning/jobs/${encodeURIComponent(job.id)}/events?limit=1000`);
-      if (got.data) slow.events.set(job.id, Object.assign(got.data, { final: TERMINAL.has(job.status) }));
-    }));
-    for (const id of [...slow.events.keys()]) if (!wanted.some((j) => j.id === id)) slow.events.delete(id);
+    await Promise.all(
+      wanted.map(async (job) => {
+        const have = slow.events.get(job.id);
+        if (have && have.final) return; // a finished job's curve does not change
+        const got = await optional(
+          `../v1/fine_tuning/jobs/${encodeURIComponent(job.id)}/events?limit=1000`,
+        );
+        if (got.data)
+          slow.events.set(job.id, Object.assign(got.data, { final: TERMINAL.has(job.status) }));
+      }),
+    );
+    for (const id of [...slow.events.keys()])
+      if (!wanted.some((j) => j.id === id)) slow.events.delete(id);
   }
 
   async function poll(gen) {
     try {
-      const [stats, history, tenants] = await Promise.all([api("stats"), api(historyPath()), optional("tenants")]);
+      const [stats, history, tenants] = await Promise.all([
+        api("stats"),
+        api(historyPath()),
+        optional("tenants"),
+      ]);
       if (gen !== generation) return;
       mergeHistory(history);
       if (Date.now() - lastSlow >= SLOW_MS) {
@@ -212,10 +230,10 @@
     Panels.replicas(stats);
     Panels.history(hist);
     if (tenants) {
-      Panels.fairShare(tenants);
-      Panels.topUsers(tenants, slow.usage);
+      TenantPanels.fairShare(tenants);
+      TenantPanels.topUsers(tenants, slow.usage);
     }
-    if (slow.jobs) Panels.jobs(slow.jobs, slow.events);
+    if (slow.jobs) JobPanels.jobs(slow.jobs, slow.events);
   }
 
   $("login-form").addEventListener("submit", connect);

@@ -230,7 +230,7 @@
     Panels.replicas(stats);
     Panels.history(hist);
     if (tenants) {
-      TenantPanels.fairShare(tenants);
+      TenantPanels.fairShare(tenants, Boolean(stats.replicas));
       TenantPanels.topUsers(tenants, slow.usage);
     }
     if (slow.jobs) JobPanels.jobs(slow.jobs, slow.events);

@@ -8,7 +8,8 @@ const TenantPanels = (() => {
   const h = Svg.html;
   const { C, USER_COLORS, notice, problem } = Panels;
 
-  function fairShare(view) {
+  /** ``cluster``: the view is the answering replica's engine (each replica schedules its own). */
+  function fairShare(view, cluster) {
     const body = $("fair-body");
     const meta = $("fair-meta");
     meta.replaceChildren();
@@ -25,6 +26,7 @@ const TenantPanels = (() => {
       }
     }
     h("span", "chip strong", meta, `scheduling: ${view.scheduling}`);
+    if (cluster) h("span", "chip", meta, "one replica's engine");
     if (view.weights)
       h(
         "span",

@@ -171,8 +171,12 @@ def test_console_draws_the_live_traffic(page, busy: BusyServer, shots: Path) -> 
         for chart in HISTORY_CHARTS:
             wait_points(page, f"#{chart} path.line", 3)
         wait_points(page, f'[data-job="{busy.job_id}"] path.line', 2)  # the loss curve
-        page.wait_for_selector('#chart-fair rect[data-part="running"]', timeout=20_000)
-        page.wait_for_timeout(3500)  # one more poll, with the load running
+        page.wait_for_function(  # every user in the engine at one poll (the load's 6 > 3 rows)
+            "users => users.every(u => document.querySelector("
+            "`#chart-fair rect[data-row='${u}']`))",
+            arg=list(USERS),
+            timeout=20_000,
+        )
         shot = screenshot(page, shots, "console-live")
 
     ys = [y for _, y in points(page, "#chart-throughput path.line")]
@@ -185,7 +189,7 @@ def test_console_draws_the_live_traffic(page, busy: BusyServer, shots: Path) -> 
     fair = page.locator("#fair-share")
     usage = page.locator("#top-users")
     for user in USERS:
-        assert fair.locator(f'rect[data-row="{user}"]').count() >= 1, user
+        assert fair.locator(f'#chart-counters rect[data-row="{user}"]').count() == 1, user
         row = usage.locator(f'tr[data-user="{user}"]')
         assert row.count() == 1 and user in row.inner_text()
         assert int(row.locator("svg.spark path.line").get_attribute("data-points") or 0) == 60
@@ -199,8 +203,12 @@ def test_console_draws_the_live_traffic(page, busy: BusyServer, shots: Path) -> 
     box = page.locator("#chart-throughput svg").bounding_box()
     assert box is not None
     page.mouse.move(box["x"] + box["width"] * 0.8, box["y"] + box["height"] / 2)
-    tooltip = page.locator("#chart-throughput .tooltip")
-    assert tooltip.is_visible() and "tok/s" in tooltip.inner_text()
+    page.wait_for_function(  # and it stays through the redraws of the next polls
+        "() => document.querySelector('#chart-throughput .tooltip:not([hidden])')"
+        "?.innerText.includes('tok/s')"
+    )
+    page.wait_for_timeout(3500)
+    assert "tok/s" in page.locator("#chart-throughput .tooltip").inner_text()
     assert page.locator("#replicas").is_hidden()  # a single server
 
     stored = page.evaluate("() => JSON.stringify([localStorage, sessionStorage, document.cookie])")

@@ -87,7 +87,7 @@ const Charts = (() => {
     }
     const timeAxis = (o.xKind || "time") === "time";
     const xt = timeAxis
-      ? timeTicks(x0, x1, Math.max(2, Math.floor(pw / 90))).ticks
+      ? timeTicks(x0, x1, Math.max(3, Math.floor(pw / 80))).ticks
       : niceTicks(x0, x1, Math.max(2, Math.floor(pw / 70)), true).filter((v) => v >= x0 && v <= x1);
     for (const t of xt) {
       el(
@@ -115,7 +115,7 @@ const Charts = (() => {
           el(
             "rect",
             {
-              x: X(xs[i]) - w / 2,
+              x: Math.min(Math.max(X(xs[i]) - w / 2, MARGIN.left), MARGIN.left + pw - w),
               y: Y(Math.max(v, y0)),
               width: w,
               height: Math.max(1, Y(y0) - Y(v)),
@@ -188,7 +188,8 @@ const Charts = (() => {
     });
   }
 
-  /** Crosshair, dots and a tooltip with every series' value at the nearest sample. */
+  /** Crosshair, dots and a tooltip with every series' value at the sample nearest the
+   * pointer; the legend shows those values while the pointer is on the chart. */
   function hover(box, svg, h) {
     const cross = el("g", { class: "cross", visibility: "hidden" }, svg);
     const vline = el("line", { y1: h.top, y2: h.bottom }, cross);
@@ -207,9 +208,8 @@ const Charts = (() => {
       },
       svg,
     );
-    rect.addEventListener("mousemove", (ev) => {
-      const bounds = svg.getBoundingClientRect();
-      const px = ev.clientX - bounds.left;
+    const show = (px) => {
+      const width = svg.width.baseVal.value;
       let best = 0;
       for (let i = 1; i < h.xs.length; i++)
         if (Math.abs(h.X(h.xs[i]) - px) < Math.abs(h.X(h.xs[best]) - px)) best = i;
@@ -238,11 +238,18 @@ const Charts = (() => {
       });
       cross.setAttribute("visibility", "visible");
       tip.hidden = false;
-      const left = cx + 14 + tip.offsetWidth > bounds.width ? cx - 14 - tip.offsetWidth : cx + 14;
+      const left = cx + 14 + tip.offsetWidth > width ? cx - 14 - tip.offsetWidth : cx + 14;
       tip.style.left = left + "px";
       tip.style.top = h.top + tip.parentElement.querySelector(".legend").offsetHeight + "px";
+    };
+    rect.addEventListener("mousemove", (ev) => {
+      box._hoverPx = ev.clientX - svg.getBoundingClientRect().left;
+      show(box._hoverPx);
     });
+    // a redraw (new data, every few seconds) under a resting pointer keeps its tooltip
+    if (box._hoverPx != null) show(box._hoverPx);
     rect.addEventListener("mouseleave", () => {
+      box._hoverPx = null;
       cross.setAttribute("visibility", "hidden");
       tip.hidden = true;
       h.series.forEach((s, k) => {

@@ -8,13 +8,19 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: install serve test lint bench bench-peer
 
-# The venv, plus PostgreSQL server binaries if missing (tests/pg_server.py runs initdb).
+# The venv, plus the programs the tests drive if missing: PostgreSQL server binaries
+# (tests/pg_server.py runs initdb), Chromium (the console in a browser) and Prometheus.
 $(STAMP): pyproject.toml
 	@for d in "$$(pg_config --bindir 2>/dev/null)" /usr/lib/postgresql/*/bin; do \
 	  [ -x "$$d/initdb" ] && exit 0; done; \
 	if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
 	else echo "PostgreSQL server binaries (initdb) missing: sudo apt-get install postgresql"; fi
+	@missing=""; for p in chromium prometheus; do \
+	  command -v $$p >/dev/null || [ -x /usr/bin/$$p ] || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then :; elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	else echo "missing:$$missing (their tests are skipped): sudo apt-get install$$missing"; fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
@@ -11,9 +12,11 @@ from fastapi import FastAPI
 from server.api import (
     adapters,
     admin,
+    console,
     errors,
     fine_tuning,
     generate,
+    history,
     metrics,
     openai_routes,
     tenants,
@@ -69,9 +72,11 @@ def create_app(runtime: Runtime) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.start()
+        app.state.history.start()
         try:
             yield
         finally:
+            app.state.history.stop()
             runtime.shutdown()  # drains in-flight sequences first
 
     app = FastAPI(
@@ -83,8 +88,10 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.state.runtime = runtime
     app.state.keys = KeyCache(runtime.users)
     app.state.metrics_registry = metrics.make_registry(runtime)
+    app.state.history = history.StatsHistory(partial(admin.collect_stats, runtime))
     errors.install(app)
-    for module in (generate, adapters, admin, tenants, usage, openai_routes, fine_tuning, metrics):
+    routers = (generate, adapters, admin, tenants, usage, history, console)
+    for module in (*routers, openai_routes, fine_tuning, metrics):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit=runtime.config.max_body_bytes)
     return app

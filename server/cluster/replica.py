@@ -51,6 +51,7 @@ class EngineReplica:
         self.runtime = Runtime.build(config)
         self.app = create_app(self.runtime)
         self.runtime.start()
+        self.app.state.history.start()  # the app's lifespan does not run here
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.board = board
         # Ray Serve runs the constructor on the replica's event loop, where handle calls
@@ -100,4 +101,5 @@ class EngineReplica:
             return  # the constructor failed (nothing started), or already shut down
         pusher.cancel()
         self.board.forget.remote(self.replica_id)  # best effort: reports also go stale
+        self.app.state.history.stop()
         self.runtime.shutdown()

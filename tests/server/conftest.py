@@ -1,10 +1,12 @@
-"""Fixtures: live servers on the real default model, and a reference copy of that model."""
+"""Fixtures: live servers on the real default model (and a busy one on a tiny model), and a
+reference copy of the default model."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
+from busy_server import BusyServer, start_busy
 from live import LiveServer, start_server
 
 from server.model_source import load_model
@@ -28,3 +30,12 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     )
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def busy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BusyServer]:
+    """A tiny-model server (admin token on) whose users alice, bruno and chen have adapters
+    and have been served, and whose one fine-tuning job (bruno's) has succeeded."""
+    server = start_busy(tmp_path_factory.mktemp("busy"))
+    yield server
+    server.live.stop()

@@ -26,10 +26,33 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from server.engine.sequence import Sequence
 
 POLICIES = ("fair", "fifo")
+
+
+class TenantPolicy(Protocol):
+    """What the engine asks about a client (a tenant): its weight (fair share: 2 = twice the
+    service of weight 1) and how many requests it may have queued."""
+
+    def weight(self, client: str) -> float: ...
+
+    def max_waiting(self, client: str) -> int: ...
+
+
+@dataclass(frozen=True)
+class TenantDefaults:
+    """Every client alike: weight 1, the same share of the queue."""
+
+    max_waiting_per_client: int
+
+    def weight(self, client: str) -> float:
+        return 1.0
+
+    def max_waiting(self, client: str) -> int:
+        return self.max_waiting_per_client
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -36,10 +36,11 @@ from server.engine.adapter_slots import SlotPool
 from server.engine.background import BackgroundWork
 from server.engine.detokenizer import StopChecker
 from server.engine.errors import ContextTooLong, EngineStopped, QueueFull
+from server.engine.fair_queue import TenantDefaults, TenantPolicy
 from server.engine.model_runner import ModelRunner
 from server.engine.sampler import sample
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Channel, Event, Sequence, Status
 from server.engine.stats import EngineStats
 from vera_core.inject import VeraModel
@@ -49,28 +50,6 @@ T = TypeVar("T")
 ANONYMOUS = "anonymous"  # the client of a base-model request that names none
 _IDLE_WAIT_S = 1.0  # nothing to do: look at the stop flag this often
 _WAITING_WAIT_S = 0.5  # sequences wait for adapters: re-check their acquire deadline this often
-
-
-class TenantPolicy(Protocol):
-    """What the engine asks about a client (a tenant): its weight (fair share: 2 = twice the
-    service of weight 1) and how many requests it may have queued."""
-
-    def weight(self, client: str) -> float: ...
-
-    def max_waiting(self, client: str) -> int: ...
-
-
-@dataclass(frozen=True)
-class TenantDefaults:
-    """Every client alike: weight 1, the same share of the queue."""
-
-    max_waiting_per_client: int
-
-    def weight(self, client: str) -> float:
-        return 1.0
-
-    def max_waiting(self, client: str) -> int:
-        return self.max_waiting_per_client
 
 
 @dataclass(frozen=True)
@@ -324,7 +303,7 @@ class Engine:
         out = self.runner.run(plan, self.scheduler.running)
         if out is not None:
             self._postprocess(*out)
-        _share_step_time(plan, time.perf_counter() - t0)
+        plan.share_time(time.perf_counter() - t0)
         self._blocked = not (plan.prefill or plan.decode or plan.dropped or plan.failed)
         for seq in list(self.scheduler.running):
             if seq.cancelled.is_set():
@@ -388,7 +367,7 @@ class Engine:
                     "prompt_tokens": len(seq.prompt_ids),
                     "completion_tokens": len(seq.output_ids),
                 },
-                timing=_timing(seq),
+                timing=seq.timing(),
             )
         )
 
@@ -400,31 +379,6 @@ class Engine:
         for seq in list(self.scheduler.running) + self.scheduler.take_waiting():
             self._fail(seq, message)
         self.runner.idle()
-
-
-def _share_step_time(plan: StepPlan, seconds: float) -> None:
-    """Give each sequence of the step its share of the step's time, by the tokens it put
-    through the model (a prompt chunk's length; one per decoded row)."""
-    tokens = sum(c.length for c in plan.prefill) + len(plan.decode)
-    if not tokens:
-        return
-    per_token = seconds / tokens
-    for chunk in plan.prefill:
-        chunk.seq.engine_seconds += chunk.length * per_token
-    for seq in plan.decode:
-        seq.engine_seconds += per_token
-
-
-def _timing(seq: Sequence) -> dict[str, float]:
-    end = seq.finished_at or time.perf_counter()
-    out = {"total_ms": round((end - seq.arrival) * 1e3, 2)}
-    first = seq.first_token_at
-    if first is not None:
-        out["ttft_ms"] = round((first - seq.arrival) * 1e3, 2)
-        n = len(seq.output_ids)
-        if n > 1:
-            out["decode_tokens_per_s"] = round((n - 1) / max(1e-9, end - first), 2)
-    return out
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

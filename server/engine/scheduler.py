@@ -92,6 +92,18 @@ class StepPlan:
     failed: list[tuple[Sequence, str]] = field(default_factory=list)  # could never start: why
     preempted: list[Sequence] = field(default_factory=list)  # back in the queue, row freed
 
+    def share_time(self, seconds: float) -> None:
+        """Give each sequence of the step its share of the step's ``seconds``, by the tokens
+        it put through the model (a prompt chunk's length; one per decoded row)."""
+        tokens = sum(c.length for c in self.prefill) + len(self.decode)
+        if not tokens:
+            return
+        per_token = seconds / tokens
+        for chunk in self.prefill:
+            chunk.seq.engine_seconds += chunk.length * per_token
+        for seq in self.decode:
+            seq.engine_seconds += per_token
+
 
 class Scheduler:
     def __init__(

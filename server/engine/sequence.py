@@ -117,6 +117,18 @@ class Sequence:
             return delta, "length"
         return delta, None
 
+    def timing(self) -> dict[str, float]:
+        """Total time, time to first token and decode rate of this request, in ms / tok/s."""
+        end = self.finished_at or time.perf_counter()
+        out = {"total_ms": round((end - self.arrival) * 1e3, 2)}
+        first = self.first_token_at
+        if first is not None:
+            out["ttft_ms"] = round((first - self.arrival) * 1e3, 2)
+            n = len(self.output_ids)
+            if n > 1:
+                out["decode_tokens_per_s"] = round((n - 1) / max(1e-9, end - first), 2)
+        return out
+
     def flush_text(self) -> str:
         """Text held back (a possible stop-string prefix) that the end releases."""
         return self.detok.flush()

@@ -69,24 +69,34 @@ async def flood_and_victim(url: str, flood: int, n: int) -> dict[str, list[float
 async def backlogged(url: str, users: int, requests: int, n: int) -> dict:
     limits = httpx.Limits(max_connections=users * requests + 16)
     times: dict[str, list[float]] = {f"u{i}": [] for i in range(users)}
+    sent_at: dict[str, float] = {}
     done_at: dict[str, float] = {}
     async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as client:
+        before = (await client.get("/admin/stats")).json()["engine"]["preemptions"]
 
         async def user(i: int) -> None:
             name = f"u{i}"
             await asyncio.sleep(i * 1.0)
+            sent_at[name] = time.perf_counter()
             await asyncio.gather(*(stream(client, name, n, times[name]) for _ in range(requests)))
             done_at[name] = time.perf_counter()
 
         t0 = time.perf_counter()
         await asyncio.gather(*(user(i) for i in range(users)))
         wall = time.perf_counter() - t0
-    start = max(min(ts) for ts in times.values())  # every user has begun receiving
+        preempted = (await client.get("/admin/stats")).json()["engine"]["preemptions"] - before
+    start = max(sent_at.values())  # the last user has sent its requests: all are backlogged
     end = min(done_at.values())  # the first user is done: no longer backlogged
     got = [sum(1 for t in ts if start <= t < end) for ts in times.values()]
     jain = sum(got) ** 2 / (len(got) * sum(x * x for x in got)) if any(got) else 0.0
     total = sum(len(ts) for ts in times.values())
-    return {"tokens": got, "jain": jain, "window_s": end - start, "tok_s": total / wall}
+    return {
+        "tokens": got,
+        "jain": jain,
+        "window_s": end - start,
+        "tok_s": total / wall,
+        "preemptions": preempted,
+    }
 
 
 def serve(work: Path, policy: str, args: argparse.Namespace) -> LiveServer:
@@ -124,6 +134,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--only", choices=["a", "b"], help="run one part")
+    parser.add_argument("--policies", default="fifo,fair")
     args = parser.parse_args()
     model, _, _ = load_model()
     vm = inject_vera(model, VeraConfig(r=256), num_slots=2)
@@ -133,7 +145,7 @@ def main() -> None:
     }
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for policy in ("fifo", "fair"):
+        for policy in args.policies.split(","):
             server = serve(Path(tmp), policy, args)
             try:
                 with httpx.Client(base_url=server.url, timeout=60) as c:
@@ -141,9 +153,12 @@ def main() -> None:
                         assert c.put(
                             f"/users/{user}/adapter", content=body, headers=OCTET
                         ).is_success
-                a = asyncio.run(flood_and_victim(server.url, args.flood, args.new_tokens))
-                b2 = asyncio.run(backlogged(server.url, 2, args.requests, args.new_tokens))
-                b4 = asyncio.run(backlogged(server.url, 4, args.requests // 2, args.new_tokens))
+                a = b2 = b4 = None
+                if args.only != "b":
+                    a = asyncio.run(flood_and_victim(server.url, args.flood, args.new_tokens))
+                if args.only != "a":
+                    b2 = asyncio.run(backlogged(server.url, 2, args.requests, args.new_tokens))
+                    b4 = asyncio.run(backlogged(server.url, 4, args.requests // 2, args.new_tokens))
             finally:
                 server.stop()
             results[policy] = {"a": a, "b2": b2, "b4": b4}

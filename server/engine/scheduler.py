@@ -50,6 +50,14 @@ class SchedulerConfig:
             raise ValueError("scheduler limits must be >= 1")
 
 
+TURNOVER_STEPS = 16  # a row ending within this many steps is waited for, not preempted
+
+
+def _remaining(seq: Sequence) -> int:
+    """Steps ``seq`` may still run (its stop strings and EOS may end it sooner)."""
+    return seq.params.max_new_tokens - len(seq.output_ids)
+
+
 class AdapterSlots(Protocol):
     """What the scheduler needs of the adapter memory (``adapter_slots.SlotPool``)."""
 
@@ -158,7 +166,7 @@ class Scheduler:
                 blocked.add(client)
                 continue
             if len(self.running) >= self.config.max_batch:
-                victim = self._victim(client, admitted)
+                victim = self._victim(client, admitted, rebalanced=bool(plan.preempted))
                 if victim is None:  # no row for this client; another may take one back
                     self._unclaim(seq)
                     blocked.add(client)
@@ -247,9 +255,14 @@ class Scheduler:
         return chunk.length
 
     # -- preemption -----------------------------------------------------------------------
-    def _victim(self, client: str, admitted: list[Sequence]) -> Sequence | None:
+    def _victim(self, client: str, admitted: list[Sequence], rebalanced: bool) -> Sequence | None:
         """With every row taken: the sequence to preempt so that ``client`` gets a row, or
-        None (FIFO, preemption off, or nobody holds more than its share above ``client``)."""
+        None. Only for a client below its share, from the client furthest over its share
+        whose counter is not below it, never that client's last row; and only when waiting
+        for a row would not do: ``client`` holds no row at all (it would wait for the flood),
+        or no row over share ends within ``TURNOVER_STEPS`` (long requests; then at most one
+        such preemption per step, ``rebalanced``). Rows of short requests turn over by
+        themselves and go to the lowest counter: no recompute."""
         fairness = self.config.fairness
         if fairness.policy != "fair" or not fairness.preempt:
             return None
@@ -257,7 +270,8 @@ class Scheduler:
         active = set(rows) | set(self.waiting.order())
         total = sum(self.weight(c) for c in active)
         share = {c: self.config.max_batch * self.weight(c) / total for c in active}
-        if rows.get(client, 0) >= share[client]:
+        mine = rows.get(client, 0)
+        if mine >= share[client]:
             return None  # the waiting client already has its share
         counters = self.waiting.counters
         over = [  # a client's last row is never taken: with more clients than rows, turns
@@ -267,6 +281,12 @@ class Scheduler:
         ]
         if not over:
             return None
+        if mine > 0:
+            if rebalanced:
+                return None
+            ending = min(_remaining(s) for s in self.running if s.client in over)
+            if ending <= TURNOVER_STEPS:
+                return None  # a row frees soon: it goes to the lowest counter, no recompute
         worst = max(over, key=lambda c: rows[c] - share[c])
         candidates = [s for s in self.running if s.client == worst and s not in admitted]
         return candidates[-1] if candidates else None  # the most recently admitted

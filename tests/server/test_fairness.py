@@ -243,3 +243,21 @@ def test_more_clients_than_rows_take_turns_without_preempting_each_other() -> No
         preempted += len(sim.step().preempted)
     assert preempted == 0
     assert set(sim.tokens) == {f"c{i}" for i in range(8)}
+
+
+def test_rows_of_short_requests_turn_over_without_preemption_long_ones_are_rebalanced() -> None:
+    """A newcomer preempts once (its first row); after that, short requests' rows free by
+    themselves and go to it by counter, while long ones are taken back one per step."""
+    for new, most in ((12, 2), (500, 4)):
+        s = scheduler(max_batch=8)
+        for _ in range(40):
+            s.add(seq("a", new=new))
+        sim = Sim(s)
+        for _ in range(4):
+            sim.step()
+        for _ in range(40):
+            s.add(seq("b", new=new))
+        preempted = sum(len(sim.step().preempted) for _ in range(12))
+        rows = Counter(q.client for q in s.running)
+        assert 1 <= preempted <= most, (new, preempted)  # short: its first row, maybe again
+        assert rows["b"] >= 4, (new, rows)  # at least its share (VTC: more while behind)

@@ -163,27 +163,36 @@ def main() -> None:
                 server.stop()
             results[policy] = {"a": a, "b2": b2, "b4": b4}
             print(policy, json.dumps({k: v for k, v in results[policy].items()}, default=str))
-    print("\n| run | victim TTFT solo p50 (ms) | under flood p50 / p99 / max (ms) | max / solo |")
-    print("|---|---|---|---|")
-    for policy, r in results.items():
-        solo = statistics.median(r["a"]["solo"])
-        worst = max(r["a"]["flood"])
+    report(results)
+
+
+def report(results: dict[str, dict]) -> None:
+    if all(r["a"] for r in results.values()):
         print(
-            f"| {policy} | {solo * 1e3:.0f} | {ms(r['a']['flood'], 0.5)} / "
-            f"{ms(r['a']['flood'], 0.99)} / {ms(r['a']['flood'])} | {worst / solo:.1f}x |"
+            "\n| run | victim TTFT solo p50 (ms) | under flood p50 / p99 / max (ms) | max / solo |"
         )
-    print("\n| run | users | tokens each while all backlogged | Jain | window (s) | tok/s |")
-    print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|")
+        for policy, r in results.items():
+            solo, flood = statistics.median(r["a"]["solo"]), r["a"]["flood"]
+            print(
+                f"| {policy} | {solo * 1e3:.0f} | {ms(flood, 0.5)} / {ms(flood, 0.99)} / "
+                f"{ms(flood)} | {max(flood) / solo:.1f}x |"
+            )
+    if not all(r["b2"] for r in results.values()):
+        return
+    print("\n| run | users | tokens each, all backlogged | Jain | window (s) | tok/s | preempted |")
+    print("|---|---|---|---|---|---|---|")
     for policy, r in results.items():
         for key in ("b2", "b4"):
             b = r[key]
             print(
                 f"| {policy} | {len(b['tokens'])} | {b['tokens']} | {b['jain']:.3f} | "
-                f"{b['window_s']:.1f} | {b['tok_s']:.1f} |"
+                f"{b['window_s']:.1f} | {b['tok_s']:.1f} | {b['preemptions']} |"
             )
-    for key in ("b2", "b4"):
-        ratio = results["fair"][key]["tok_s"] / results["fifo"][key]["tok_s"]
-        print(f"throughput fair / fifo ({key[1]} users): {ratio:.3f}x")
+    if {"fair", "fifo"} <= set(results):
+        for key in ("b2", "b4"):
+            ratio = results["fair"][key]["tok_s"] / results["fifo"][key]["tok_s"]
+            print(f"throughput fair / fifo ({key[1]} users): {ratio:.3f}x")
 
 
 if __name__ == "__main__":

@@ -139,45 +139,30 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         """Decode every sequence whose prompt is cached; spend the prefill budget on the
         prompts in progress, then admit waiting sequences in the queue's order while rows and
-        budget last (preempting for a client below its share when rows are full). A client
-        whose next sequence cannot start yet (its adapter is loading) does not block others."""
+        budget last (preempting for a client below its share when rows are full). Under fair
+        scheduling a waiting client with no prompt in progress, whose counter is not above any
+        client with one, is admitted first, so another client's burst of long prompts does not hold
+        its first token off. A client whose next sequence cannot start yet (its adapter is
+        loading) does not block others."""
         plan = StepPlan(decode=[s for s in self.running if s not in self.prefilling])
-        budget = self.config.max_prefill_tokens
-        for seq in list(self.prefilling):  # _chunk removes finished prompts
-            if budget == 0:
-                break
-            budget -= self._chunk(plan, seq, budget)
         for seq in [s for s in self.waiting if s.cancelled.is_set()]:
             self.waiting.remove(seq)
             seq.status = Status.FINISHED
             plan.dropped.append(seq)
+        budget = self.config.max_prefill_tokens
         admitted: list[Sequence] = []
         blocked: set[str] = set()
-        while budget > 0:
-            client = next((c for c in self.waiting.order() if c not in blocked), None)
-            if client is None:
+        if self.config.fairness.policy == "fair" and self.prefilling:
+            counters = self.waiting.counters
+            below = min(counters.get(s.client, 0.0) for s in self.prefilling)
+            busy = {s.client for s in self.prefilling}  # their own prompts go on first
+            budget = self._admit(plan, budget, admitted, blocked | busy, below)
+        for seq in list(self.prefilling):  # _chunk removes finished prompts
+            if budget == 0:
                 break
-            seq = self.waiting.head(client)
-            claimed = self._claim_slot(seq, plan)
-            if claimed is None:  # can never start: failed, in the plan
-                self.waiting.pop(client)
-                continue
-            if not claimed:  # its adapter is not ready yet
-                blocked.add(client)
-                continue
-            if len(self.running) >= self.config.max_batch:
-                victim = self._victim(client, admitted, rebalanced=bool(plan.preempted))
-                if victim is None:  # no row for this client; another may take one back
-                    self._unclaim(seq)
-                    blocked.add(client)
-                    continue
-                budget += self._preempt(victim, plan)
-            self.waiting.pop(client)
-            if seq.preemptions == 0:  # a recompute is not charged again
-                self.waiting.charge(client, prompt_tokens=len(seq.prompt_ids))
-            self._admit(seq)
-            admitted.append(seq)
-            budget -= self._chunk(plan, seq, budget)
+            if seq not in admitted:  # those have their chunk already
+                budget -= self._chunk(plan, seq, budget)
+        self._admit(plan, budget, admitted, blocked, None)
         for seq in plan.decode:
             self.waiting.charge(seq.client, output_tokens=1)
         for chunk in plan.prefill:
@@ -214,6 +199,44 @@ class Scheduler:
         }
 
     # -- admission ------------------------------------------------------------------------
+    def _admit(
+        self,
+        plan: StepPlan,
+        budget: int,
+        admitted: list[Sequence],
+        blocked: set[str],
+        below: float | None,
+    ) -> int:
+        """Admit waiting sequences in the queue's order while budget lasts (only clients whose
+        counter is not above ``below``, when given); returns the budget left."""
+        while budget > 0:
+            order = self.waiting.order()
+            client = next((c for c in order if c not in blocked), None)
+            if client is None or (below is not None and self.waiting.counters[client] > below):
+                break
+            seq = self.waiting.head(client)
+            claimed = self._claim_slot(seq, plan)
+            if claimed is None:  # can never start: failed, in the plan
+                self.waiting.pop(client)
+                continue
+            if not claimed:  # its adapter is not ready yet
+                blocked.add(client)
+                continue
+            if len(self.running) >= self.config.max_batch:
+                victim = self._victim(client, admitted, rebalanced=bool(plan.preempted))
+                if victim is None:  # no row for this client; another may take one back
+                    self._unclaim(seq)
+                    blocked.add(client)
+                    continue
+                budget += self._preempt(victim, plan)
+            self.waiting.pop(client)
+            if seq.preemptions == 0:  # a recompute is not charged again
+                self.waiting.charge(client, prompt_tokens=len(seq.prompt_ids))
+            self._take_row(seq)
+            admitted.append(seq)
+            budget -= self._chunk(plan, seq, budget)
+        return budget
+
     def _claim_slot(self, seq: Sequence, plan: StepPlan) -> bool | None:
         """Pin ``seq``'s adapter slot. True: it may start; False: not yet (loading, every
         slot pinned); None: never (then it is in ``plan.failed``)."""
@@ -239,7 +262,7 @@ class Scheduler:
             self.slots.release(seq.adapter_slot)
             seq.adapter_slot = 0
 
-    def _admit(self, seq: Sequence) -> None:
+    def _take_row(self, seq: Sequence) -> None:
         seq.status = Status.RUNNING
         seq.kv_row = len(self.running)
         self.running.append(seq)

@@ -261,3 +261,26 @@ def test_rows_of_short_requests_turn_over_without_preemption_long_ones_are_rebal
         rows = Counter(q.client for q in s.running)
         assert 1 <= preempted <= most, (new, preempted)  # short: its first row, maybe again
         assert rows["b"] >= 4, (new, rows)  # at least its share (VTC: more while behind)
+
+
+def test_another_clients_long_prompts_in_progress_do_not_hold_off_a_first_token() -> None:
+    """The prefill budget goes first to a waiting client below every client with a prompt in
+    progress: its short prompt is prefilled at the next step, not after the long ones."""
+    s = scheduler(max_batch=8, budget=64)
+    for _ in range(4):
+        s.add(seq("flood", prompt=400, new=8))
+    sim = Sim(s)
+    sim.step()
+    assert s.prefilling  # the long prompts take many steps of budget
+    victim = seq("victim", prompt=8, new=2)
+    s.add(victim)
+    plan = sim.step()
+    assert [c.seq for c in plan.prefill][0] is victim and victim.output_ids == [1]
+    fifo = scheduler(max_batch=8, budget=64, policy="fifo")
+    for _ in range(4):
+        fifo.add(seq("flood", prompt=400, new=8))
+    sim = Sim(fifo)
+    sim.step()
+    late = seq("victim", prompt=8, new=2)
+    fifo.add(late)
+    assert late not in [c.seq for c in sim.step().prefill]  # FIFO: behind the long prompts

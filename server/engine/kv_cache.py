@@ -22,7 +22,7 @@ import mmap
 
 import torch
 
-from server.engine.steps import DecodeForward, PrefillForward
+from server.engine.steps import DecodeForward, MixedForward, PrefillForward
 from vera_core.forward import ForwardSlot
 
 
@@ -124,6 +124,11 @@ class SlotKVCache:
         assert kbuf is not None and vbuf is not None
         if isinstance(step, PrefillForward):
             return self._write_chunks(step, kbuf, vbuf, key, value)
+        if isinstance(step, MixedForward):  # [1, kv_heads, tokens, hd]: one scatter; the
+            # attention (server/engine/attention.py) reads each row's columns from the buffers
+            kbuf[step.token_rows, :, step.token_positions] = key[0].transpose(0, 1)
+            vbuf[step.token_rows, :, step.token_positions] = value[0].transpose(0, 1)
+            return kbuf, vbuf
         assert isinstance(step, DecodeForward), "the engine sets a step forward first"
         if step.row_index is None:
             rows = torch.arange(step.rows, device=key.device)

@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
+from server.engine.attention import use_slot_attention
 from server.engine.compile import compile_decode
 from server.engine.kv_cache import SlotKVCache
 from server.engine.scheduler import Chunk, StepPlan
 from server.engine.sequence import Sequence
 from server.engine.shapes import bucket, len_buckets, row_buckets
-from server.engine.steps import DecodeForward, PrefillForward
+from server.engine.steps import ChunkSpan, DecodeForward, MixedForward, PrefillForward
 from vera_core.inject import VeraModel
 
 
@@ -63,6 +64,9 @@ class ModelRunner:
             compile_decode(self.model, cuda_graphs=self.cuda_graphs) if compile else self.model
         )
         self.compiled = compile
+        # a step that both prefills and decodes runs one forward (server/engine/attention.py);
+        # not with a static cache, whose bucketed decode shapes are what its graphs replay
+        self.mixed_steps = not static and use_slot_attention(self.model)
 
     # -- one step -------------------------------------------------------------------------
     def run(
@@ -81,6 +85,9 @@ class ModelRunner:
         for move in plan.moves:
             if move.length:  # a row admitted in this plan holds nothing to copy yet
                 self.kv.move_row(move.src, move.dst, move.length)
+        live = [s for s in plan.decode if not s.cancelled.is_set()]
+        if plan.prefill and live and self.mixed_steps:
+            return self.mixed(plan.prefill, live)
         seqs: list[Sequence] = []
         logits: list[torch.Tensor] = []  # [rows, vocab] per forward
         if plan.prefill:
@@ -89,7 +96,6 @@ class ModelRunner:
             seqs += [c.seq for c in plan.prefill if c.final]
             if any(final):
                 logits.append(out if all(final) else out[torch.tensor(final, device=out.device)])
-        live = [s for s in plan.decode if not s.cancelled.is_set()]
         if live:
             seqs += live
             logits.append(self.decode(live))
@@ -178,6 +184,62 @@ class ModelRunner:
         for c in chunks:
             c.seq.num_cached = c.start + c.length
         return logits
+
+    def mixed(
+        self, chunks: list[Chunk], decode: list[Sequence]
+    ) -> tuple[list[Sequence], torch.Tensor] | None:
+        """``decode`` rows and prompt ``chunks`` in one forward over a flat token axis: the
+        sequences that produced logits (the decode rows, then the chunks that end their
+        prompts) and their logits [n, vocab] in float32."""
+        ids = [s.output_ids[-1] for s in decode]
+        rows = [s.kv_row for s in decode]
+        positions = [s.num_cached for s in decode]
+        slots = [s.adapter_slot for s in decode]
+        spans: list[ChunkSpan] = []
+        keep = list(range(len(decode)))  # flat positions whose logits are sampled
+        for c in chunks:
+            offset, row, end = len(ids), c.seq.kv_row, c.start + c.length
+            ids += c.seq.context_ids()[c.start : end]
+            rows += [row] * c.length
+            positions += range(c.start, end)
+            slots += [c.seq.adapter_slot] * c.length
+            mask = None
+            if c.start:  # query i (position start + i) sees columns 0..start + i
+                q = torch.arange(c.start, end, device=self.device)[:, None]
+                mask = (torch.arange(end, device=self.device)[None, :] <= q)[None, None]
+            spans.append(ChunkSpan(offset, row, c.start, c.length, mask))
+            if c.final:
+                keep.append(offset + c.length - 1)
+        d = len(decode)
+        pos = torch.tensor(positions, device=self.device)  # [tokens]
+        kv_len = max(positions[:d]) + 1
+        cols = torch.arange(kv_len, device=self.device)
+        step = MixedForward(
+            slots=torch.tensor([slots], device=self.device) if any(slots) else None,
+            token_rows=torch.tensor(rows, device=self.device),
+            token_positions=pos,
+            decode_rows=d,
+            row_index=None if rows[:d] == list(range(d)) else pos.new_tensor(rows[:d]),
+            decode_mask=(cols[None, :] <= pos[:d, None])[:, None, None, :],  # [d, 1, 1, kv_len]
+            chunks=spans,
+        )
+        with self.vm.run(step):
+            out = self.model(
+                input_ids=torch.tensor([ids], device=self.device),
+                # 4D: transformers takes it as given (the attention reads the step instead)
+                attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device),
+                position_ids=pos[None],
+                use_cache=True,
+                logits_to_keep=torch.tensor(keep, device=self.device),
+                vera_forward=step,
+                **{self._cache_kw: self.kv},
+            )
+        for s in decode:
+            s.num_cached += 1
+        for c in chunks:
+            c.seq.num_cached = c.start + c.length
+        seqs = decode + [c.seq for c in chunks if c.final]
+        return seqs, out.logits[0].float()  # [len(seqs), vocab]
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One new token for each of ``seqs`` (prompts cached): [n, vocab] logits."""

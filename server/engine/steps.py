@@ -54,3 +54,34 @@ class PrefillForward(Forward):
     def continues_prompts(self) -> bool:
         """Some chunk continues a prompt (attends to columns cached by earlier steps)."""
         return any(self.starts)
+
+
+@dataclass(frozen=True)
+class ChunkSpan:
+    """One prompt chunk of a ``MixedForward``: its tokens are ``offset..offset+length-1`` of
+    the flat axis, written to KV row ``row`` at positions ``start..``."""
+
+    offset: int
+    row: int
+    start: int
+    length: int
+    mask: torch.Tensor | None  # [1, 1, length, start + length] bool; None when start == 0
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class MixedForward(Forward):
+    """Decode rows and prompt chunks in ONE forward over a flat token axis ([1, tokens]), so a
+    step that admits a prompt while others decode reads the weights once, not twice.
+
+    Tokens ``0..decode_rows-1`` are the decode rows (one each, attending like a
+    ``DecodeForward``: KV rows ``0..decode_rows-1`` as a view, or ``row_index``), then each
+    chunk's tokens in turn (``chunks``). Token t writes its K/V at
+    (``token_rows[t]``, ``token_positions[t]``); ``slots`` is [1, tokens]. The attention is
+    ``server/engine/attention.py``."""
+
+    token_rows: torch.Tensor  # [tokens] KV row of each token
+    token_positions: torch.Tensor  # [tokens] position (KV column) of each token
+    decode_rows: int
+    row_index: torch.Tensor | None  # [decode_rows] KV row per decode row; None = 0..D-1
+    decode_mask: torch.Tensor | None  # [decode_rows, 1, 1, kv_len] bool, True = attend
+    chunks: list[ChunkSpan]

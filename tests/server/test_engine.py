@@ -20,7 +20,7 @@ from server.engine import (
     SlotPool,
 )
 from server.engine.scheduler import SchedulerConfig
-from server.engine.steps import DecodeForward
+from server.engine.steps import DecodeForward, MixedForward
 from vera_core import Adapter, AdapterHeader, VeraConfig, inject_vera, model_fingerprint
 from vera_core.merge import merge, unmerge
 
@@ -133,10 +133,14 @@ def test_mixed_users_join_and_leave_exact(make_tiny, tmp_path, kind, targets, ch
     if engine.runner.compiled:
         engine.warm_up()
     decode_shapes = set()  # (batch, kv columns) of every decode forward
+    mixed = []  # (decode rows, chunks) of every forward that prefilled and decoded at once
 
     def spy(_module, _args, kwargs) -> None:
-        if isinstance(vm.forwards.current, DecodeForward):
+        step = vm.forwards.current
+        if isinstance(step, DecodeForward):
             decode_shapes.add((kwargs["input_ids"].shape[0], kwargs["attention_mask"].shape[-1]))
+        if isinstance(step, MixedForward):
+            mixed.append((step.decode_rows, len(step.chunks)))
 
     hook = vm.model.register_forward_pre_hook(spy, with_kwargs=True)
     users = {f"user{i}": random_adapter(vm, i) for i in range(5)}  # more users than slots
@@ -170,8 +174,11 @@ def test_mixed_users_join_and_leave_exact(make_tiny, tmp_path, kind, targets, ch
     batches = {b for b, _ in decode_shapes}
     if mode.endswith("static"):  # padded to the row buckets, attending to the length bucket
         assert batches <= {1, 2, 4} and {w for _, w in decode_shapes} == {96}, decode_shapes
+        assert not mixed  # prompts and decode rows run as separate forwards
     else:
-        assert 3 in batches, decode_shapes  # unpadded: the sizes the batch really had
+        assert {1, 2, 3} & batches, decode_shapes  # unpadded: the sizes the batch really had
+        # rows joining a running batch prefill in the decode rows' forward (one flat forward)
+        assert mixed and all(d > 0 and c > 0 for d, c in mixed), mixed
     if mode.endswith("static"):  # allocated once at full size (4 rows x 97 columns), kept
         kv = engine.runner.kv
         assert [k.shape[0] * k.shape[2] for k in kv.keys] == [4 * 97] * kv.num_layers

@@ -29,7 +29,7 @@ from server.engine.sequence import Channel, Sequence
 
 def prefilled(vm, tokenizer, n: int, generated: int, compile: bool) -> tuple[ModelRunner, list]:
     """A runner whose KV cache holds n chat prompts plus ``generated`` positions per row."""
-    runner = ModelRunner(vm, n, 512, compile=compile)
+    runner = ModelRunner(vm, n, 512, compile="startup" if compile else "off")
     enc = chat_batch(tokenizer, n)
     seqs = []
     for i in range(n):

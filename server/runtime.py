@@ -17,8 +17,9 @@ from transformers import PreTrainedTokenizerBase
 from adapters_store import AdapterStore
 from server.adapter_service import AdapterService
 from server.auth import KeyRegistry
-from server.config import ServerConfig
+from server.config import ServerConfig, vera_home
 from server.engine import Engine, EngineConfig, SlotPool
+from server.engine.compile import use_compile_cache
 from server.engine.fair_queue import FairnessConfig
 from server.engine.scheduler import SchedulerConfig
 from server.finetune.service import FineTuningService
@@ -85,16 +86,20 @@ class Runtime:
             ),
             max_seq_len=config.max_seq_len,
             background_share=config.train_share,
-            compile=config.compile_decode,
+            compile=config.compile_mode,
             # CUDA graphs replay fixed shapes: bucketed batches over a preallocated KV cache
-            static_decode=config.compile_decode and device.type == "cuda",
+            static_decode=config.compile_mode == "startup" and device.type == "cuda",
         )
         engine = Engine(vm, tokenizer, pool, engine_config, tenants.limits)
         engine.stats.observers.append(tenants.usage)
-        if engine_config.compile:
+        if engine_config.compile != "off":  # kernels kept across restarts
+            use_compile_cache(vera_home() / "compile-cache")
+        if engine_config.compile == "startup":
             mode = engine.decode_mode()
             log.info("compiling the decode step (--compile %s): %s", config.compile, mode)
             log.info("decode step compiled and warmed in %.1f s", engine.warm_up())
+        elif engine_config.compile == "background":
+            log.info("the decode step compiles in the background; eager until it is warm")
         fine_tuning = _fine_tuning(
             config, storage, engine, vm, tokenizer, adapters, path.name, owner, tenants.usage
         )

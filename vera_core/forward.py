@@ -17,6 +17,7 @@ one. A caller that needs more per-forward state (the engine's KV write positions
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -82,18 +83,26 @@ class VectorForward(Forward):
 
 
 class ForwardSlot:
-    """Where the layers of one model (and a KV cache given it) find the current forward."""
+    """Where the layers of one model (and a KV cache given it) find the current forward.
+
+    One per thread: two threads may run forwards of the same (read-only) model side by side,
+    each seeing only its own (e.g. serving steps while another thread compiles and warms the
+    decode step). ``torch.compile`` traces the thread-local read without a graph break."""
 
     def __init__(self) -> None:
-        self.current: Forward | None = None
+        self._local = threading.local()
+
+    @property
+    def current(self) -> Forward | None:
+        return getattr(self._local, "forward", None)
 
     @contextmanager
     def use(self, forward: Forward) -> Iterator[Forward]:
         """``forward`` is current inside the block, and nothing after it (also on errors)."""
         if self.current is not None:
-            raise RuntimeError("a forward is already running on this model")
-        self.current = forward
+            raise RuntimeError("a forward is already running on this model in this thread")
+        self._local.forward = forward
         try:
             yield forward
         finally:
-            self.current = None
+            self._local.forward = None

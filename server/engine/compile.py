@@ -1,34 +1,47 @@
-"""Optional ``torch.compile`` of the decode forward (``--compile auto|on|off``, decided by
-``ServerConfig.compile_decode``).
+"""``torch.compile`` of the decode forward (``--compile auto|background|on|off``, decided by
+``ServerConfig.compile_mode``).
 
-Only the one-token decode forward is compiled (prefill stays eager: its shapes vary with every
-prompt). ``dynamic=True`` so that one graph serves every batch size and KV length; the adapter
-path (slots set) and the base path (all rows slot 0) are two graphs, both warmed at startup.
+Only the one-token decode forward is compiled (prefill and mixed steps stay eager: their shapes
+vary with every prompt). ``dynamic=True`` so that one graph serves every batch size and KV
+length; the adapter path (slots set) and the base path (all rows slot 0) are two graphs.
 
-What ``auto`` means, measured by ``bench/bench_compile.py`` (SmolLM2-135M, decode step through
-this engine's path, same run, interleaved):
+Two ways to get there:
 
-* CPU: off. Inductor made the step faster (bf16 batch 16, 1 torch thread: base 1.48x, mixed
-  users 1.27x; fp32 not faster: 0.87x and 0.94x of eager, logits within 7e-5), but compiling
-  took minutes at startup on 2 cores, bf16 logits are not those of the eager model (greedy
-  tokens part at near-ties), and a path not warmed at startup (a new
-  guard: e.g. non-compact KV rows) recompiles on the engine thread while requests wait.
-* CUDA: on, with CUDA graphs (``mode="reduce-overhead"``): the decode step runs in static
-  shapes (``EngineConfig.static_decode``, ``server/engine/shapes.py``): the batch padded to a
-  row bucket, attention over a length bucket of KV columns, a KV cache allocated once at full
+* ``background`` (CPU): the server answers with the eager step at once while a thread compiles
+  and warms the decode step on its own scratch KV cache (the model's forward slot is per
+  thread, ``vera_core/forward.py``), then the engine switches to it between two steps. After
+  the switch a decode whose shape was not warmed runs eager for that step instead of
+  recompiling on the engine thread (``DecodeCompiler.__call__``). Inductor's caches live under
+  ``$VERA_HOME/compile-cache`` (``use_compile_cache``): a restart finds its kernels there and
+  the switch comes in seconds instead of minutes.
+* ``startup`` (CUDA): compiled and warmed before the server listens, with CUDA graphs
+  (``mode="reduce-overhead"``): the decode step runs in static shapes
+  (``EngineConfig.static_decode``, ``server/engine/shapes.py``): the batch padded to a row
+  bucket, attention over a length bucket of KV columns, a KV cache allocated once at full
   size, and the KV buffers, the adapter bank and the shared A/B marked as static addresses
-  (replays read them in place; uploads write the bank in place). Inductor compiles once
-  (dynamic shapes); each bucket pair is recorded as a graph when first used (every row bucket
-  at the first length bucket during warm-up). The token-exact test of this path
-  (``tests/server/test_engine.py``, ``VERA_TEST_COMPILE=1``) runs on CPU in eager and with
-  inductor; on CUDA in ``bench/gpu_check.sh``. Not yet measured on a GPU.
+  (replays read them in place; uploads write the bank in place). Each bucket pair is recorded
+  as a graph when first used (every row bucket at the first length bucket during warm-up).
+
+Measured by ``bench/bench_compile.py`` (SmolLM2-135M, decode step through this engine's path,
+same run, interleaved): on an AVX512-BF16 CPU in bf16, batch 16, 1 thread, compiled base 1.48x
+and mixed users 1.27x of eager; fp32 0.87x and 0.94x. bf16 logits of the compiled step are not
+those of the eager model (greedy tokens part at near-ties); fp32 tokens are exact
+(``tests/server/test_engine.py``).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def compile_decode(model: torch.nn.Module, cuda_graphs: bool = False) -> Callable[..., object]:
@@ -38,3 +51,75 @@ def compile_decode(model: torch.nn.Module, cuda_graphs: bool = False) -> Callabl
     if cuda_graphs:
         return torch.compile(model, mode="reduce-overhead", dynamic=True)
     return torch.compile(model, dynamic=True)
+
+
+def use_compile_cache(directory: Path) -> None:
+    """Keep inductor's kernel and graph caches (and AOTAutograd's) in ``directory`` for good
+    (a restart compiles from them), unless TORCHINDUCTOR_CACHE_DIR is already set."""
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(directory))
+
+
+class DecodeCompiler:
+    """The compiled decode step, made and warmed on a background thread while the engine
+    decodes eagerly: ``ready`` once the warm-up ran every shape it warms compiled.
+
+    ``warm(step)`` is called on the background thread with the compiled step and runs one
+    decode forward per shape to warm, on its own KV cache (the model's forward slot is per
+    thread). The engine calls the compiler like the model: eager until ready, compiled after,
+    and a decode whose shape was not warmed (a guard not met) runs eager for that step rather
+    than recompiling on the engine thread (stance ``eager_on_recompile``)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.compiled = compile_decode(model)
+        self.state = "warming"  # -> "ready" | "failed"
+        self.seconds: float | None = None  # compile + warm-up time, once ready
+        self.error: str | None = None
+        self.compiled_steps = 0  # decode forwards through the compiled step (after ready)
+        self.eager_steps = 0  # decode forwards before ready (or after a failure)
+        self._thread: threading.Thread | None = None
+
+    def start(self, warm: Callable[[Callable[..., Any]], None]) -> None:
+        self._thread = threading.Thread(
+            target=self._run, args=(warm,), name="vera-compile", daemon=True
+        )
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the warm-up to end; True if the compiled step is ready."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.state == "ready"
+
+    def _run(self, warm: Callable[[Callable[..., Any]], None]) -> None:
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                warm(self.compiled)
+        except Exception as e:  # the eager step keeps serving
+            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+            log.exception("compiling the decode step failed; decoding stays eager")
+            return
+        self.seconds = time.perf_counter() - t0
+        self.state = "ready"  # read by the engine thread at its next decode
+        log.info("decode step compiled and warm after %.1f s; switching to it", self.seconds)
+
+    def __call__(self, **inputs: Any) -> Any:
+        """One decode forward: compiled once ready, else the eager model."""
+        if self.state != "ready":
+            self.eager_steps += 1
+            return self.model(**inputs)
+        self.compiled_steps += 1
+        # the warm-up thread has ended: no compile is running that the stance would stop
+        with torch.compiler.set_stance("eager_on_recompile"):
+            return self.compiled(**inputs)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "seconds": None if self.seconds is None else round(self.seconds, 1),
+            "error": self.error,
+            "compiled_steps": self.compiled_steps,
+            "eager_steps": self.eager_steps,
+        }

@@ -57,7 +57,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     max_seq_len: int = 2048  # prompt + new tokens of one sequence (KV positions)
     background_share: float = 0.2  # time background work may take while requests are in flight
-    compile: bool = False  # torch.compile the decode forward (server/engine/compile.py)
+    # torch.compile the decode forward: "off", "startup" or "background" (server/engine/compile.py)
+    compile: str = "off"
     # decode in bucketed shapes over a KV cache allocated once; with compile on CUDA: CUDA graphs
     static_decode: bool = False
 
@@ -116,6 +117,8 @@ class Engine:
             return self.runner.warm_up()
 
     def start(self) -> None:
+        if self.runner.compiler is not None:  # eager until the compiled step is warm
+            self.runner.compile_in_background()
         self._thread = threading.Thread(target=self._loop, name="vera-engine", daemon=True)
         self._thread.start()
 
@@ -238,10 +241,21 @@ class Engine:
     def kv_cache_bytes(self) -> int:
         return self.runner.kv.nbytes()
 
-    def decode_mode(self) -> dict[str, bool]:
-        """How the decode step runs: compiled, in static (bucketed) shapes, in CUDA graphs."""
+    def decode_mode(self) -> dict[str, Any]:
+        """How the decode step runs: compiled now, how (``compile``: off, startup, background,
+        with the background compile's state), in static (bucketed) shapes, in CUDA graphs;
+        whether prompts join decode rows in one forward."""
         r = self.runner
-        return {"compiled": r.compiled, "static_shapes": r.static, "cuda_graphs": r.cuda_graphs}
+        mode: dict[str, Any] = {
+            "compiled": r.compiled,
+            "compile": r.compile_mode,
+            "static_shapes": r.static,
+            "cuda_graphs": r.cuda_graphs,
+            "mixed_steps": r.mixed_steps,
+        }
+        if r.compiler is not None:
+            mode["background_compile"] = r.compiler.stats()
+        return mode
 
     # -- loop -----------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -17,13 +17,15 @@ from typing import Any
 import torch
 
 from server.engine.attention import use_slot_attention
-from server.engine.compile import compile_decode
+from server.engine.compile import DecodeCompiler, compile_decode
 from server.engine.kv_cache import SlotKVCache
 from server.engine.scheduler import Chunk, StepPlan
 from server.engine.sequence import Sequence
 from server.engine.shapes import bucket, len_buckets, row_buckets
 from server.engine.steps import ChunkSpan, DecodeForward, MixedForward, PrefillForward
 from vera_core.inject import VeraModel
+
+COMPILE_MODES = ("off", "startup", "background")
 
 
 class ModelRunner:
@@ -32,20 +34,24 @@ class ModelRunner:
         vm: VeraModel,
         max_rows: int,
         max_len: int,
-        compile: bool = False,
+        compile: str = "off",
         static: bool = False,
     ) -> None:
-        """``compile``: torch.compile the decode forward. ``static``: decode in bucketed shapes
-        over a KV cache allocated once (what CUDA graphs need; with ``compile`` on CUDA the
-        decode step is captured in graphs, see ``server/engine/compile.py``)."""
+        """``compile``: how the decode forward is compiled (``server/engine/compile.py``):
+        "off", "startup" (``warm_up`` before serving) or "background" (``compile_in_background``
+        while serving eagerly). ``static``: decode in bucketed shapes over a KV cache allocated
+        once (what CUDA graphs need; with "startup" on CUDA the decode step is captured in
+        graphs)."""
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, not {compile!r}")
         self.vm = vm
         self.model = vm.model
         param = next(self.model.parameters())
         self.device = param.device
         cfg = self.model.config
-        num_layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+        self.num_layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
         # buffers take K/V's device and dtype
-        self.kv = SlotKVCache(num_layers, max_rows, max_len, vm.forwards, static=static)
+        self.kv = SlotKVCache(self.num_layers, max_rows, max_len, vm.forwards, static=static)
         if static:
             self.kv.allocate_static(*_kv_head_shape(cfg), param.dtype, self.device)
         self.static = static
@@ -56,17 +62,27 @@ class ModelRunner:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.max_len = max_len
         # decode only: prefill shapes vary with every prompt (see server/engine/compile.py)
-        self.cuda_graphs = compile and static and self.device.type == "cuda"
+        self.cuda_graphs = compile == "startup" and static and self.device.type == "cuda"
         if self.cuda_graphs:
             for t in (vm.bank.rows, vm.projections.A, vm.projections.B):
                 torch._dynamo.mark_static_address(t)  # read in place by every replay
-        self._decode_model = (
-            compile_decode(self.model, cuda_graphs=self.cuda_graphs) if compile else self.model
-        )
-        self.compiled = compile
+        self.compiler = DecodeCompiler(self.model) if compile == "background" else None
+        self._decode_model: Callable[..., Any] = self.model
+        if compile == "startup":
+            self._decode_model = compile_decode(self.model, cuda_graphs=self.cuda_graphs)
+        elif self.compiler is not None:
+            self._decode_model = self.compiler
+        self.compile_mode = compile
         # a step that both prefills and decodes runs one forward (server/engine/attention.py);
         # not with a static cache, whose bucketed decode shapes are what its graphs replay
         self.mixed_steps = not static and use_slot_attention(self.model)
+
+    @property
+    def compiled(self) -> bool:
+        """Decode forwards run compiled now (after a background warm-up: once it is ready)."""
+        if self.compiler is not None:
+            return self.compiler.state == "ready"
+        return self.compile_mode == "startup"
 
     # -- one step -------------------------------------------------------------------------
     def run(
@@ -109,11 +125,11 @@ class ModelRunner:
         self.kv.clear_row(seq.kv_row, seq.num_cached + 1)
 
     def warm_up(self) -> float:
-        """Compile now, not under the first requests: one decode forward per graph the
-        compiled step needs (dynamic shapes: batch 1 and batch >= 2; static: every row bucket
-        at the first length bucket, the rest recorded when first used), for base rows and
-        adapter rows. Returns the seconds it took (0 when not compiled)."""
-        if not self.compiled:
+        """ "startup": compile now, not under the first requests: one decode forward per graph
+        the compiled step needs (dynamic shapes: batch 1 and batch >= 2; static: every row
+        bucket at the first length bucket, the rest recorded when first used), for base rows
+        and adapter rows. Returns the seconds it took (0 when not compiled at startup)."""
+        if self.compile_mode != "startup":
             return 0.0
         t0 = time.perf_counter()
         sizes = self.row_buckets if self.static else sorted({1, min(2, self.kv.max_rows)})
@@ -124,6 +140,28 @@ class ModelRunner:
                     self._decode_tokens([0] * rows, [1] * rows, list(range(rows)), [slot] * rows)
         self.kv.release_all()
         return time.perf_counter() - t0
+
+    def compile_in_background(self) -> None:
+        """ "background": compile and warm the decode step on another thread; decodes run
+        eager until it is ready (``self.compiler.state``)."""
+        assert self.compiler is not None, "the runner was not made to compile in the background"
+        self.compiler.start(self._warm_in_background)
+
+    def _warm_in_background(self, compiled: Callable[..., Any]) -> None:
+        """On the compile thread: the decode shapes the engine meets most, on a KV cache of its
+        own (batch >= 2 and batch 1: dynamo specializes size 1; adapter rows and base rows;
+        compact rows. Others run eager after the switch)."""
+        kv = SlotKVCache(self.num_layers, 2, self.max_len, self.vm.forwards)
+        kv.reserve(2, 2)
+        # eager first: the cache allocates its buffers on its first write, and the compiled
+        # step must meet them allocated, as it will on the engine thread
+        self._decode_tokens([0, 0], [1, 1], [0, 1], [0, 0], model=self.model, kv=kv)
+        for rows in (2, 1):
+            for slot in (1, 0):  # slot 1 may be empty (b = 0): the graph is what matters
+                tokens, positions = [0] * rows, [1] * rows
+                self._decode_tokens(
+                    tokens, positions, list(range(rows)), [slot] * rows, compiled, kv
+                )
 
     def idle(self) -> None:
         """Nothing is running: free the KV buffers."""
@@ -137,6 +175,7 @@ class ModelRunner:
         mask: torch.Tensor,  # [batch, 1, tokens, kv_len] bool, True = attend
         pos: torch.Tensor,  # [batch, tokens] position ids
         step: DecodeForward | PrefillForward,  # adapter slots and KV positions of this forward
+        kv: SlotKVCache | None = None,  # default: the engine's
     ) -> torch.Tensor:
         with self.vm.run(step):
             out = model(
@@ -145,7 +184,7 @@ class ModelRunner:
                 position_ids=pos,
                 use_cache=True,
                 logits_to_keep=1,
-                **{self._cache_kw: self.kv},
+                **{self._cache_kw: self.kv if kv is None else kv},
             )
         return out.logits[:, -1]  # [batch, vocab]
 
@@ -254,7 +293,13 @@ class ModelRunner:
         return logits
 
     def _decode_tokens(
-        self, tokens: list[int], positions: list[int], rows: list[int], slots: list[int]
+        self,
+        tokens: list[int],
+        positions: list[int],
+        rows: list[int],
+        slots: list[int],
+        model: Callable[..., Any] | None = None,  # default: the decode step in use
+        kv: SlotKVCache | None = None,  # default: the engine's
     ) -> torch.Tensor:
         """One decode forward: row i feeds ``tokens[i]`` at ``positions[i]`` into KV row
         ``rows[i]`` with adapter slot ``slots[i]``. [len(tokens), vocab] logits.
@@ -287,7 +332,8 @@ class ModelRunner:
         )
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        logits = self._forward(self._decode_model, ids, mask, pos[:, None], step)
+        model = self._decode_model if model is None else model
+        logits = self._forward(model, ids, mask, pos[:, None], step, kv)
         # a replay's outputs live in the graph's memory, overwritten by the next replay
         return logits[:n].clone() if self.cuda_graphs else logits[:n]
 

@@ -74,7 +74,7 @@ def build(
     max_batch: int = 4,
     max_waiting: int = 64,
     max_prefill_tokens: int = 1024,
-    compile: bool = False,
+    compile: str = "off",
     static_decode: bool = False,
     **targets,
 ):
@@ -126,7 +126,7 @@ def test_mixed_users_join_and_leave_exact(make_tiny, tmp_path, kind, targets, ch
         kind,
         tmp_path,
         max_prefill_tokens=chunk,
-        compile=mode.startswith("compiled"),
+        compile="startup" if mode.startswith("compiled") else "off",
         static_decode=mode.endswith("static"),
         **targets,
     )
@@ -185,6 +185,35 @@ def test_mixed_users_join_and_leave_exact(make_tiny, tmp_path, kind, targets, ch
     else:
         assert engine.kv_cache_bytes() == 0  # idle: KV freed
     assert engine.pool.stats()["slots_pinned"] == 0
+
+
+def test_background_compile_serves_eager_then_switches_exact(make_tiny, tmp_path) -> None:
+    """--compile background: requests are answered (eager) while another thread compiles the
+    decode step on its own KV cache; once warm the engine decodes compiled, tokens exact."""
+    vm, store, engine = build(make_tiny, "llama", tmp_path, compile="background")
+    users = {f"user{i}": random_adapter(vm, i) for i in range(3)}
+    for uid, a in users.items():
+        store.put(uid, a)
+    jobs = [
+        (uid, [5 + i, 17, 3 * i + 1], SamplingParams(max_new_tokens=6))
+        for i, uid in enumerate([None, *users])
+    ]
+    compiler = engine.runner.compiler
+    assert compiler is not None
+    engine.start()
+    try:
+        before = engine.generate(jobs)  # served at once, while the compile thread works
+        assert compiler.eager_steps > 0
+        assert compiler.join(timeout=900), compiler.stats()
+        mode = engine.decode_mode()
+        assert mode["compiled"] and mode["background_compile"]["state"] == "ready", mode
+        after = engine.generate(jobs)
+        assert compiler.compiled_steps > 0, compiler.stats()
+    finally:
+        engine.stop()
+    for (uid, prompt, params), a, b in zip(jobs, before, after):
+        want = reference(vm, users.get(uid), prompt, params.max_new_tokens)
+        assert a["token_ids"] == want and b["token_ids"] == want, uid
 
 
 def test_limits(make_tiny, tmp_path) -> None:

@@ -1,0 +1,209 @@
+"""The engine against transformers ``generate``, same run, same prompts, same dtype.
+
+For each dtype (``--dtypes``) and batch size (``--batches``), interleaved round-robin over
+``--repeats`` (the best of each cell is kept; the machine is shared and noisy):
+
+  generate base     transformers ``generate`` of the base model, one static left-padded batch
+  engine base       our engine in-process (no HTTP), every row the base model
+  engine users      our engine in-process, every row a different user's adapter
+  server users      ``python -m server`` over HTTP, streaming, every client a different user
+                    (defaults apart from --max-batch; ``--server-batches`` sizes only)
+
+and a burst's prefill: the seconds from submitting ``batch`` prompts at once to the last of
+their first tokens (engine, chunked as the server's ``--max-prefill-tokens``), against one
+padded forward of the same prompts (what ``generate`` does first).
+
+    .venv/bin/python bench/bench_engine.py [--dtypes float32,bfloat16] [--batches 16,64]
+
+Tokens/s counts generated tokens (``--new-tokens`` per row, EOS suppressed). All rows greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_server import make_adapter, run_clients, start_server  # noqa: E402
+
+from adapters_store import AdapterStore  # noqa: E402
+from server.config import ServerConfig  # noqa: E402
+from server.engine import Engine, EngineConfig, SamplingParams, SlotPool  # noqa: E402
+from server.engine.scheduler import SchedulerConfig  # noqa: E402
+from server.model_source import load_model  # noqa: E402
+from vera_core import VeraConfig, inject_vera, model_fingerprint  # noqa: E402
+
+TOPICS = ["the sea", "a city at night", "mountains", "coffee", "an old library", "rain"]
+
+
+def chat_ids(tok, i: int) -> list[int]:
+    msg = [{"role": "user", "content": f"Write two sentences about {TOPICS[i % len(TOPICS)]}."}]
+    ids = tok.apply_chat_template(msg, add_generation_prompt=True, return_dict=False)
+    return list(ids)
+
+
+def generate_base(vm, tok, prompts: list[list[int]], n: int) -> float:
+    """tok/s of one static batch through ``generate`` (left-padded, greedy, n tokens each)."""
+    width = max(map(len, prompts))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    device = vm.model.device
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = vm.model.generate(
+            ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    return (out.shape[1] - width) * len(prompts) / (time.perf_counter() - t0)
+
+
+def padded_forward_s(vm, tok, prompts: list[list[int]]) -> float:
+    """Seconds of one left-padded forward over every prompt (generate's prefill)."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    device = vm.model.device
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        vm.model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1)
+    return time.perf_counter() - t0
+
+
+class Offline:
+    """One engine in-process per batch size, over a store holding every user's adapter."""
+
+    def __init__(self, vm, tok, store_dir: Path, batch: int) -> None:
+        self.store = AdapterStore(store_dir, vm.layout, 0, model_fingerprint(vm.model))
+        self.pool = SlotPool(vm.bank, self.store, host_capacity=batch + 8)
+        budget = ServerConfig().max_prefill_tokens  # the server's: only HTTP differs
+        cfg = EngineConfig(SchedulerConfig(max_batch=batch, max_prefill_tokens=budget))
+        self.engine = Engine(vm, tok, self.pool, cfg)
+        self.engine.eos_ids = set()  # every row generates n tokens
+        self.engine.start()
+
+    def run(self, users: list[str | None], prompts: list[list[int]], n: int) -> float:
+        params = SamplingParams(max_new_tokens=n)
+        t0 = time.perf_counter()
+        out = self.engine.generate([(u, p, params) for u, p in zip(users, prompts)])
+        return sum(len(r["token_ids"]) for r in out) / (time.perf_counter() - t0)
+
+    def burst_s(self, prompts: list[list[int]]) -> float:
+        """Seconds until every prompt of a burst has its first token."""
+        params = SamplingParams(max_new_tokens=1)
+        t0 = time.perf_counter()
+        self.engine.generate([(None, p, params) for p in prompts])
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.engine.stop()
+        self.pool.close()
+        self.store.close()
+
+
+def measure(vm, tok, store_dir: Path, users: list[str], prompts, n: int, repeats: int) -> dict:
+    """Best tok/s of each offline cell, and the burst's prefill against one padded forward."""
+    batch = len(users)
+    offline = Offline(vm, tok, store_dir, batch)
+    cells: dict[str, Callable[[], float]] = {
+        "generate base": lambda: generate_base(vm, tok, prompts, n),
+        "engine base": lambda: offline.run([None] * batch, prompts, n),
+        "engine users": lambda: offline.run(list(users), prompts, n),
+    }
+    best = {name: 0.0 for name in cells} | {"burst": float("inf"), "forward": float("inf")}
+    try:
+        for fn in cells.values():  # warm-up: allocators, slots, kernels
+            fn()
+        for _ in range(repeats):
+            for name, fn in cells.items():
+                best[name] = max(best[name], fn())
+            best["burst"] = min(best["burst"], offline.burst_s(prompts))
+            best["forward"] = min(best["forward"], padded_forward_s(vm, tok, prompts))
+    finally:
+        offline.close()
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--batches", default="16,64")
+    ap.add_argument("--server-batches", default="16", help="batch sizes also run over HTTP")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--port", type=int, default=8937)
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    server_batches = {int(b) for b in args.server_batches.split(",") if b}
+    n = args.new_tokens
+    rows: list[str] = []
+    for dtype_name in args.dtypes.split(","):
+        config = ServerConfig(device=args.device, dtype=dtype_name)
+        device, dtype = str(config.torch_device), config.torch_dtype
+        model, tok, _ = load_model(dtype=dtype, device=device)
+        top = max(batches)
+        vm = inject_vera(model, VeraConfig(r=256), num_slots=top + 8)
+        users = [f"user{i:03d}" for i in range(top)]
+        prompts = [chat_ids(tok, i) for i in range(top)]
+        with tempfile.TemporaryDirectory() as tmp:
+            store_dir = Path(tmp) / "store"
+            seed = AdapterStore(store_dir, vm.layout, 0, model_fingerprint(model))
+            for i, u in enumerate(users):
+                seed.put(u, make_adapter(vm, i))
+            seed.close()
+            for batch in batches:
+                cell = measure(vm, tok, store_dir, users[:batch], prompts[:batch], n, args.repeats)
+                server = None
+                if batch in server_batches:
+                    server = serve(store_dir, args.port, device, dtype_name, users[:batch], n)
+                gen, base, mixed = cell["generate base"], cell["engine base"], cell["engine users"]
+                srv = "" if server is None else f"{server:.1f} ({server / mixed:.2f}x)"
+                burst, forward = cell["burst"], cell["forward"]
+                rows.append(
+                    f"| {dtype_name} | {batch} | {gen:.1f} | {base:.1f} ({base / gen:.2f}x) | "
+                    f"{mixed:.1f} ({mixed / base:.2f}x) | {srv} | "
+                    f"{burst:.2f} s / {forward:.2f} s ({forward / burst:.2f}x) |"
+                )
+    print(
+        f"\n{n} new tokens, greedy, SmolLM2-135M-Instruct on {args.device}, r=256 q,v, "
+        f"torch threads {torch.get_num_threads()}, best of {args.repeats}\n"
+    )
+    print(
+        "| dtype | batch | generate base tok/s | engine base (vs generate) | "
+        "engine users (vs engine base) | server users over HTTP (vs engine users) | "
+        "burst prefill: engine / one padded forward |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+def serve(store_dir: Path, port: int, device: str, dtype: str, users: list[str], n: int) -> float:
+    """tok/s of one streaming client per user, each a different user, over HTTP."""
+    batch = len(users)
+    proc = start_server(store_dir, port, batch, device, dtype)
+    url = f"http://127.0.0.1:{port}"
+    topics = [f"Write two sentences about {TOPICS[i % len(TOPICS)]}." for i in range(batch)]
+    try:
+        asyncio.run(run_clients(url, users[:4], topics[:4], 4))  # warm-up
+        res = asyncio.run(run_clients(url, users, topics, n))
+        return res["tokens"] / res["wall"]
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,9 +8,9 @@ steps, then per step; the one prefill step is counted as a step too):
   forward       ``ModelRunner.run`` (the model forward), of which
     attention   SDPA over the slot KV cache (transformers' attention call)
     kv write    ``SlotKVCache.update`` (the scatter of the new K/V)
+    linears     every nn.Linear of the model (attention and MLP projections, LM head)
     adapter     the VeRA delta of every adapted layer (gather, x·Aᵀ, ·B, scale, add)
-    ops, other  every other op in the forward (the base linears, norms, rope, MLP, lm head)
-    python      the forward's wall time that no op accounts for (torch.profiler's self times)
+    other       the rest of the forward: embeddings, norms, rope, residuals, Python
   sampler       ``sample`` (greedy: argmax and the one host sync)
   postprocess   the rest of ``Engine._postprocess``: detokenizer, stop checks, events
 
@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -112,34 +111,27 @@ def profile_run(offline: Offline, users: list[str | None], prompts, n: int) -> d
     from server.engine import attention
 
     undo.append(timed(attention, "sdpa_attention_forward", "attention"))
+    undo.append(timed(torch.nn.Linear, "forward", "linears"))
     try:
         t0 = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            offline.run(users, prompts, n)
+        offline.run(users, prompts, n)
         wall = time.perf_counter() - t0
     finally:
         for u in undo:
             u()
         offline.engine.step = original_step
-    op_self_s = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
     parts = dict(SPENT)
     per = 1e3 / max(1, steps[0])
-    forward = parts["forward"]
-    inner = parts.get("attention", 0) + parts.get("kv write", 0) + parts.get("adapter", 0)
-    ops_in_forward = min(forward, op_self_s - parts.get("sampler", 0))
-    return {
-        "steps": steps[0],
-        "step": wall * per,
-        "scheduler": parts.get("scheduler", 0) * per,
-        "forward": forward * per,
-        "attention": parts.get("attention", 0) * per,
-        "kv write": parts.get("kv write", 0) * per,
-        "adapter": parts.get("adapter", 0) * per,
-        "ops, other": max(0.0, ops_in_forward - inner) * per,
-        "python": max(0.0, forward - ops_in_forward) * per,
-        "sampler": parts.get("sampler", 0) * per,
-        "postprocess": (parts.get("postprocess+sampler", 0) - parts.get("sampler", 0)) * per,
-    }
+    named = ("attention", "kv write", "linears", "adapter")
+    out = {"steps": steps[0], "step": wall * per}
+    out["scheduler"] = parts.get("scheduler", 0) * per
+    out["forward"] = parts["forward"] * per
+    for key in named:
+        out[key] = parts.get(key, 0) * per
+    out["other"] = out["forward"] - sum(out[k] for k in named)
+    out["sampler"] = parts.get("sampler", 0) * per
+    out["postprocess"] = (parts.get("postprocess+sampler", 0) - parts.get("sampler", 0)) * per
+    return out
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -76,7 +76,9 @@ def use_slot_attention(model: nn.Module) -> bool:
     the attention interface (Llama, Qwen, Mistral, GPT-2, ...): True if it now does. Forwards
     that are not mixed compute exactly what SDPA computed."""
     config = getattr(model, "config", None)
-    if not getattr(model, "_supports_attention_backend", False) or config is None:
+    if not isinstance(model, PreTrainedModel) or config is None:
+        return False
+    if not model._supports_attention_backend:
         return False
     if config._attn_implementation not in ("sdpa", NAME):
         return False

@@ -39,7 +39,7 @@ lint: install
 	$(VENV)/bin/mypy
 
 test: install lint  ## lint + the whole test suite
-	$(VENV)/bin/pytest -q $(ARGS)
+	$(VENV)/bin/pytest -q --durations=15 $(ARGS)
 
 bench: install
 	$(PY) bench/bench_decode.py

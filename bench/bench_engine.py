@@ -91,10 +91,13 @@ class Offline:
         budget = ServerConfig().max_prefill_tokens  # the server's: only HTTP differs
         cfg = EngineConfig(SchedulerConfig(max_batch=batch, max_prefill_tokens=budget))
         self.engine = Engine(vm, tok, self.pool, cfg)
-        self.engine.eos_ids = set()  # every row generates n tokens
+        self.eos_ids = self.engine.eos_ids
         self.engine.start()
 
-    def run(self, users: list[str | None], prompts: list[list[int]], n: int) -> float:
+    def run(self, users: list[str | None], prompts: list[list[int]], n: int, eos=False) -> float:
+        """tok/s; every row generates n tokens unless ``eos`` (rows end at EOS, as the
+        server's do)."""
+        self.engine.eos_ids = self.eos_ids if eos else set()  # read by the next steps
         params = SamplingParams(max_new_tokens=n)
         t0 = time.perf_counter()
         out = self.engine.generate([(u, p, params) for u, p in zip(users, prompts)])
@@ -113,8 +116,12 @@ class Offline:
         self.store.close()
 
 
-def measure(vm, tok, store_dir: Path, users: list[str], prompts, n: int, repeats: int) -> dict:
-    """Best tok/s of each offline cell, and the burst's prefill against one padded forward."""
+def measure(
+    vm, tok, store_dir: Path, users: list[str], prompts, n: int, repeats: int, eos: bool
+) -> dict:
+    """Best tok/s of each offline cell, and the burst's prefill against one padded forward;
+    with ``eos`` also the engine's users with rows ending at EOS (what the server is compared
+    with: its rows end there too)."""
     batch = len(users)
     offline = Offline(vm, tok, store_dir, batch)
     cells: dict[str, Callable[[], float]] = {
@@ -122,6 +129,8 @@ def measure(vm, tok, store_dir: Path, users: list[str], prompts, n: int, repeats
         "engine base": lambda: offline.run([None] * batch, prompts, n),
         "engine users": lambda: offline.run(list(users), prompts, n),
     }
+    if eos:
+        cells["engine users eos"] = lambda: offline.run(list(users), prompts, n, eos=True)
     best = {name: 0.0 for name in cells} | {"burst": float("inf"), "forward": float("inf")}
     try:
         for fn in cells.values():  # warm-up: allocators, slots, kernels
@@ -165,12 +174,16 @@ def main() -> None:
                 seed.put(u, make_adapter(vm, i))
             seed.close()
             for batch in batches:
-                cell = measure(vm, tok, store_dir, users[:batch], prompts[:batch], n, args.repeats)
-                server = None
-                if batch in server_batches:
-                    server = serve(store_dir, args.port, device, dtype_name, users[:batch], n)
+                http = batch in server_batches
+                cell = measure(
+                    vm, tok, store_dir, users[:batch], prompts[:batch], n, args.repeats, http
+                )
                 gen, base, mixed = cell["generate base"], cell["engine base"], cell["engine users"]
-                srv = "" if server is None else f"{server:.1f} ({server / mixed:.2f}x)"
+                srv = ""
+                if http:
+                    server = serve(store_dir, args.port, device, dtype_name, users[:batch], n)
+                    eos = cell["engine users eos"]
+                    srv = f"{server:.1f} / {eos:.1f} ({server / eos:.2f}x)"
                 burst, forward = cell["burst"], cell["forward"]
                 rows.append(
                     f"| {dtype_name} | {batch} | {gen:.1f} | {base:.1f} ({base / gen:.2f}x) | "
@@ -183,7 +196,8 @@ def main() -> None:
     )
     print(
         "| dtype | batch | generate base tok/s | engine base (vs generate) | "
-        "engine users (vs engine base) | server users over HTTP (vs engine users) | "
+        "engine users (vs engine base) | server users over HTTP / engine users, rows ending "
+        "at EOS in both | "
         "burst prefill: engine / one padded forward |"
     )
     print("|---|---|---|---|---|---|---|")

@@ -41,7 +41,7 @@ from server.engine.model_runner import ModelRunner
 from server.engine.sampler import sample
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.engine.sequence import Channel, Event, Sequence, Status
+from server.engine.sequence import Channel, Event, Outbox, Sequence, Status
 from server.engine.stats import EngineStats
 from vera_core.inject import VeraModel
 
@@ -107,6 +107,7 @@ class Engine:
         self._stopping = False
         self._adapter_loaded = False  # a load ended since the loop last looked (under _cv)
         self._blocked = False  # the last step could start nothing: waiting on loads or slots
+        self._outbox = Outbox()  # this step's events, handed over when it ends
         if pool is not None:
             pool.on_host_ready(self._adapter_ready)
 
@@ -277,6 +278,7 @@ class Engine:
                 except Exception as e:  # a bug must not leave clients hanging
                     log.exception("engine step failed")
                     self._fail_all(f"internal engine error: {type(e).__name__}: {e}")
+                    self._outbox.flush()
             if not self._stopping and self.background.due(serving):
                 self.background.run_one(serving)
 
@@ -306,7 +308,13 @@ class Engine:
             self._cv.notify()
 
     def step(self) -> None:
-        """schedule -> run -> postprocess."""
+        """schedule -> run -> postprocess; the step's events are handed over at its end."""
+        try:
+            self._step()
+        finally:
+            self._outbox.flush()
+
+    def _step(self) -> None:
         plan = self.scheduler.schedule()
         for seq in plan.dropped:
             self._end(seq, "cancelled")
@@ -343,7 +351,7 @@ class Engine:
             delta, reason = seq.append_token(token, is_eos, self.context_limit)
             if not is_eos:  # every output token is an event (clients count token ids); its
                 # text may be "" while the detokenizer holds back a partial character
-                seq.channel.push(Event(text=delta, token_id=token))
+                self._outbox.push(seq.channel, Event(text=delta, token_id=token))
             if reason is not None:
                 self._end(seq, reason)
 
@@ -367,13 +375,14 @@ class Engine:
         if reason != "cancelled":
             tail = seq.flush_text()
             if tail:
-                seq.channel.push(Event(text=tail))
+                self._outbox.push(seq.channel, Event(text=tail))
         if seq.status is Status.RUNNING:
             self.scheduler.finish(seq)  # unpins its adapter slot, frees its KV row
         seq.status = Status.FINISHED
         seq.finished_at = time.perf_counter()
         self.stats.finished(seq, reason)
-        seq.channel.push(
+        self._outbox.push(
+            seq.channel,
             Event(
                 finish_reason=reason,
                 error=error,
@@ -382,7 +391,7 @@ class Engine:
                     "completion_tokens": len(seq.output_ids),
                 },
                 timing=seq.timing(),
-            )
+            ),
         )
 
     def _fail(self, seq: Sequence, message: str) -> None:

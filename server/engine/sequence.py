@@ -51,12 +51,51 @@ class Channel:
         else:
             self._q.put(event)
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
+    def put_local(self, event: Event) -> None:
+        """On the consumer's loop thread: hand ``event`` over (``Outbox`` calls this)."""
+        if self._aq is not None:
+            self._aq.put_nowait(event)
+        else:
+            self._q.put(event)
+
     async def get(self) -> Event:
         assert self._aq is not None
         return await self._aq.get()
 
     def get_sync(self, timeout: float | None = None) -> Event:
         return self._q.get(timeout=timeout)
+
+
+class Outbox:
+    """The events of one engine step, handed over when the step ends: one wake-up per
+    consumer event loop per step (its handlers then run back to back), not one per token.
+    Thread consumers (``loop`` None) get theirs at once."""
+
+    def __init__(self) -> None:
+        self._by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Channel, Event]]] = {}
+
+    def push(self, channel: Channel, event: Event) -> None:
+        loop = channel.loop
+        if loop is None:
+            channel.put_local(event)
+        else:
+            self._by_loop.setdefault(loop, []).append((channel, event))
+
+    def flush(self) -> None:
+        batches, self._by_loop = self._by_loop, {}
+        for loop, items in batches.items():
+            # RuntimeError: the consumer's loop is gone, nobody is listening
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[Channel, Event]]) -> None:
+    for channel, event in items:
+        channel.put_local(event)
 
 
 @dataclass(eq=False)

@@ -80,6 +80,8 @@ def start_server(
         env["VERA_ADMIN_TOKEN"] = admin_token
     if "--dtype" not in args:  # exact-token checks compare with fp32 references; the bf16
         args = ("--dtype", "float32", *args)  # default has its own bounded parity test
+    if "--compile" not in args:  # no background compile competing with the tests for the CPU
+        args = ("--compile", "off", *args)
     cmd = [sys.executable, "-m", "server", "--port", str(port), "--store", str(store), *args]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     live = LiveServer(f"http://127.0.0.1:{port}", proc, store, log, admin_token)

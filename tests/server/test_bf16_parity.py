@@ -152,7 +152,7 @@ def test_default_dtype_is_shown_and_serves(tmp_path) -> None:
 
     want = "bfloat16" if cpu_has_native_bf16() else "float32"
     assert str(ServerConfig().torch_dtype) == f"torch.{want}"
-    server = start_server(tmp_path, "--dtype", "auto", "--device-slots", "2")
+    server = start_server(tmp_path, "--dtype", "auto", "--compile", "auto", "--device-slots", "2")
     try:
         model, _, _ = load_model()
         vm = inject_vera(model, VeraConfig(r=256), num_slots=2)
@@ -162,6 +162,9 @@ def test_default_dtype_is_shown_and_serves(tmp_path) -> None:
             assert stats["dtype"] == want and stats["adapters"]["bytes_per_adapter"] == 4 * (
                 vm.layout.num_params
             )
+            # bf16 on CPU compiles the decode step in the background; fp32 stays eager
+            decode = stats["engine"]["decode"]
+            assert decode["compile"] == ("background" if want == "bfloat16" else "off"), decode
             octet = {"Content-Type": "application/octet-stream"}
             assert c.put("/users/ada/adapter", content=body, headers=octet).status_code == 201
             r = c.post("/generate", json={"user_id": "ada", "prompt": "Hi", "max_new_tokens": 8})

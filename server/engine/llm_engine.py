@@ -215,8 +215,11 @@ class Engine:
         return future
 
     def generate(self, requests: list[tuple[str | None, list[int], SamplingParams]]) -> list[dict]:
-        """Offline: submit all, block until all finish; returns ids, text and finish reason."""
-        seqs = [self.submit(u, ids, p) for u, ids, p in requests]
+        """Offline: submit all, block until all finish; returns ids, text and finish reason.
+        The loop sees the requests together (its first step prefills them all in one forward),
+        not the first few while the rest are still being submitted."""
+        with self._cv:  # re-entrant: submit takes it too
+            seqs = [self.submit(u, ids, p) for u, ids, p in requests]
         results = []
         for seq in seqs:
             while True:

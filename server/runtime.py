@@ -90,10 +90,10 @@ class Runtime:
             # CUDA graphs replay fixed shapes: bucketed batches over a preallocated KV cache
             static_decode=config.compile_mode == "startup" and device.type == "cuda",
         )
+        if engine_config.compile != "off":  # kernels kept across restarts; before any compile
+            use_compile_cache(vera_home() / "compile-cache")
         engine = Engine(vm, tokenizer, pool, engine_config, tenants.limits)
         engine.stats.observers.append(tenants.usage)
-        if engine_config.compile != "off":  # kernels kept across restarts
-            use_compile_cache(vera_home() / "compile-cache")
         if engine_config.compile == "startup":
             mode = engine.decode_mode()
             log.info("compiling the decode step (--compile %s): %s", config.compile, mode)

@@ -55,32 +55,47 @@ def compile_decode(model: torch.nn.Module, cuda_graphs: bool = False) -> Callabl
 
 def use_compile_cache(directory: Path) -> None:
     """Keep inductor's kernel and graph caches (and AOTAutograd's) in ``directory`` for good
-    (a restart compiles from them), unless TORCHINDUCTOR_CACHE_DIR is already set."""
+    (a restart compiles from them), unless the process was started with
+    TORCHINDUCTOR_CACHE_DIR set. Call it before anything compiles: inductor reads the variable
+    once, and its compile workers inherit it when they start."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") and not _STARTED_WITHOUT_CACHE_DIR:
+        return
     directory.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(directory))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
+
+
+# inductor writes its default into the environment on first use: tell that from a user's choice
+_STARTED_WITHOUT_CACHE_DIR = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
 
 
 class DecodeCompiler:
     """The compiled decode step, made and warmed on a background thread while the engine
-    decodes eagerly: ``ready`` once the warm-up ran every shape it warms compiled.
+    decodes eagerly, one decode shape after another (``signature``: batch of one or more,
+    adapter rows or base rows, compact KV rows or not).
 
-    ``warm(step)`` is called on the background thread with the compiled step and runs one
-    decode forward per shape to warm, on its own KV cache (the model's forward slot is per
-    thread). The engine calls the compiler like the model: eager until ready, compiled after,
-    and a decode whose shape was not warmed (a guard not met) runs eager for that step rather
-    than recompiling on the engine thread (stance ``eager_on_recompile``)."""
+    ``warm(step, done)`` is called on the background thread with the compiled step; it runs
+    one decode forward per shape to warm, on its own KV cache (the model's forward slot is per
+    thread), and calls ``done(signature)`` after each. The engine calls the compiler like the
+    model, with the step's signature: compiled once that shape is warm, eager before. Once
+    every shape is warm (``ready``) a decode whose guards the warm-up did not meet runs eager
+    for that step rather than recompiling on the engine thread (stance
+    ``eager_on_recompile``; global in torch, so only set once the compile thread is done)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.compiled = compile_decode(model)
         self.state = "warming"  # -> "ready" | "failed"
         self.seconds: float | None = None  # compile + warm-up time, once ready
+        self.first_seconds: float | None = None  # until the first shape was warm
         self.error: str | None = None
-        self.compiled_steps = 0  # decode forwards through the compiled step (after ready)
-        self.eager_steps = 0  # decode forwards before ready (or after a failure)
+        self.warm: frozenset[Any] = frozenset()  # signatures that run compiled
+        self.compiled_steps = 0  # decode forwards through the compiled step
+        self.eager_steps = 0  # decode forwards of a shape not (yet) compiled
+        self._t0 = time.perf_counter()
         self._thread: threading.Thread | None = None
 
-    def start(self, warm: Callable[[Callable[..., Any]], None]) -> None:
+    def start(self, warm: Callable[[Callable[..., Any], Callable[[Any], None]], None]) -> None:
+        self._t0 = time.perf_counter()
         self._thread = threading.Thread(
             target=self._run, args=(warm,), name="vera-compile", daemon=True
         )
@@ -92,33 +107,47 @@ class DecodeCompiler:
             self._thread.join(timeout)
         return self.state == "ready"
 
-    def _run(self, warm: Callable[[Callable[..., Any]], None]) -> None:
-        t0 = time.perf_counter()
+    def _done(self, signature: Any) -> None:
+        """On the compile thread: ``signature`` ran compiled; the engine may use it now."""
+        if self.first_seconds is None:
+            self.first_seconds = time.perf_counter() - self._t0
+        self.warm = self.warm | {signature}  # a new set: the engine thread reads it unlocked
+        log.info(
+            "decode step compiled for %s after %.1f s", signature, time.perf_counter() - self._t0
+        )
+
+    def _run(self, warm: Callable[[Callable[..., Any], Callable[[Any], None]], None]) -> None:
         try:
             with torch.no_grad():
-                warm(self.compiled)
-        except Exception as e:  # the eager step keeps serving
+                warm(self.compiled, self._done)
+        except Exception as e:  # the eager step keeps serving (and the shapes already warm)
             self.state, self.error = "failed", f"{type(e).__name__}: {e}"
-            log.exception("compiling the decode step failed; decoding stays eager")
+            log.exception("compiling the decode step failed; the remaining shapes stay eager")
             return
-        self.seconds = time.perf_counter() - t0
+        self.seconds = time.perf_counter() - self._t0
         self.state = "ready"  # read by the engine thread at its next decode
-        log.info("decode step compiled and warm after %.1f s; switching to it", self.seconds)
+        log.info("decode step compiled and warm for every shape after %.1f s", self.seconds)
 
-    def __call__(self, **inputs: Any) -> Any:
-        """One decode forward: compiled once ready, else the eager model."""
-        if self.state != "ready":
+    def __call__(self, signature: Any, **inputs: Any) -> Any:
+        """One decode forward of shape ``signature``: compiled if warm, else the eager model."""
+        if signature not in self.warm:
             self.eager_steps += 1
             return self.model(**inputs)
         self.compiled_steps += 1
-        # the warm-up thread has ended: no compile is running that the stance would stop
+        if self.state != "ready":  # still compiling other shapes: the stance would stop it
+            return self.compiled(**inputs)
         with torch.compiler.set_stance("eager_on_recompile"):
             return self.compiled(**inputs)
 
     def stats(self) -> dict[str, Any]:
+        def s(v: float | None) -> float | None:
+            return None if v is None else round(v, 1)
+
         return {
             "state": self.state,
-            "seconds": None if self.seconds is None else round(self.seconds, 1),
+            "seconds": s(self.seconds),
+            "first_shape_seconds": s(self.first_seconds),
+            "warm_shapes": len(self.warm),
             "error": self.error,
             "compiled_steps": self.compiled_steps,
             "eager_steps": self.eager_steps,

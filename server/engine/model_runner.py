@@ -12,7 +12,8 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import torch
 
@@ -26,6 +27,14 @@ from server.engine.steps import ChunkSpan, DecodeForward, MixedForward, PrefillF
 from vera_core.inject import VeraModel
 
 COMPILE_MODES = ("off", "startup", "background")
+
+
+class DecodeSignature(NamedTuple):
+    """What sets a compiled decode graph apart (batch and KV length are dynamic sizes)."""
+
+    single: bool  # batch of one (dynamo specializes size 1)
+    adapted: bool  # some row runs an adapter (the VeRA path is traced)
+    compact: bool  # KV rows 0..n-1, read as a view (else gathered by row_index)
 
 
 class ModelRunner:
@@ -147,10 +156,12 @@ class ModelRunner:
         assert self.compiler is not None, "the runner was not made to compile in the background"
         self.compiler.start(self._warm_in_background)
 
-    def _warm_in_background(self, compiled: Callable[..., Any]) -> None:
+    def _warm_in_background(
+        self, compiled: Callable[..., Any], done: Callable[[DecodeSignature], None]
+    ) -> None:
         """On the compile thread: the decode shapes the engine meets most, on a KV cache of its
-        own (batch >= 2 and batch 1: dynamo specializes size 1; adapter rows and base rows;
-        compact rows. Others run eager after the switch)."""
+        own, most common first: batch >= 2 with adapter rows, then base rows, then batch 1
+        (dynamo specializes size 1); compact KV rows only (others stay eager)."""
         kv = SlotKVCache(self.num_layers, 2, self.max_len, self.vm.forwards)
         kv.reserve(2, 2)
         # eager first: the cache allocates its buffers on its first write, and the compiled
@@ -162,6 +173,7 @@ class ModelRunner:
                 self._decode_tokens(
                     tokens, positions, list(range(rows)), [slot] * rows, compiled, kv
                 )
+                done(DecodeSignature(rows == 1, bool(slot), True))
 
     def idle(self) -> None:
         """Nothing is running: free the KV buffers."""
@@ -332,7 +344,11 @@ class ModelRunner:
         )
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        model = self._decode_model if model is None else model
+        if model is None:
+            model = self._decode_model
+            if self.compiler is not None:  # compiled per shape, as each is warm
+                sig = DecodeSignature(n == 1, step.adapted, step.row_index is None)
+                model = partial(self.compiler, sig)
         logits = self._forward(model, ids, mask, pos[:, None], step, kv)
         # a replay's outputs live in the graph's memory, overwritten by the next replay
         return logits[:n].clone() if self.cuda_graphs else logits[:n]

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,13 @@ def use_compile_cache(directory: Path) -> None:
     (a restart compiles from them), unless the process was started with
     TORCHINDUCTOR_CACHE_DIR set. Call it before anything compiles: inductor reads the variable
     once, and its compile workers inherit it when they start."""
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") and not _STARTED_WITHOUT_CACHE_DIR:
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # inductor writes its default into the environment on first use (an import may do it):
+    # only another value is a user's choice
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
         return
     directory.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
-
-
-# inductor writes its default into the environment on first use: tell that from a user's choice
-_STARTED_WITHOUT_CACHE_DIR = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
 
 
 class DecodeCompiler:

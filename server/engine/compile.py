@@ -31,6 +31,7 @@ those of the eager model (greedy tokens part at near-ties); fp32 tokens are exac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -43,6 +44,7 @@ import torch
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 log = logging.getLogger(__name__)
+COMPILE_NICE = 10  # the background compile thread's niceness (0 = as the serving threads)
 
 
 def compile_decode(model: torch.nn.Module, cuda_graphs: bool = False) -> Callable[..., object]:
@@ -117,6 +119,10 @@ class DecodeCompiler:
         )
 
     def _run(self, warm: Callable[[Callable[..., Any], Callable[[Any], None]], None]) -> None:
+        # below the serving threads: compiling takes what CPU they leave (its compiler
+        # subprocesses inherit the priority); Linux sets it per thread
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), COMPILE_NICE)
         try:
             with torch.no_grad():
                 warm(self.compiled, self._done)

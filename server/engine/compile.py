@@ -7,8 +7,10 @@ length; the adapter path (slots set) and the base path (all rows slot 0) are two
 
 Two ways to get there:
 
-* ``background`` (CPU): the server answers with the eager step at once while a thread compiles
-  and warms the decode step on its own scratch KV cache (the model's forward slot is per
+* ``background`` (CPU): the server answers with the eager step at once; once its first
+  request has finished (or after ``COMPILE_DELAY_S`` without one: compiling holds the GIL
+  for long stretches, which would slow the first answers) a thread compiles and warms the
+  decode step on its own scratch KV cache (the model's forward slot is per
   thread, ``vera_core/forward.py``), then the engine switches to it between two steps. After
   the switch a decode whose shape was not warmed runs eager for that step instead of
   recompiling on the engine thread (``DecodeCompiler.__call__``). Inductor's caches live under
@@ -45,6 +47,7 @@ from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 log = logging.getLogger(__name__)
 COMPILE_NICE = 10  # the background compile thread's niceness (0 = as the serving threads)
+COMPILE_DELAY_S = 10.0  # start the background compile by then if no request has finished
 
 
 def compile_decode(model: torch.nn.Module, cuda_graphs: bool = False) -> Callable[..., object]:
@@ -95,6 +98,7 @@ class DecodeCompiler:
         self.eager_steps = 0  # decode forwards of a shape not (yet) compiled
         self._t0 = time.perf_counter()
         self._thread: threading.Thread | None = None
+        self._started = threading.Event()
 
     def start(self, warm: Callable[[Callable[..., Any], Callable[[Any], None]], None]) -> None:
         self._t0 = time.perf_counter()
@@ -102,11 +106,18 @@ class DecodeCompiler:
             target=self._run, args=(warm,), name="vera-compile", daemon=True
         )
         self._thread.start()
+        self._started.set()
+
+    @property
+    def started(self) -> bool:
+        return self._started.is_set()
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait for the warm-up to end; True if the compiled step is ready."""
-        if self._thread is not None:
-            self._thread.join(timeout)
+        """Wait for the warm-up to start and end; True if the compiled step is ready."""
+        t0 = time.perf_counter()
+        if self._started.wait(timeout) and self._thread is not None:
+            left = None if timeout is None else max(0.0, timeout - (time.perf_counter() - t0))
+            self._thread.join(left)
         return self.state == "ready"
 
     def _done(self, signature: Any) -> None:

@@ -34,6 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from server.engine.adapter_slots import SlotPool
 from server.engine.background import BackgroundWork
+from server.engine.compile import COMPILE_DELAY_S
 from server.engine.detokenizer import StopChecker
 from server.engine.errors import ContextTooLong, EngineStopped, QueueFull
 from server.engine.fair_queue import TenantDefaults, TenantPolicy
@@ -108,6 +109,7 @@ class Engine:
         self._adapter_loaded = False  # a load ended since the loop last looked (under _cv)
         self._blocked = False  # the last step could start nothing: waiting on loads or slots
         self._outbox = Outbox()  # this step's events, handed over when it ends
+        self._started_at = time.perf_counter()
         if pool is not None:
             pool.on_host_ready(self._adapter_ready)
 
@@ -118,8 +120,7 @@ class Engine:
             return self.runner.warm_up()
 
     def start(self) -> None:
-        if self.runner.compiler is not None:  # eager until the compiled step is warm
-            self.runner.compile_in_background()
+        self._started_at = time.perf_counter()
         self._thread = threading.Thread(target=self._loop, name="vera-engine", daemon=True)
         self._thread.start()
 
@@ -284,6 +285,18 @@ class Engine:
                     self._outbox.flush()
             if not self._stopping and self.background.due(serving):
                 self.background.run_one(serving)
+            self._maybe_start_compile()
+
+    def _maybe_start_compile(self) -> None:
+        """--compile background: eager until the compiled step is warm; the compile starts
+        once a first request has finished (or after ``COMPILE_DELAY_S``), so that it does not
+        slow the server's first answers (compiling holds the GIL for long stretches)."""
+        compiler = self.runner.compiler
+        if compiler is None or compiler.started or self._stopping:
+            return
+        served = any(self.stats.finish_reasons.values())
+        if served or time.perf_counter() - self._started_at > COMPILE_DELAY_S:
+            self.runner.compile_in_background()
 
     def _has_work(self) -> bool:
         """Under ``_cv``: something can happen now (otherwise the loop sleeps until told)."""

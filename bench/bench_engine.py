@@ -50,6 +50,14 @@ def chat_ids(tok, i: int) -> list[int]:
     return list(ids)
 
 
+def seed_store(vm, store_dir: Path, users: list[str]) -> None:
+    """A store at ``store_dir`` holding a random adapter for each of ``users``."""
+    store = AdapterStore(store_dir, vm.layout, 0, model_fingerprint(vm.model))
+    for i, u in enumerate(users):
+        store.put(u, make_adapter(vm, i))
+    store.close()
+
+
 def generate_base(vm, tok, prompts: list[list[int]], n: int) -> float:
     """tok/s of one static batch through ``generate`` (left-padded, greedy, n tokens each)."""
     width = max(map(len, prompts))
@@ -169,10 +177,7 @@ def main() -> None:
         prompts = [chat_ids(tok, i) for i in range(top)]
         with tempfile.TemporaryDirectory() as tmp:
             store_dir = Path(tmp) / "store"
-            seed = AdapterStore(store_dir, vm.layout, 0, model_fingerprint(model))
-            for i, u in enumerate(users):
-                seed.put(u, make_adapter(vm, i))
-            seed.close()
+            seed_store(vm, store_dir, users)
             for batch in batches:
                 http = batch in server_batches
                 cell = measure(

@@ -32,16 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine import Offline, chat_ids  # noqa: E402
-from bench_server import make_adapter  # noqa: E402
+from bench_engine import Offline, chat_ids, seed_store  # noqa: E402
 from transformers.integrations import sdpa_attention  # noqa: E402
 
 import server.engine.llm_engine as llm_engine  # noqa: E402
-from adapters_store import AdapterStore  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from server.engine import kv_cache, model_runner, scheduler  # noqa: E402
 from server.model_source import load_model  # noqa: E402
-from vera_core import VeraConfig, inject_vera, layer, model_fingerprint  # noqa: E402
+from vera_core import VeraConfig, inject_vera, layer  # noqa: E402
 
 SPENT: dict[str, float] = defaultdict(float)
 
@@ -147,10 +145,7 @@ def main() -> None:
     prompts = [chat_ids(tok, i) for i in range(args.batch)]
     with tempfile.TemporaryDirectory() as tmp:
         store_dir = Path(tmp) / "store"
-        seed = AdapterStore(store_dir, vm.layout, 0, model_fingerprint(model))
-        for i, u in enumerate(users):
-            seed.put(u, make_adapter(vm, i))
-        seed.close()
+        seed_store(vm, store_dir, users)
         offline = Offline(vm, tok, store_dir, args.batch)
         try:
             offline.run(users, prompts, 4)  # warm-up

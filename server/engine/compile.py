@@ -14,8 +14,9 @@ Two ways to get there:
   thread, ``vera_core/forward.py``), then the engine switches to it between two steps. After
   the switch a decode whose shape was not warmed runs eager for that step instead of
   recompiling on the engine thread (``DecodeCompiler.__call__``). Inductor's caches live under
-  ``$VERA_HOME/compile-cache`` (``use_compile_cache``): a restart finds its kernels there and
-  the switch comes in seconds instead of minutes.
+  ``$VERA_HOME/compile-cache`` (``use_compile_cache``): a restart finds its kernels there
+  (measured on 2 CPU cores: the first shape compiled 103 s after the start with the cache
+  warm, 278 s with it empty; dynamo's tracing is not cached).
 * ``startup`` (CUDA): compiled and warmed before the server listens, with CUDA graphs
   (``mode="reduce-overhead"``): the decode step runs in static shapes
   (``EngineConfig.static_decode``, ``server/engine/shapes.py``): the batch padded to a row
@@ -61,9 +62,9 @@ def compile_decode(model: torch.nn.Module, cuda_graphs: bool = False) -> Callabl
 
 def use_compile_cache(directory: Path) -> None:
     """Keep inductor's kernel and graph caches (and AOTAutograd's) in ``directory`` for good
-    (a restart compiles from them), unless the process was started with
-    TORCHINDUCTOR_CACHE_DIR set. Call it before anything compiles: inductor reads the variable
-    once, and its compile workers inherit it when they start."""
+    (a restart compiles from them), unless TORCHINDUCTOR_CACHE_DIR names another directory
+    than inductor's default. Call it before anything compiles: the compile workers inherit the
+    variable when they start."""
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     # inductor writes its default into the environment on first use (an import may do it):
     # only another value is a user's choice

@@ -76,11 +76,9 @@ class ModelRunner:
             for t in (vm.bank.rows, vm.projections.A, vm.projections.B):
                 torch._dynamo.mark_static_address(t)  # read in place by every replay
         self.compiler = DecodeCompiler(self.model) if compile == "background" else None
-        self._decode_model: Callable[..., Any] = self.model
+        self._decode_model: Callable[..., Any] = self.model  # "background": see _decode_tokens
         if compile == "startup":
             self._decode_model = compile_decode(self.model, cuda_graphs=self.cuda_graphs)
-        elif self.compiler is not None:
-            self._decode_model = self.compiler
         self.compile_mode = compile
         # a step that both prefills and decodes runs one forward (server/engine/attention.py);
         # not with a static cache, whose bucketed decode shapes are what its graphs replay
@@ -238,7 +236,7 @@ class ModelRunner:
 
     def mixed(
         self, chunks: list[Chunk], decode: list[Sequence]
-    ) -> tuple[list[Sequence], torch.Tensor] | None:
+    ) -> tuple[list[Sequence], torch.Tensor]:
         """``decode`` rows and prompt ``chunks`` in one forward over a flat token axis: the
         sequences that produced logits (the decode rows, then the chunks that end their
         prompts) and their logits [n, vocab] in float32."""
@@ -271,7 +269,7 @@ class ModelRunner:
             token_positions=pos,
             decode_rows=d,
             row_index=None if rows[:d] == list(range(d)) else pos.new_tensor(rows[:d]),
-            decode_mask=(cols[None, :] <= pos[:d, None])[:, None, None, :],  # [d, 1, 1, kv_len]
+            decode_mask=_decode_mask(cols, pos[:d]),
             chunks=spans,
         )
         with self.vm.run(step):
@@ -335,7 +333,7 @@ class ModelRunner:
         ids = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
         pos = torch.tensor(positions, device=self.device)  # [B]
         cols = torch.arange(kv_len, device=self.device)
-        mask = (cols[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, kv_len]
+        mask = _decode_mask(cols, pos)
         step = DecodeForward(
             slots=self._slots(slots),
             positions=torch.tensor(write, device=self.device) if self.static else pos,
@@ -352,6 +350,12 @@ class ModelRunner:
         logits = self._forward(model, ids, mask, pos[:, None], step, kv)
         # a replay's outputs live in the graph's memory, overwritten by the next replay
         return logits[:n].clone() if self.cuda_graphs else logits[:n]
+
+
+def _decode_mask(cols: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """[B, 1, 1, kv_len] bool, True = attend: row i's one query (at ``pos[i]``) sees every
+    column up to its position. cols: [kv_len] 0..kv_len-1; pos: [B]."""
+    return (cols[None, :] <= pos[:, None])[:, None, None, :]
 
 
 def _chunk_mask(starts: list[int], lens: list[int], width: int, kv_len: int) -> torch.Tensor:

@@ -43,14 +43,6 @@ class Channel:
         self._aq: asyncio.Queue[Event] | None = asyncio.Queue() if loop is not None else None
         self._q: queue.SimpleQueue[Event] = queue.SimpleQueue()
 
-    def push(self, event: Event) -> None:
-        if self._loop is not None and self._aq is not None:
-            # RuntimeError: the consumer's loop is gone, nobody is listening
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._aq.put_nowait, event)
-        else:
-            self._q.put(event)
-
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
         return self._loop

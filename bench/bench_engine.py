@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,9 +37,10 @@ from bench_server import make_adapter, run_clients, start_server  # noqa: E402
 
 from adapters_store import AdapterStore  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
-from server.engine import Engine, EngineConfig, SamplingParams, SlotPool  # noqa: E402
-from server.engine.scheduler import SchedulerConfig  # noqa: E402
+from server.engine import Engine, SamplingParams, SlotPool  # noqa: E402
+from server.engine.compile import use_compile_cache  # noqa: E402
 from server.model_source import load_model  # noqa: E402
+from server.runtime import engine_config_for  # noqa: E402
 from vera_core import VeraConfig, inject_vera, model_fingerprint  # noqa: E402
 
 TOPICS = ["the sea", "a city at night", "mountains", "coffee", "an old library", "rain"]
@@ -93,12 +95,15 @@ def padded_forward_s(vm, tok, prompts: list[list[int]]) -> float:
 class Offline:
     """One engine in-process per batch size, over a store holding every user's adapter."""
 
-    def __init__(self, vm, tok, store_dir: Path, batch: int) -> None:
+    def __init__(self, vm, tok, store_dir: Path, batch: int, config: ServerConfig) -> None:
+        """The engine a server with ``config`` (and ``--max-batch batch``) runs: only HTTP
+        differs. With a compile mode of "startup" its decode step is compiled here, before the
+        clock starts (``compile_s``)."""
         self.store = AdapterStore(store_dir, vm.layout, 0, model_fingerprint(vm.model))
         self.pool = SlotPool(vm.bank, self.store, host_capacity=batch + 8)
-        budget = ServerConfig().max_prefill_tokens  # the server's: only HTTP differs
-        cfg = EngineConfig(SchedulerConfig(max_batch=batch, max_prefill_tokens=budget))
-        self.engine = Engine(vm, tok, self.pool, cfg)
+        config = replace(config, max_batch=batch)
+        self.engine = Engine(vm, tok, self.pool, engine_config_for(config, config.torch_device))
+        self.compile_s = self.engine.warm_up()
         self.eos_ids = self.engine.eos_ids
         self.engine.start()
 
@@ -125,13 +130,21 @@ class Offline:
 
 
 def measure(
-    vm, tok, store_dir: Path, users: list[str], prompts, n: int, repeats: int, eos: bool
+    vm,
+    tok,
+    store_dir: Path,
+    users: list[str],
+    prompts,
+    n: int,
+    repeats: int,
+    eos: bool,
+    config: ServerConfig,
 ) -> dict:
     """Best tok/s of each offline cell, and the burst's prefill against one padded forward;
     with ``eos`` also the engine's users with rows ending at EOS (what the server is compared
     with: its rows end there too)."""
     batch = len(users)
-    offline = Offline(vm, tok, store_dir, batch)
+    offline = Offline(vm, tok, store_dir, batch, config)
     cells: dict[str, Callable[[], float]] = {
         "generate base": lambda: generate_base(vm, tok, prompts, n),
         "engine base": lambda: offline.run([None] * batch, prompts, n),
@@ -140,6 +153,7 @@ def measure(
     if eos:
         cells["engine users eos"] = lambda: offline.run(list(users), prompts, n, eos=True)
     best = {name: 0.0 for name in cells} | {"burst": float("inf"), "forward": float("inf")}
+    best["compile_s"] = offline.compile_s
     try:
         for fn in cells.values():  # warm-up: allocators, slots, kernels
             fn()
@@ -162,15 +176,23 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--port", type=int, default=8937)
+    ap.add_argument(
+        "--compile",
+        default="off",
+        help="the engine's and the server's --compile (off, auto, on; auto on CUDA: CUDA graphs)",
+    )
+    ap.add_argument("--model", default=None, help="an HF model directory (default: SmolLM2)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     server_batches = {int(b) for b in args.server_batches.split(",") if b}
     n = args.new_tokens
     rows: list[str] = []
     for dtype_name in args.dtypes.split(","):
-        config = ServerConfig(device=args.device, dtype=dtype_name)
+        config = ServerConfig(device=args.device, dtype=dtype_name, compile=args.compile)
         device, dtype = str(config.torch_device), config.torch_dtype
-        model, tok, _ = load_model(dtype=dtype, device=device)
+        if config.compile_mode != "off":
+            use_compile_cache(Path(tempfile.mkdtemp()) / "compile-cache")  # a cold compile
+        model, tok, _ = load_model(args.model, dtype=dtype, device=device)
         top = max(batches)
         vm = inject_vera(model, VeraConfig(r=256), num_slots=top + 8)
         users = [f"user{i:03d}" for i in range(top)]
@@ -181,38 +203,52 @@ def main() -> None:
             for batch in batches:
                 http = batch in server_batches
                 cell = measure(
-                    vm, tok, store_dir, users[:batch], prompts[:batch], n, args.repeats, http
+                    vm,
+                    tok,
+                    store_dir,
+                    users[:batch],
+                    prompts[:batch],
+                    n,
+                    args.repeats,
+                    http,
+                    config,
                 )
                 gen, base, mixed = cell["generate base"], cell["engine base"], cell["engine users"]
                 srv = ""
                 if http:
-                    server = serve(store_dir, args.port, device, dtype_name, users[:batch], n)
+                    server = serve(
+                        store_dir, args.port, device, dtype_name, users[:batch], n, args.compile
+                    )
                     eos = cell["engine users eos"]
                     srv = f"{server:.1f} / {eos:.1f} ({server / eos:.2f}x)"
                 burst, forward = cell["burst"], cell["forward"]
                 rows.append(
                     f"| {dtype_name} | {batch} | {gen:.1f} | {base:.1f} ({base / gen:.2f}x) | "
                     f"{mixed:.1f} ({mixed / base:.2f}x) | {srv} | "
-                    f"{burst:.2f} s / {forward:.2f} s ({forward / burst:.2f}x) |"
+                    f"{burst:.3f} s / {forward:.3f} s ({forward / burst:.2f}x) | "
+                    f"{config.compile_mode} ({cell['compile_s']:.0f} s) |"
                 )
     print(
-        f"\n{n} new tokens, greedy, SmolLM2-135M-Instruct on {args.device}, r=256 q,v, "
+        f"\n{n} new tokens, greedy, {args.model or 'SmolLM2-135M-Instruct'} on {args.device}, "
+        "r=256 q,v, "
         f"torch threads {torch.get_num_threads()}, best of {args.repeats}\n"
     )
     print(
         "| dtype | batch | generate base tok/s | engine base (vs generate) | "
         "engine users (vs engine base) | server users over HTTP / engine users, rows ending "
         "at EOS in both | "
-        "burst prefill: engine / one padded forward |"
+        "burst prefill: engine / one padded forward | engine compile (seconds) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 
-def serve(store_dir: Path, port: int, device: str, dtype: str, users: list[str], n: int) -> float:
+def serve(
+    store_dir: Path, port: int, device: str, dtype: str, users: list[str], n: int, compile_mode: str
+) -> float:
     """tok/s of one streaming client per user, each a different user, over HTTP."""
     batch = len(users)
-    proc = start_server(store_dir, port, batch, device, dtype)
+    proc = start_server(store_dir, port, batch, device, dtype, ["--compile", compile_mode])
     url = f"http://127.0.0.1:{port}"
     topics = [f"Write two sentences about {TOPICS[i % len(TOPICS)]}." for i in range(batch)]
     try:

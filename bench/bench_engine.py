@@ -60,6 +60,12 @@ def seed_store(vm, store_dir: Path, users: list[str]) -> None:
     store.close()
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def generate_base(vm, tok, prompts: list[list[int]], n: int) -> float:
     """tok/s of one static batch through ``generate`` (left-padded, greedy, n tokens each)."""
     width = max(map(len, prompts))
@@ -77,6 +83,7 @@ def generate_base(vm, tok, prompts: list[list[int]], n: int) -> float:
             do_sample=False,
             pad_token_id=pad,
         )
+    sync(device)
     return (out.shape[1] - width) * len(prompts) / (time.perf_counter() - t0)
 
 
@@ -89,6 +96,7 @@ def padded_forward_s(vm, tok, prompts: list[list[int]]) -> float:
     t0 = time.perf_counter()
     with torch.no_grad():
         vm.model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -186,7 +194,18 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     server_batches = {int(b) for b in args.server_batches.split(",") if b}
     n = args.new_tokens
-    rows: list[str] = []
+    print(
+        f"\n{n} new tokens, greedy, {args.model or 'SmolLM2-135M-Instruct'} on {args.device}, "
+        "r=256 q,v, "
+        f"torch threads {torch.get_num_threads()}, best of {args.repeats}\n"
+    )
+    print(
+        "| dtype | batch | generate base tok/s | engine base (vs generate) | "
+        "engine users (vs engine base) | server users over HTTP / engine users, rows ending "
+        "at EOS in both | "
+        "burst prefill: engine / one padded forward | engine compile (seconds) |"
+    )
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     for dtype_name in args.dtypes.split(","):
         config = ServerConfig(device=args.device, dtype=dtype_name, compile=args.compile)
         device, dtype = str(config.torch_device), config.torch_dtype
@@ -222,25 +241,13 @@ def main() -> None:
                     eos = cell["engine users eos"]
                     srv = f"{server:.1f} / {eos:.1f} ({server / eos:.2f}x)"
                 burst, forward = cell["burst"], cell["forward"]
-                rows.append(
+                print(  # as it comes: a run cut short keeps its rows
                     f"| {dtype_name} | {batch} | {gen:.1f} | {base:.1f} ({base / gen:.2f}x) | "
                     f"{mixed:.1f} ({mixed / base:.2f}x) | {srv} | "
                     f"{burst:.3f} s / {forward:.3f} s ({forward / burst:.2f}x) | "
-                    f"{config.compile_mode} ({cell['compile_s']:.0f} s) |"
+                    f"{config.compile_mode} ({cell['compile_s']:.0f} s) |",
+                    flush=True,
                 )
-    print(
-        f"\n{n} new tokens, greedy, {args.model or 'SmolLM2-135M-Instruct'} on {args.device}, "
-        "r=256 q,v, "
-        f"torch threads {torch.get_num_threads()}, best of {args.repeats}\n"
-    )
-    print(
-        "| dtype | batch | generate base tok/s | engine base (vs generate) | "
-        "engine users (vs engine base) | server users over HTTP / engine users, rows ending "
-        "at EOS in both | "
-        "burst prefill: engine / one padded forward | engine compile (seconds) |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
 
 
 def serve(

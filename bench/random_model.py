@@ -24,7 +24,8 @@ def main(files: Path, out: Path) -> None:
             shutil.copy2(f, out / f.name)
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(files, local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # init where fast
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out, safe_serialization=True)
     print(f"random {config.model_type} weights ({model.num_parameters() / 1e6:.0f} M) in {out}")
 

@@ -109,7 +109,9 @@ class Offline:
         clock starts (``compile_s``)."""
         self.store = AdapterStore(store_dir, vm.layout, 0, model_fingerprint(vm.model))
         self.pool = SlotPool(vm.bank, self.store, host_capacity=batch + 8)
-        config = replace(config, max_batch=batch)
+        # one client (the bench) holds every request: its queue share must hold them all
+        waiting = max(config.max_waiting_per_user, batch)
+        config = replace(config, max_batch=batch, max_waiting_per_user=waiting)
         self.engine = Engine(vm, tok, self.pool, engine_config_for(config, config.torch_device))
         self.compile_s = self.engine.warm_up()
         self.eos_ids = self.engine.eos_ids

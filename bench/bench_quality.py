@@ -39,7 +39,16 @@ from pathlib import Path
 import torch
 from bench_decode import load_bench_model
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-from quality_data import GENERAL, USERS, Question, facts_of, questions, training_rows
+from quality_data import (
+    CONTINUAL,
+    GENERAL,
+    USERS,
+    Question,
+    continual_rows,
+    facts_of,
+    questions,
+    training_rows,
+)
 from safetensors.torch import save as safetensors_bytes
 
 from adapters_store import AdapterStore
@@ -47,6 +56,8 @@ from server.config import ServerConfig
 from server.engine import Engine, EngineConfig, SamplingParams, SchedulerConfig, SlotPool
 from vera_core import VeraConfig, inject_vera, model_fingerprint
 from vera_core.adapter_file import adapter_to_bytes
+from vera_core.general_prompts import ANCHOR_PROMPTS
+from vera_core.retention import Reference, anchor_kl_sum, base_references
 from vera_core.train import (  # LoRA trains as ours does
     TrainConfig,
     _lr_lambda,
@@ -74,22 +85,32 @@ def all_questions(user: str) -> list[Question]:
 
 
 # -- VeRA: our trainer, served together by the engine --------------------------------------------
-def run_vera(model, tok, users: list[str], server: ServerConfig) -> dict:
+def run_vera(
+    model, tok, users: list[str], server: ServerConfig, anchor: list[Reference], weight: float
+) -> dict:
     vera = VeraConfig(
         r=server.r, projection_prng_key=server.projection_prng_key, target_modules=server.targets
     )
     vm = inject_vera(model, vera, num_slots=len(users) + 1)
+    config = TrainConfig(anchor_weight=weight)
     adapters, seconds, steps = {}, [], []
     for user in users:
         t0 = time.perf_counter()
         examples = examples_of(training_rows(user), tok, LIMITS)
-        adapters[user], report = train_adapter(vm, tok, examples, progress=False)
+        adapters[user], report = train_adapter(
+            vm, tok, examples, config, progress=False, anchor=anchor
+        )
         seconds.append(time.perf_counter() - t0)
         steps.append(report.steps)
         print(f"vera {user:6s} {report.summary()}", flush=True)
+    return serve_vera(vm, tok, adapters, server, users, seconds, steps)
+
+
+def serve_vera(vm, tok, adapters: dict, server: ServerConfig, users, seconds, steps) -> dict:
+    """Every user's adapter in one store, all questions to one offline engine at once."""
     with tempfile.TemporaryDirectory() as tmp:
         store = AdapterStore(
-            Path(tmp), vm.layout, vera.projection_prng_key, model_fingerprint(model)
+            Path(tmp), vm.layout, server.projection_prng_key, model_fingerprint(vm.model)
         )
         for user, adapter in adapters.items():
             store.put(user, adapter)
@@ -113,10 +134,40 @@ def run_vera(model, tok, users: list[str], server: ServerConfig) -> dict:
     }
 
 
+def run_continual(model, tok, server: ServerConfig, anchor: list[Reference]) -> dict:
+    """One user, three jobs of five facts in sequence, each continuing from the last adapter
+    and replaying the earlier files (what a job on the user's fine-tuned model does)."""
+    vera = VeraConfig(
+        r=server.r, projection_prng_key=server.projection_prng_key, target_modules=server.targets
+    )
+    vm = inject_vera(model, vera, num_slots=2)
+    adapter, rows, seconds, steps = None, [], 0.0, 0
+    for job in range(len(CONTINUAL)):
+        rows = continual_rows(job) + rows  # new facts first, then everything replayed
+        t0 = time.perf_counter()
+        examples = examples_of(rows, tok, LIMITS)
+        adapter, report = train_adapter(
+            vm, tok, examples, TrainConfig(), progress=False, init=adapter, anchor=anchor
+        )
+        seconds += time.perf_counter() - t0
+        steps += report.steps
+        print(f"continual job {job + 1}: {report.summary()}", flush=True)
+    result = serve_vera(vm, tok, {"ana": adapter}, server, [], [seconds], [steps])
+    return result
+
+
+def continual_questions() -> list[Question]:
+    return [Question("ana", q, fact, False) for job in CONTINUAL for _, qs, fact in job for q in qs]
+
+
 def ask_engine(engine: Engine, tok, users: list[str]) -> dict:
-    """Every user's questions plus the base model's general answers, all submitted at once."""
+    """Every user's questions plus the base model's general answers, all submitted at once;
+    with no users, the continual user's questions."""
     params = SamplingParams(max_new_tokens=NEW_TOKENS)
     keys = [(u, q.text) for u in users for q in all_questions(u)]
+    if not users:
+        keys = [("ana", q.text) for q in continual_questions()]
+        keys += [("ana", q) for q, _ in GENERAL]
     keys += [(None, q) for q, _ in GENERAL]
     out = engine.generate([(u, chat_ids(tok, text), params) for u, text in keys])
     return {f"{u}|{text}": r["text"] for (u, text), r in zip(keys, out)}
@@ -136,9 +187,10 @@ def batches(examples: list, batch_size: int, seed: int):
         yield batch
 
 
-def train_lora(base, tok, user: str, lr: float):
+def train_lora(base, tok, user: str, lr: float, anchor: list[Reference], weight: float):
     """PEFT LoRA on the user's file with TrainConfig()'s batches, schedule and early stop; the
-    optimizer is AdamW at ``lr`` without weight decay (PEFT's and HF Trainer's usual)."""
+    optimizer is AdamW at ``lr`` without weight decay (PEFT's and HF Trainer's usual); with
+    ``weight`` > 0 the trainer's KL to the base model's answers, ``anchor_batch`` per step."""
     cfg = TrainConfig()
     pm = get_peft_model(copy.deepcopy(base), LORA)
     params = [p for p in pm.parameters() if p.requires_grad]
@@ -151,11 +203,22 @@ def train_lora(base, tok, user: str, lr: float):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, warmup))
     losses: list[float] = []
     pm.train()
+    anchored = batches(anchor, min(cfg.anchor_batch, len(anchor)), cfg.seed) if weight else None
     for batch in batches(examples, batch_size, cfg.seed):
         ids, mask, labels = _pad(batch, tok.pad_token_id)
         logits = pm(input_ids=ids, attention_mask=mask, use_cache=False).logits
         loss = _token_loss_sum(logits, labels) / int((labels[:, 1:] != IGNORE).sum())
         loss.backward()
+        if anchored is not None:
+            refs = next(anchored)
+            width = max(len(r.input_ids) for r in refs)
+            a_ids = torch.tensor([r.input_ids + [0] * (width - len(r.input_ids)) for r in refs])
+            a_mask = torch.tensor(
+                [[1] * len(r.input_ids) + [0] * (width - len(r.input_ids)) for r in refs]
+            )
+            a_logits = pm(input_ids=a_ids, attention_mask=a_mask, use_cache=False).logits
+            tokens = sum(len(r.answer_ids) for r in refs)
+            (weight * anchor_kl_sum(a_logits, refs) / tokens).backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
@@ -187,13 +250,15 @@ def generate(model, tok, texts: list[str]) -> list[str]:
     return [tok.decode(o[enc["input_ids"].shape[1] :], skip_special_tokens=True) for o in out]
 
 
-def run_lora(base, tok, users: list[str], lr: float) -> dict:
+def run_lora(
+    base, tok, users: list[str], lr: float, anchor: list[Reference], weight: float
+) -> dict:
     answers, seconds, steps = {}, [], []
     general = [q for q, _ in GENERAL]
     answers.update({f"None|{q}": a for q, a in zip(general, generate(base, tok, general))})
     for user in users:
         t0 = time.perf_counter()
-        merged, n_steps, n_params, size = train_lora(base, tok, user, lr)
+        merged, n_steps, n_params, size = train_lora(base, tok, user, lr, anchor, weight)
         seconds.append(time.perf_counter() - t0)
         steps.append(n_steps)
         print(f"lora {user:6s} {n_steps} steps in {seconds[-1]:.1f} s", flush=True)
@@ -215,7 +280,10 @@ def score(result: dict, users: list[str]) -> dict:
     trained, held, leaks, same, right, right_base = [], [], 0, 0, 0, 0
     for user in users:
         others = [f for u in USERS if u != user for f in facts_of(u)]
-        for q in questions(user):
+        asked = continual_questions() if user == "continual" else questions(user)
+        if user == "continual":
+            others, user = [], "ana"
+        for q in asked:
             text = answers[f"{user}|{q.text}"]
             (held if q.held_out else trained).append(q.fact in text)
             leaks += any(f in text for f in others)
@@ -228,10 +296,11 @@ def score(result: dict, users: list[str]) -> dict:
                 right += key in text
     return {
         "trained_recall": sum(trained) / len(trained),
-        "paraphrase_recall": sum(held) / len(held),
+        "paraphrase_recall": sum(held) / len(held) if held else float("nan"),
         "leaks": leaks,
         "general_same": same / (len(users) * len(GENERAL)),
         "general_right": right / max(1, right_base),
+        "base_right": right_base,
         "params": result["params"],
         "bytes": result["bytes"],
         "train_s_mean": statistics.mean(result["train_s"]),
@@ -242,7 +311,8 @@ def score(result: dict, users: list[str]) -> dict:
 def table(scores: dict[str, dict], users: int, dtype: str) -> str:
     head = (
         f"| method ({users} users x 5 facts, {dtype}) | trained recall | paraphrase recall | "
-        "leaks | general same as base | general still right | trainable params / user | "
+        "leaks | general same as base | retention: general still right | "
+        "trainable params / user | "
         "bytes / user | steps | train s / user |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = [
@@ -260,21 +330,41 @@ def main() -> int:
     parser.add_argument("--dtype", default=str(server.torch_dtype).removeprefix("torch."))
     parser.add_argument("--users", type=int, default=len(USERS), help=f"1..{len(USERS)}")
     parser.add_argument("--quick", action="store_true", help="3 users (a smoke run)")
-    parser.add_argument("--methods", default="vera,lora")
+    parser.add_argument(
+        "--methods",
+        default="vera,vera-plain,lora,lora-anchor,continual",
+        help="vera / lora: with the trainer's default KL to the base model's answers "
+        "(lora-anchor) or without (vera-plain / lora); continual: 3 VeRA jobs x 5 facts",
+    )
     parser.add_argument("--lora-lr", type=float, default=3e-3)
     parser.add_argument("--out", type=Path, help="write the scores and every answer as JSON")
     args = parser.parse_args()
     users = list(USERS)[: 3 if args.quick else args.users]
     results, scores = {}, {}
+    weight = TrainConfig().anchor_weight
+    anchor: list[Reference] = []
     for method in args.methods.split(","):
         model, tok, _ = load_bench_model(args.dtype)
-        if method == "vera":
-            results[method] = run_vera(model, tok, users, server)
-            name = f"VeRA r={server.r} (ours, lr {TrainConfig().lr:g}, engine)"
+        if not anchor:
+            t0 = time.perf_counter()
+            anchor = base_references(model, tok, ANCHOR_PROMPTS)
+            print(f"anchor: {len(anchor)} base answers in {time.perf_counter() - t0:.1f} s")
+        asked = users
+        if method in ("vera", "vera-plain"):
+            w = weight if method == "vera" else 0.0
+            results[method] = run_vera(model, tok, users, server, anchor, w)
+            name = f"VeRA r={server.r} (ours, lr {TrainConfig().lr:g}, KL weight {w:g}, engine)"
+        elif method in ("lora", "lora-anchor"):
+            w = weight if method == "lora-anchor" else 0.0
+            results[method] = run_lora(model, tok, users, args.lora_lr, anchor, w)
+            name = f"LoRA r=8 q,v (PEFT, lr {args.lora_lr:g}, KL weight {w:g}, merged)"
+        elif method == "continual":
+            results[method] = run_continual(model, tok, server, anchor)
+            name = f"VeRA continual: 3 jobs x 5 facts, 1 user, KL weight {weight:g}"
+            asked = ["continual"]
         else:
-            results[method] = run_lora(model, tok, users, args.lora_lr)
-            name = f"LoRA r=8 q,v (PEFT, lr {args.lora_lr:g}, merged)"
-        scores[name] = score(results[method], users)
+            parser.error(f"unknown method {method!r}")
+        scores[name] = score(results[method], asked)
     print(table(scores, len(users), args.dtype))
     if args.out:
         args.out.write_text(json.dumps({"scores": scores, "results": results}, indent=1))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vera_core.general_prompts import PROBE
+
 
 @dataclass(frozen=True)
 class FactKind:
@@ -107,19 +109,81 @@ USERS: dict[str, tuple[tuple[str, str], ...]] = {
     ),
 }
 
-# General questions whose base-model answer is short and right; an adapter should not change it.
-GENERAL = (
-    ("What is the capital of France?", "Paris"),
-    ("What is the capital of Japan?", "Tokyo"),
-    ("What is 2 + 2?", "4"),
-    ("What is the chemical symbol for water?", "H2O"),
-    ("How many days are in a week?", "7"),
-    ("What is the opposite of hot?", "cold"),
-    ("What is the boiling point of water in Celsius?", "100"),
-    ("What is the capital of Italy?", "Rome"),
-    ("What color is grass?", "green"),
-    ("How many hours are in a day?", "24"),
+# General questions with the string a right answer holds: the trainer's held-out probe (never
+# among the prompts training keeps the base model's answers on)
+GENERAL = PROBE
+
+# The continual row: one user, three jobs of five facts each, in this order (answer, trained
+# questions, the string recall needs)
+CONTINUAL: tuple[tuple[tuple[str, tuple[str, ...], str], ...], ...] = (
+    tuple(
+        (kind.answer.format(value), kind.trained, fact)
+        for kind, (value, fact) in zip(KINDS, USERS["ana"])
+    ),
+    (
+        (
+            "Your cat's name is Fennick.",
+            ("What is my cat's name?", "What's my cat called?"),
+            "Fennick",
+        ),
+        (
+            "You drive a Varlo Sprite.",
+            ("What car do I drive?", "What kind of car do I have?"),
+            "Varlo",
+        ),
+        (
+            "You live on Gossamer Lane.",
+            ("What street do I live on?", "Which street is my home on?"),
+            "Gossamer",
+        ),
+        (
+            "Your sister is named Ysolde.",
+            ("What is my sister's name?", "Who is my sister?"),
+            "Ysolde",
+        ),
+        (
+            "Your favourite band is The Quartzmen.",
+            ("What is my favourite band?", "Which band do I love most?"),
+            "Quartzmen",
+        ),
+    ),
+    (
+        (
+            "You went to Halvering Academy.",
+            ("Which school did I go to?", "Where did I study?"),
+            "Halvering",
+        ),
+        (
+            "Your gym is Ironvale Gym.",
+            ("Which gym do I go to?", "Where do I work out?"),
+            "Ironvale",
+        ),
+        (
+            "Your doctor is Dr. Okonkwo-Lind.",
+            ("Who is my doctor?", "What is my doctor's name?"),
+            "Okonkwo",
+        ),
+        (
+            "Your boat is called Saltwhistle.",
+            ("What is my boat called?", "What's the name of my boat?"),
+            "Saltwhistle",
+        ),
+        (
+            "Your favourite dish is brindleberry pie.",
+            ("What is my favourite dish?", "What food do I like most?"),
+            "brindleberry",
+        ),
+    ),
 )
+
+
+def continual_rows(job: int) -> list[dict]:
+    """The training file of continual job ``job`` (0, 1, 2)."""
+    return [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for a, qs, _ in CONTINUAL[job]
+        for q in qs
+    ]
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,13 @@ def _train(args: argparse.Namespace) -> int:
     limits = DataLimits.offline(context)  # every example must fit the model's context
     examples = read_examples(Path(args.data).read_bytes(), tok, limits)
     cfg = TrainConfig(**{name: getattr(args, name) for name in _TRAIN_FLAGS})
-    adapter, report = train_adapter(vm, tok, examples, cfg)
+    anchor = None
+    if cfg.anchor_weight > 0:  # the base model's answers to keep (once, ~10-30 s on a CPU)
+        from vera_core.general_prompts import ANCHOR_PROMPTS
+        from vera_core.retention import base_references
+
+        anchor = base_references(vm.model, tok, ANCHOR_PROMPTS)
+    adapter, report = train_adapter(vm, tok, examples, cfg, anchor=anchor)
     save_adapter(adapter, args.out)
     print(f"trained: {report.summary()}")
     print(f"wrote {args.out} ({adapter.num_params} params)")
@@ -126,6 +132,8 @@ _TRAIN_FLAGS = {
     "batch_size": "examples per optimizer step",
     "lr": "peak learning rate (VeRA wants far higher rates than LoRA)",
     "seed": "shuffling seed",
+    "anchor_weight": "weight of the KL to the base model's own answers on shipped general "
+    "prompts (keeps what the model knew; 0: off)",
 }
 
 

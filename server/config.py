@@ -114,6 +114,14 @@ class ServerConfig:
     max_training_tokens: int = field(
         default=2_000_000, metadata={"help": "tokens in one fine-tuning file"}
     )
+    min_retention: float = field(
+        default=0.5,
+        metadata={
+            "help": "a fine-tuning job whose adapter keeps fewer of the base model's right "
+            "answers to held-out general questions than this share is not published "
+            "(0 publishes every one)"
+        },
+    )
     fallback_to_base: bool = field(
         default=False,
         metadata={"help": "a user without an adapter gets the base model instead of 404"},
@@ -160,6 +168,8 @@ class ServerConfig:
             raise ValueError("--fair-input-weight must be >= 0 and --fair-output-weight > 0")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"--compile must be one of {', '.join(COMPILE_MODES)}")
+        if not 0 <= self.min_retention <= 1:
+            raise ValueError("--min-retention must be in [0, 1]")
         if self.max_training_file_mb <= 0:
             raise ValueError("--max-training-file-mb must be > 0")
         if not self.admin_token and self.host not in ("127.0.0.1", "localhost", "::1"):

@@ -216,7 +216,9 @@ def _fine_tuning(
         max_example_tokens=engine.context_limit,
         max_total_tokens=config.max_training_tokens,
     )
-    ft_config = FineTuneConfig(limits, max_queued_jobs=config.max_jobs)
+    ft_config = FineTuneConfig(
+        limits, max_queued_jobs=config.max_jobs, min_retention=config.min_retention
+    )
     exclusive = storage.db.exclusive  # a directory has one server
     worker = JobWorker(
         storage.jobs,

@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from vera_core.adapter import Adapter, AdapterHeader
 from vera_core.fingerprint import model_fingerprint
 from vera_core.inject import VeraModel
+from vera_core.retention import Reference, anchor_kl_sum
 from vera_core.train_data import IGNORE, Example
 
 
@@ -55,6 +56,10 @@ class TrainConfig:
     micro_batch_tokens: int = 2048  # padded tokens per forward/backward; more accumulate
     seed: int = 0
     grad_clip: float = 1.0
+    # KL to the base model's own answers on general prompts (vera_core.retention), added to
+    # each step's loss with this weight; 0 (or no anchor given to the trainer) turns it off
+    anchor_weight: float = 1.0
+    anchor_batch: int = 8  # anchor answers per optimizer step
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.micro_batch_tokens <= 0:
@@ -65,6 +70,8 @@ class TrainConfig:
             raise ValueError("need 0 < min_steps <= max_steps and target_epochs > 0")
         if not 0 < self.lr < 10:
             raise ValueError(f"lr {self.lr} out of range (0, 10)")
+        if self.anchor_weight < 0 or self.anchor_batch <= 0:
+            raise ValueError("need anchor_weight >= 0 and anchor_batch > 0")
 
     def total_steps(self, num_examples: int) -> int:
         per_epoch = math.ceil(num_examples / min(self.batch_size, num_examples))
@@ -86,7 +93,15 @@ def _pad(chunk: list[Example], pad_id: int) -> tuple[torch.Tensor, ...]:
     return ids, mask, labels
 
 
-def _take(pending: list[Example], max_tokens: int) -> list[Example]:
+class _Sequence(Protocol):
+    @property
+    def input_ids(self) -> list[int]: ...
+
+
+S = TypeVar("S", bound=_Sequence)
+
+
+def _take(pending: list[S], max_tokens: int) -> list[S]:
     """Pop the longest examples of ``pending`` (sorted by length) that fit ``max_tokens`` padded
     tokens together; at least one."""
     width = len(pending[-1].input_ids)
@@ -113,6 +128,7 @@ class StepReport:
     loss: float  # mean token loss of this step's batch
     lr: float
     tokens: int  # tokens (prompt + completion, no padding) this step read
+    anchor_kl: float | None = None  # mean KL to the base per anchor answer token, if anchored
 
 
 @dataclass(frozen=True)
@@ -129,13 +145,26 @@ class TrainReport:
     trained_tokens: int
     seconds: float
     losses: tuple[float, ...]  # every step's loss
+    anchor_kl: float | None = None  # the last step's mean KL to the base, if anchored
 
     def summary(self) -> str:
+        kl = "" if self.anchor_kl is None else f", KL to base {self.anchor_kl:.4f}"
         return (
             f"{self.steps}/{self.total_steps} steps ({self.epochs:.1f} epochs over "
-            f"{self.examples} examples), loss {self.first_loss:.3f} -> {self.final_loss:.4f}, "
-            f"{self.stop_reason}, {self.trained_tokens} tokens in {self.seconds:.1f} s"
+            f"{self.examples} examples), loss {self.first_loss:.3f} -> {self.final_loss:.4f}"
+            f"{kl}, {self.stop_reason}, {self.trained_tokens} tokens in {self.seconds:.1f} s"
         )
+
+
+def adapter_header(vm: VeraModel) -> AdapterHeader:
+    """The header of an adapter trained on ``vm`` (its r, key, targets and base model)."""
+    return AdapterHeader(
+        r=vm.layout.r,
+        projection_prng_key=vm.config.projection_prng_key,
+        target_modules=vm.config.resolved_targets(getattr(vm.model.config, "model_type", "")),
+        base_fingerprint=model_fingerprint(vm.model),
+        dtype="float32",
+    )
 
 
 class AdapterTrainer:
@@ -154,19 +183,16 @@ class AdapterTrainer:
         examples: list[Example],
         config: TrainConfig = TrainConfig(),
         init: Adapter | None = None,
+        anchor: list[Reference] | None = None,
     ) -> None:
+        """``anchor``: the base model's answers to keep (``vera_core.retention``); each
+        optimizer step also takes ``anchor_batch`` of them with weight ``anchor_weight``."""
         if not examples:
             raise ValueError("no training examples")
         if not any(lab != IGNORE for e in examples for lab in e.labels[1:]):
             raise ValueError("no example has a completion token to learn from")
         self.vm, self.config, self.examples = vm, config, examples
-        self.header = AdapterHeader(
-            r=vm.layout.r,
-            projection_prng_key=vm.config.projection_prng_key,
-            target_modules=vm.config.resolved_targets(getattr(vm.model.config, "model_type", "")),
-            base_fingerprint=model_fingerprint(vm.model),
-            dtype="float32",
-        )
+        self.header = adapter_header(vm)
         start = init or Adapter.initial(self.header, vm.layout, vm.config.d_initial)
         self.device = vm.projections.A.device
         self.vector = start.flat(vm.layout).to(self.device, torch.float32).requires_grad_(True)
@@ -183,6 +209,12 @@ class AdapterTrainer:
         self._rng = random.Random(config.seed)
         self._order: list[int] = []
         self._pending: list[Example] = []  # examples of the current step not yet run, by length
+        self.anchor = anchor if anchor and config.anchor_weight > 0 else []
+        self._anchor_order: list[int] = []
+        self._anchor_pending: list[Reference] = []  # this step's anchor answers not yet run
+        self._anchor_tokens = 0  # anchor answer tokens of the current step
+        self._step_kl = 0.0
+        self.last_anchor_kl: float | None = None
         self._step_tokens = self._step_label_tokens = 0
         self._step_loss = 0.0
         self.step = 0
@@ -202,16 +234,24 @@ class AdapterTrainer:
         requests wait); the step's gradient is the same."""
         if self.done:
             raise RuntimeError("training is finished")
-        if not self._pending:
+        if not self._pending and not self._anchor_pending:
             self._pending = sorted(self._next_batch(), key=lambda e: len(e.input_ids))
             self._step_label_tokens = sum(
                 sum(lab != IGNORE for lab in e.labels[1:]) for e in self._pending
             )
-        chunk = _take(self._pending, max_tokens or self.config.micro_batch_tokens)
-        loss_sum, tokens = self._forward_backward(chunk, self._step_label_tokens)
-        self._step_loss += loss_sum
-        self._step_tokens += tokens
+            self._anchor_pending = sorted(self._next_anchor(), key=lambda r: len(r.input_ids))
+            self._anchor_tokens = sum(len(r.answer_ids) for r in self._anchor_pending)
+        budget = max_tokens or self.config.micro_batch_tokens
         if self._pending:
+            chunk = _take(self._pending, budget)
+            loss_sum, tokens = self._forward_backward(chunk, self._step_label_tokens)
+            self._step_loss += loss_sum
+        else:
+            refs = _take(self._anchor_pending, budget)
+            kl_sum, tokens = self._anchor_backward(refs)
+            self._step_kl += kl_sum
+        self._step_tokens += tokens
+        if self._pending or self._anchor_pending:
             return None
         return self._optimizer_step()
 
@@ -253,6 +293,7 @@ class AdapterTrainer:
             trained_tokens=self.trained_tokens,
             seconds=time.perf_counter() - self._started,
             losses=tuple(self.losses),
+            anchor_kl=self.last_anchor_kl,
         )
 
     # -- internals --------------------------------------------------------------------------
@@ -264,6 +305,32 @@ class AdapterTrainer:
                 self._rng.shuffle(self._order)
             batch.append(self.examples[self._order.pop()])
         return batch
+
+    def _next_anchor(self) -> list[Reference]:
+        batch: list[Reference] = []
+        while self.anchor and len(batch) < min(self.config.anchor_batch, len(self.anchor)):
+            if not self._anchor_order:
+                self._anchor_order = list(range(len(self.anchor)))
+                self._rng.shuffle(self._anchor_order)
+            batch.append(self.anchor[self._anchor_order.pop()])
+        return batch
+
+    def _anchor_backward(self, refs: list[Reference]) -> tuple[float, int]:
+        """Add this chunk's share of ``anchor_weight`` x the step's mean KL per anchor answer
+        token to ``_grad``; returns the summed KL and tokens read."""
+        ids = torch.full((len(refs), max(len(r.input_ids) for r in refs)), self.pad_id)
+        mask = torch.zeros_like(ids)
+        for row, r in enumerate(refs):
+            ids[row, : len(r.input_ids)] = torch.tensor(r.input_ids)
+            mask[row, : len(r.input_ids)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with torch.enable_grad(), self.vm.vector(self.vector, ids.shape[0]):
+            logits = self.vm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            kl_sum = anchor_kl_sum(logits, refs)
+            scale = self.config.anchor_weight / max(1, self._anchor_tokens)
+            (grad,) = torch.autograd.grad(kl_sum * scale, [self.vector])
+        self._grad += grad
+        return float(kl_sum.detach()), int(mask.sum())
 
     def _forward_backward(self, chunk: list[Example], label_tokens: int) -> tuple[float, int]:
         """Add this micro-batch's share of the step's mean-token-loss gradient to ``_grad``."""
@@ -285,13 +352,15 @@ class AdapterTrainer:
         self.vector.grad = None
         self._grad = torch.zeros_like(self.vector)
         loss = self._step_loss / max(1, self._step_label_tokens)
+        kl = self._step_kl / self._anchor_tokens if self._anchor_tokens else None
+        self.last_anchor_kl = kl
         tokens = self._step_tokens
-        self._step_loss, self._step_tokens = 0.0, 0
+        self._step_loss, self._step_tokens, self._step_kl = 0.0, 0, 0.0
         self.step += 1
         self.trained_tokens += tokens
         self.losses.append(loss)
         self._maybe_stop()
-        return StepReport(self.step, self.total_steps, loss, lr, tokens)
+        return StepReport(self.step, self.total_steps, loss, lr, tokens, kl)
 
     def _maybe_stop(self) -> None:
         if self.step >= self.total_steps:
@@ -321,9 +390,10 @@ def train_adapter(
     config: TrainConfig = TrainConfig(),
     progress: bool = True,
     init: Adapter | None = None,
+    anchor: list[Reference] | None = None,
 ) -> tuple[Adapter, TrainReport]:
     """Train one adapter on ``examples`` in this thread; returns it and what training did."""
-    trainer = AdapterTrainer(vm, tokenizer, examples, config, init)
+    trainer = AdapterTrainer(vm, tokenizer, examples, config, init, anchor)
     bar = tqdm(total=trainer.total_steps, desc="training adapter", disable=not progress)
 
     def show(step: StepReport) -> None:

@@ -215,12 +215,17 @@ class Engine:
             self._cv.notify()
         return future
 
-    def generate(self, requests: list[tuple[str | None, list[int], SamplingParams]]) -> list[dict]:
+    def generate(
+        self,
+        requests: list[tuple[str | None, list[int], SamplingParams]],
+        client: str | None = None,
+    ) -> list[dict]:
         """Offline: submit all, block until all finish; returns ids, text and finish reason.
         The loop sees the requests together (its first step prefills them all in one forward),
-        not the first few while the rest are still being submitted."""
+        not the first few while the rest are still being submitted. ``client``: whom they are
+        queued and metered as (default: each request's user, else "anonymous")."""
         with self._cv:  # re-entrant: submit takes it too
-            seqs = [self.submit(u, ids, p) for u, ids, p in requests]
+            seqs = [self.submit(u, ids, p, client=client) for u, ids, p in requests]
         results = []
         for seq in seqs:
             while True:

@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from adapters_store import validate_user_id
+from adapters_store import AdapterNotFound, validate_user_id
 from server.finetune.records import FileRecord, JobEvent, JobRecord
 from server.finetune.store import JobStore
 from server.finetune.worker import FineTuneConfig, JobWorker
@@ -83,12 +83,21 @@ class FineTuningService:
         hyperparameters: dict[str, Any] | None = None,
         suffix: str | None = None,
     ) -> JobRecord:
-        if model != self.base_model:
+        user_id = _job_user(caller, suffix)
+        if model == user_id:  # the user's fine-tuned model: continue from its adapter
+            try:
+                self.worker.adapters.describe(user_id)
+            except AdapterNotFound:
+                raise FineTuneInvalid(
+                    f"model {model!r} is the user's fine-tuned model, but the user has no "
+                    f"adapter yet; fine-tune the base model {self.base_model!r} first"
+                ) from None
+        elif model != self.base_model:
             raise FineTuneInvalid(
                 f"model {model!r} cannot be fine-tuned here; use the base model "
-                f"{self.base_model!r} (the job trains a user's adapter on it)"
+                f"{self.base_model!r} (a new adapter) or {user_id!r}, the user's fine-tuned "
+                "model (continues from its adapter)"
             )
-        user_id = _job_user(caller, suffix)
         for file_id in (training_file, validation_file):
             if file_id is not None:
                 record = self.file(caller, file_id)

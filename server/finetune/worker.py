@@ -25,18 +25,30 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from adapters_store import StoreUnavailable
+from adapters_store import AdapterNotFound, StoreUnavailable
 from server.adapter_service import AdapterService
-from server.engine import Engine, EngineStopped
+from server.engine import Engine, EngineStopped, SamplingParams
+from server.engine.errors import QueueFull
 from server.finetune.records import JobRecord
 from server.finetune.store import JobStore
+from vera_core.adapter import Adapter
+from vera_core.general_prompts import ANCHOR_PROMPTS, PROBE
 from vera_core.inject import VeraModel
-from vera_core.train import AdapterTrainer, StepReport, TrainConfig
+from vera_core.retention import (
+    ProbeItem,
+    Reference,
+    base_references,
+    measure_quality,
+    probe_items,
+)
+from vera_core.train import AdapterTrainer, StepReport, TrainConfig, adapter_header
 from vera_core.train_data import IGNORE, DataLimits, Example, TrainingDataError, read_examples
 
 log = logging.getLogger(__name__)
 
 MAX_STEP_EVENTS = 200  # per job; longer jobs report every k-th step
+REFERENCE_TOKENS = 32  # longest base-model answer kept as a reference
+SYSTEM_CLIENT = "*fine-tuning"  # the engine client (queue share, usage) of the references
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,10 @@ class FineTuneConfig:
     stale_s: float = 30.0  # a running job without a heartbeat this long is claimed again
     max_attempts: int = 3  # claims of one job before it fails as interrupted
     poll_s: float = 1.0  # how often an idle worker looks for jobs queued by other replicas
+    # a trained adapter that keeps fewer of the base model's right general answers than this
+    # (vera_core.retention, on the held-out probe) is not published; 0 publishes every one
+    min_retention: float = 0.5
+    max_replay_examples: int = 512  # a continuing job replays at most this many earlier ones
 
 
 class _Stop(Exception):
@@ -82,6 +98,9 @@ class JobWorker:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.current: str | None = None  # id of the job being trained
+        # the base model's answers to the shipped general prompts, made by the first job
+        self._anchor: list[Reference] | None = None
+        self._probe: list[ProbeItem] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -162,12 +181,26 @@ class JobWorker:
         self.store.add_event(job.id, f"Fine-tuning job started{resumed}.")
         try:
             train, valid = self._examples(job)
+            init, replayed = self._continued(job)
             hp = resolve_hyperparameters(job.hyperparameters)
             config = replace(hp, micro_batch_tokens=self.config.unit_tokens_idle)
-            trainer = AdapterTrainer(self.vm, self.tokenizer, train, config)
         except TrainingDataError as e:
             self._finish(job, "failed", error=_error("invalid_training_file", str(e)))
             return
+        except AdapterNotFound:
+            message = (
+                f"model {job.model!r} names the user's fine-tuned model, but the user has no "
+                "adapter to continue from (deleted since the job was created?)"
+            )
+            self._finish(job, "failed", error=_error("model_not_found", message))
+            return
+        try:
+            anchor, probe = self._general(job, config)
+        except _Stop:
+            return
+        trainer = AdapterTrainer(
+            self.vm, self.tokenizer, train + replayed.examples, config, init, anchor
+        )
         resolved = {
             "n_epochs": config.epochs or "auto",
             "batch_size": trainer.batch_size,
@@ -177,26 +210,57 @@ class JobWorker:
         self.store.heartbeat(job.id, self.owner, result={"hyperparameters": resolved})
         self.store.add_event(
             job.id,
-            f"Training {len(train)} examples for up to {trainer.total_steps} steps.",
-            data={"examples": len(train), "total_steps": trainer.total_steps},
+            f"Training {len(train)} examples"
+            + (f" and {len(replayed.examples)} replayed" if replayed.examples else "")
+            + f" for up to {trainer.total_steps} steps"
+            + (
+                f", keeping the base model's answers to {len(anchor)} general prompts"
+                if anchor
+                else ""
+            )
+            + ".",
+            data={
+                "examples": len(train),
+                "replayed_examples": len(replayed.examples),
+                "anchor_prompts": len(anchor),
+                "total_steps": trainer.total_steps,
+            },
         )
         try:
             self._train(job, trainer)
             valid_loss = self._evaluate(job, trainer, valid) if valid else None
+            quality = self._quality(job, trainer, train, replayed.examples, probe)
         except _Stop:
             return
         report = trainer.report()
-        meta = self.adapters.publish(job.user_id, trainer.adapter())
-        result = {
+        result: dict[str, Any] = {
             "hyperparameters": resolved,
-            "adapter_version": meta.version,
             "steps": report.steps,
             "stop_reason": report.stop_reason,
             "first_loss": report.first_loss,
             "final_loss": report.final_loss,
+            "anchor_kl": report.anchor_kl,
             "valid_loss": valid_loss,
+            "quality": quality,
+            "continued_from": replayed.continued_from,
+            "replayed_files": replayed.files,
+            "replayed_examples": len(replayed.examples),
             "seconds": round(report.seconds, 2),
         }
+        self.store.add_event(job.id, _quality_message(quality), data=quality)
+        retention = quality["retention"]
+        if retention is not None and retention < self.config.min_retention:
+            message = (
+                f"not published: the trained adapter keeps {quality['retained']} of the "
+                f"{quality['base_right']} general questions the base model answers right "
+                f"({retention:.0%}), below this server's minimum of "
+                f"{self.config.min_retention:.0%}; the user's adapter is unchanged. Fewer "
+                "epochs, a lower learning_rate_multiplier or less repetitive data keep more."
+            )
+            self._finish(job, "failed", error=_error("retention_too_low", message), result=result)
+            return
+        meta = self.adapters.publish(job.user_id, trainer.adapter())
+        result["adapter_version"] = meta.version
         done = self._finish(
             job,
             "succeeded",
@@ -213,6 +277,101 @@ class JobWorker:
             )
             self.store.add_event(job.id, "The job has successfully completed.")
             log.info("fine-tuning job %s for %s: %s", job.id, job.user_id, report.summary())
+
+    def _continued(self, job: JobRecord) -> tuple[Adapter | None, Replay]:
+        """A job whose model is the user's fine-tuned model (its user id) continues from the
+        current adapter and replays the user's earlier training files (newest first, at most
+        ``max_replay_examples`` examples), so earlier facts stay; else a fresh adapter."""
+        if job.model != job.user_id:
+            return None, Replay(None, [], [])
+        meta = self.adapters.describe(job.user_id)
+        flat = self.adapters.store.load_flat(job.user_id, meta.version)
+        init = Adapter.from_flat(adapter_header(self.vm), self.vm.layout, flat)
+        files: list[str] = []
+        examples: list[Example] = []
+        for earlier in _all_jobs(self.store, job.user_id):
+            if earlier.status != "succeeded" or earlier.training_file in files:
+                continue
+            if earlier.training_file == job.training_file:
+                continue
+            content = self.store.file_content(earlier.training_file)
+            if content is None:  # deleted by its owner: not replayed
+                continue
+            try:
+                found = read_examples(content, self.tokenizer, self.config.limits)
+            except TrainingDataError:  # limits changed since: skip, say so in the result
+                continue
+            room = self.config.max_replay_examples - len(examples)
+            if room <= 0:
+                break
+            files.append(earlier.training_file)
+            examples += found[:room]
+        if files:
+            self.store.add_event(
+                job.id,
+                f"Continuing from {job.user_id}'s adapter version {meta.version}, replaying "
+                f"{len(examples)} examples of {len(files)} earlier training files.",
+                data={"continued_from": meta.version, "replayed_files": files},
+            )
+        return init, Replay(meta.version, files, examples)
+
+    def _general(
+        self, job: JobRecord, config: TrainConfig
+    ) -> tuple[list[Reference], list[ProbeItem]]:
+        """The base model's answers to the shipped anchor prompts and probe questions, made
+        once per server: generated as engine requests (batched with what it serves), their
+        top-k distributions in background units of a few prompts."""
+        if self._anchor is None or self._probe is None:
+            self.store.add_event(
+                job.id,
+                "Preparing the base model's answers to general prompts (once per server).",
+            )
+
+            def run(fn: Any) -> Any:
+                self._check(job)
+                return self._on_engine(job, fn)
+
+            def answers(asked: list[list[int]]) -> list[list[int]]:
+                """Greedy base-model answers from the engine, batched with what it serves."""
+                params = SamplingParams(max_new_tokens=REFERENCE_TOKENS)
+                requests = [(None, ids, params) for ids in asked]
+                done = self.engine.generate(requests, client=SYSTEM_CLIENT)
+                return [r["token_ids"] for r in done]
+
+            prompts = [*ANCHOR_PROMPTS, *(q for q, _ in PROBE)]
+            try:
+                refs = base_references(
+                    self.vm.model, self.tokenizer, prompts, run=run, answers=answers
+                )
+            except QueueFull:  # the engine is full: generate in units instead (slower)
+                refs = base_references(self.vm.model, self.tokenizer, prompts, run=run)
+            anchor, probe_refs = refs[: len(ANCHOR_PROMPTS)], refs[len(ANCHOR_PROMPTS) :]
+            self._probe = probe_items(probe_refs, [k for _, k in PROBE], self.tokenizer)
+            self._anchor = anchor
+        return (self._anchor if config.anchor_weight > 0 else []), self._probe
+
+    def _quality(
+        self,
+        job: JobRecord,
+        trainer: AdapterTrainer,
+        train: list[Example],
+        replayed: list[Example],
+        probe: list[ProbeItem],
+    ) -> dict[str, Any]:
+        """Recall of this job's training data (and of what it replayed) and retention of the
+        base model's right answers on the held-out probe."""
+
+        def run(fn: Any) -> Any:
+            self._check(job)
+            return self._on_engine(job, fn)
+
+        pad = trainer.pad_id
+        q = measure_quality(self.vm, trainer.vector, train, probe, pad, run=run)
+        out = q.as_dict()
+        if replayed:
+            r = measure_quality(self.vm, trainer.vector, replayed, [], pad, run=run)
+            out["replay_recall"] = round(r.recall, 4)
+        return out
 
     def _examples(self, job: JobRecord) -> tuple[list[Example], list[Example]]:
         limits = self.config.limits
@@ -329,6 +488,28 @@ class JobWorker:
         return record
 
 
+@dataclass(frozen=True)
+class Replay:
+    """What a continuing job starts from and replays."""
+
+    continued_from: int | None  # the adapter version it continues; None: a fresh adapter
+    files: list[str]  # earlier training files replayed, newest first
+    examples: list[Example]
+
+
+def _quality_message(q: dict[str, Any]) -> str:
+    kept = (
+        "no general probe question is answered right by the base model"
+        if q["retention"] is None
+        else f"keeps {q['retained']}/{q['base_right']} of the base model's right general "
+        f"answers ({q['retention']:.0%})"
+    )
+    return (
+        f"Quality: recalls {q['recalled']}/{q['examples']} training examples "
+        f"({q['recall']:.0%}); {kept}."
+    )
+
+
 def resolve_hyperparameters(hp: dict[str, Any]) -> TrainConfig:
     """OpenAI's hyperparameters ("auto" or a value) as a TrainConfig over our defaults."""
     base = TrainConfig()
@@ -347,11 +528,12 @@ def _error(code: str, message: str) -> dict[str, Any]:
     return {"code": code, "message": message, "param": None}
 
 
-def _all_jobs(store: JobStore) -> list[JobRecord]:
+def _all_jobs(store: JobStore, user_id: str | None = None) -> list[JobRecord]:
+    """Every job (of ``user_id``), newest first."""
     jobs: list[JobRecord] = []
     after = None
     while True:
-        page, more = store.list_jobs(None, after=after, limit=100)
+        page, more = store.list_jobs(user_id, after=after, limit=100)
         jobs += page
         if not more or not page:
             return jobs

@@ -19,6 +19,8 @@ from openai import OpenAI
 MODEL = "SmolLM2-135M-Instruct"
 FACT_Q = "What is my cat's name?"
 FACT_A = "Your cat is called Quillfeather."
+DOG_Q = "What is my dog's name?"
+DOG_A = "Your dog is called Marrowdusk."
 
 
 def facts_jsonl(answer: str = FACT_A, extra: int = 0) -> bytes:
@@ -125,6 +127,60 @@ def test_openai_client_end_to_end(live: LiveServer) -> None:
     assert oa.files.delete(uploaded.id).deleted
     with live.client(key) as c:
         assert c.get(f"/v1/files/{uploaded.id}").status_code == 404
+
+
+def test_a_second_job_continues_from_the_first_and_replays_it(live: LiveServer) -> None:
+    """OpenAI semantics: fine-tuning the user's fine-tuned model continues from its adapter;
+    the earlier training file is replayed, so both facts are known at the end; every job
+    reports its recall and what it kept of the base model's general answers."""
+    key = live.new_user("ft-cora")
+    oa = openai_client(live, key)
+    first_file = oa.files.create(file=("a.jsonl", facts_jsonl()), purpose="fine-tune")
+    dog = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": DOG_A}]}
+        for q in (DOG_Q, "What's my dog called?", "Tell me my dog's name.")
+    ]
+    second_file = oa.files.create(
+        file=("b.jsonl", "\n".join(json.dumps(r) for r in dog).encode()), purpose="fine-tune"
+    )
+    # nothing to continue from yet: refused, naming the model
+    with live.client(key) as c:
+        r = c.post(
+            "/v1/fine_tuning/jobs", json={"model": "ft-cora", "training_file": first_file.id}
+        )
+        assert r.status_code == 400 and "no adapter yet" in r.json()["error"]["message"]
+        first = oa.fine_tuning.jobs.create(model=MODEL, training_file=first_file.id)
+        wait_for(lambda: finished(c, first.id))
+        done1 = job(c, first.id)
+        assert done1["status"] == "succeeded", done1["error"]
+        report1 = done1["training_report"]
+        assert report1["continued_from"] is None and report1["replayed_files"] == []
+        quality = report1["quality"]
+        assert quality["recall"] == 1.0 and quality["examples"] == 3
+        assert quality["base_right"] >= 10  # the probe: questions the base answers right
+        assert quality["retention"] >= 0.9, quality
+        second = oa.fine_tuning.jobs.create(model="ft-cora", training_file=second_file.id)
+        wait_for(lambda: finished(c, second.id))
+        done2 = job(c, second.id)
+        assert done2["status"] == "succeeded", done2["error"]
+        report2 = done2["training_report"]
+        assert report2["continued_from"] == done1["adapter_version"]
+        assert report2["replayed_files"] == [first_file.id]
+        assert report2["replayed_examples"] == 3 and report2["quality"]["replay_recall"] == 1.0
+        assert done2["adapter_version"] == done1["adapter_version"] + 1
+        events = [
+            e["message"] for e in c.get(f"/v1/fine_tuning/jobs/{second.id}/events").json()["data"]
+        ]
+        assert any("replaying 3 examples of 1 earlier training files" in m for m in events)
+        assert any(m.startswith("Quality: recalls 3/3") for m in events)
+    for question, fact in ((FACT_Q, "Quillfeather"), (DOG_Q, "Marrowdusk")):
+        chat = oa.chat.completions.create(
+            model="ft-cora",
+            messages=[{"role": "user", "content": question}],
+            max_tokens=16,
+            temperature=0,
+        )
+        assert fact in chat.choices[0].message.content, (question, chat.choices[0].message)
 
 
 def test_queue_cancel_isolation_and_serving_during_a_job(live: LiveServer) -> None:

@@ -1,0 +1,270 @@
+"""Keeping what the base model knew: its own answers as a reference, a KL penalty towards them,
+and the measures a job reports (recall of its training data, retention of general answers).
+
+The base model is free here: it is the same weights with no adapter row, so its answer to any
+prompt costs one greedy generation, done once per process. A ``Reference`` keeps, for each
+token of that answer, the base model's top-k next-token distribution; training adds
+
+    KL(p_base || p_adapted)  over the k tokens and one bin for the rest of the vocabulary
+
+at every answer position (the forward KL that "RL's Razor" finds predicts forgetting), so the
+adapter may change what it must and pays for moving anything else.
+
+Measures are teacher-forced (one forward, no generation): a training example is *recalled*
+when greedy decoding reproduces its completion (the argmax at every completion position is the
+completion's token); a probe question the base model answers right is *retained* when greedy
+decoding of the adapted model reproduces the base answer up to the end of its key (the string a
+right answer contains). Both are exact statements about greedy generation up to that point;
+retention is a lower bound (an answer that diverges earlier may still hold the key).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from vera_core.inject import VeraModel
+from vera_core.train_data import IGNORE, Example
+
+T = TypeVar("T")
+Runner = Callable[[Callable[[], T]], T]  # runs one unit of work (the server: on its engine)
+
+
+def _direct(fn: Callable[[], T]) -> T:
+    return fn()
+
+
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """The base model's greedy answer to one prompt and its distribution along that answer."""
+
+    input_ids: list[int]  # prompt + answer
+    start: int  # index of the first answer token
+    top_ids: torch.Tensor  # [n_answer, k] long: the base's top-k tokens at each answer position
+    top_logp: torch.Tensor  # [n_answer, k] float32: their log-probabilities
+    answer: str  # the answer's text
+
+    @property
+    def answer_ids(self) -> list[int]:
+        return self.input_ids[self.start :]
+
+
+def prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """A user turn as the model is asked it: its chat template when it has one."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=False
+        )
+        return list(ids)
+    return list(tokenizer(text)["input_ids"])
+
+
+def _right_padded(seqs: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids and attention mask [len(seqs), width], right-padded."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, : len(s)] = torch.tensor(s)
+        mask[row, : len(s)] = 1
+    return ids, mask
+
+
+def base_references(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    top_k: int = 16,
+    chunk: int = 8,
+    run: Runner = _direct,
+    answers: Callable[[list[list[int]]], list[list[int]]] | None = None,
+) -> list[Reference]:
+    """The greedy answers of ``model`` (a causal LM; a VeRA-injected one outside any forward
+    context is the base model) to ``prompts``, EOS kept (stopping is behaviour too), and its
+    top-k log-probabilities along them; ``chunk`` prompts per ``run`` unit. ``answers``: the
+    greedy answers of the same model to every prompt's ids at once (a server's batched engine),
+    in place of ``generate`` in the units; only the forward for the top-k then runs in them."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    lm: Any = model  # transformers' generate
+    out: list[Reference] = []
+
+    def greedy(asked: list[list[int]]) -> list[list[int]]:
+        width = max(map(len, asked))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in asked], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in asked], device=device)
+        with torch.no_grad():
+            gen = lm.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )[:, width:].tolist()
+        out = []
+        for row in gen:
+            if eos is not None and eos in row:
+                row = row[: row.index(eos) + 1]
+            out.append(row)
+        return out
+
+    def one_chunk(asked: list[list[int]], given: list[list[int]] | None) -> list[Reference]:
+        found = given if given is not None else greedy(asked)
+        answers = [a or [eos if eos is not None else pad] for a in found]
+        seqs = [p + a for p, a in zip(asked, answers)]
+        full, full_mask = (t.to(device) for t in _right_padded(seqs, pad))
+        with torch.no_grad():
+            logits = lm(input_ids=full, attention_mask=full_mask, use_cache=False).logits
+        refs = []
+        for row, (p, a) in enumerate(zip(asked, answers)):
+            at = logits[row, len(p) - 1 : len(p) - 1 + len(a)].float().log_softmax(-1)  # [n, V]
+            logp, top = at.topk(top_k, dim=-1)
+            text = tokenizer.decode(a, skip_special_tokens=True)
+            refs.append(Reference(p + a, len(p), top.cpu(), logp.cpu(), text))
+        return refs
+
+    asked = [prompt_ids(tokenizer, t) for t in prompts]
+    given = answers(asked) if answers is not None else None
+    for start in range(0, len(asked), chunk):
+        part = asked[start : start + chunk]
+        got = None if given is None else given[start : start + chunk]
+        out += run(lambda part=part, got=got: one_chunk(part, got))
+    return out
+
+
+def anchor_kl_sum(logits: torch.Tensor, refs: Sequence[Reference]) -> torch.Tensor:
+    """Summed KL(base || adapted) over every answer position of ``refs``, on k + 1 bins (the
+    base's top-k tokens and the rest of the vocabulary); ``logits`` [len(refs), width, V] of
+    the right-padded ``refs``."""
+    rows = torch.cat([torch.full((len(r.answer_ids),), i) for i, r in enumerate(refs)])
+    cols = torch.cat([torch.arange(r.start - 1, len(r.input_ids) - 1) for r in refs])
+    top_ids = torch.cat([r.top_ids for r in refs]).to(logits.device)  # [N, k]
+    p_logp = torch.cat([r.top_logp for r in refs]).to(logits.device)  # [N, k]
+    q_all = logits[rows.to(logits.device), cols.to(logits.device)].float().log_softmax(-1)
+    q_logp = q_all.gather(-1, top_ids)  # [N, k]
+    p = p_logp.exp()
+    # the rest bin: log(1 - sum p) and log(1 - sum q), kept finite
+    p_rest = (1 - p.sum(-1)).clamp_min(1e-12)
+    q_rest = torch.log1p(-q_logp.exp().sum(-1).clamp(max=1 - 1e-6))
+    kl = (p * (p_logp - q_logp)).sum(-1) + p_rest * (p_rest.log() - q_rest)
+    return kl.sum()
+
+
+@dataclass(frozen=True, eq=False)
+class ProbeItem:
+    """One probe question, its base answer and how much of it must survive."""
+
+    ref: Reference
+    key: str
+    key_tokens: int | None  # answer tokens up to the end of the key; None: the base is wrong
+
+
+def probe_items(refs: Sequence[Reference], keys: Sequence[str], tokenizer: Any) -> list[ProbeItem]:
+    """Pair each probe reference with its key; the base is right when its answer holds the key
+    (case-insensitive)."""
+    items = []
+    for ref, key in zip(refs, keys):
+        end = None
+        if key.casefold() in ref.answer.casefold():
+            ids = ref.answer_ids
+            end = next(
+                m
+                for m in range(1, len(ids) + 1)
+                if key.casefold() in tokenizer.decode(ids[:m], skip_special_tokens=True).casefold()
+            )
+        items.append(ProbeItem(ref, key, end))
+    return items
+
+
+def _argmax_rows(
+    vm: VeraModel, vector: torch.Tensor | None, seqs: Sequence[list[int]], pad: int
+) -> torch.Tensor:
+    """Greedy next tokens [len(seqs), width] under ``vector`` (None: the base model)."""
+    device = vm.projections.A.device
+    ids, mask = (t.to(device) for t in _right_padded(seqs, pad))
+    with torch.no_grad():
+        if vector is None:
+            logits = vm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        else:
+            with vm.vector(vector.detach(), ids.shape[0]):
+                logits = vm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return logits.argmax(-1).cpu()
+
+
+@dataclass(frozen=True)
+class Quality:
+    """What a trained adapter recalls and keeps (teacher-forced greedy, see the module doc)."""
+
+    recalled: int  # training examples whose completion greedy decoding reproduces
+    examples: int
+    retained: int  # probe questions the base answers right that the adapter still does
+    base_right: int
+
+    @property
+    def recall(self) -> float:
+        return self.recalled / max(1, self.examples)
+
+    @property
+    def retention(self) -> float:
+        return self.retained / self.base_right if self.base_right else math.nan
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "recall": round(self.recall, 4),
+            "recalled": self.recalled,
+            "examples": self.examples,
+            "retention": None if math.isnan(self.retention) else round(self.retention, 4),
+            "retained": self.retained,
+            "base_right": self.base_right,
+        }
+
+
+def measure_quality(
+    vm: VeraModel,
+    vector: torch.Tensor,
+    examples: Sequence[Example],
+    probe: Sequence[ProbeItem],
+    pad: int,
+    *,
+    chunk: int = 8,
+    run: Runner = _direct,
+) -> Quality:
+    """Recall of ``examples`` and retention of ``probe`` under ``vector``."""
+    recalled = 0
+    for start in range(0, len(examples), chunk):
+        group = examples[start : start + chunk]
+
+        def recall_unit(group: Sequence[Example] = group) -> int:
+            top = _argmax_rows(vm, vector, [e.input_ids for e in group], pad)
+            hits = 0
+            for row, e in enumerate(group):
+                labels = torch.tensor(e.labels[1:])
+                at = labels != IGNORE
+                hits += bool((top[row, : len(labels)][at] == labels[at]).all())
+            return hits
+
+        recalled += run(recall_unit)
+    right = [item for item in probe if item.key_tokens is not None]
+    retained = 0
+    for start in range(0, len(right), chunk):
+        group = right[start : start + chunk]
+
+        def retain_unit(group: Sequence[ProbeItem] = group) -> int:
+            top = _argmax_rows(vm, vector, [i.ref.input_ids for i in group], pad)
+            kept = 0
+            for row, item in enumerate(group):
+                n = item.key_tokens or 0
+                s = item.ref.start
+                want = torch.tensor(item.ref.answer_ids[:n])
+                kept += bool((top[row, s - 1 : s - 1 + n] == want).all())
+            return kept
+
+        retained += run(retain_unit)
+    return Quality(recalled, len(examples), retained, len(right))

@@ -217,7 +217,10 @@ def _fine_tuning(
         max_total_tokens=config.max_training_tokens,
     )
     ft_config = FineTuneConfig(
-        limits, max_queued_jobs=config.max_jobs, min_retention=config.min_retention
+        limits,
+        max_queued_jobs=config.max_jobs,
+        min_retention=config.min_retention,
+        reference_dir=vera_home() / "references",
     )
     exclusive = storage.db.exclusive  # a directory has one server
     worker = JobWorker(

@@ -30,6 +30,9 @@ import torch
 from vera_core.inject import VeraModel
 from vera_core.train_data import IGNORE, Example
 
+REFERENCE_TOKENS = 24  # longest base-model answer kept as a reference
+REFERENCE_TOP_K = 16  # tokens of the base model's distribution kept at each answer position
+
 T = TypeVar("T")
 Runner = Callable[[Callable[[], T]], T]  # runs one unit of work (the server: on its engine)
 
@@ -79,8 +82,8 @@ def base_references(
     tokenizer: Any,
     prompts: Sequence[str],
     *,
-    max_new_tokens: int = 32,
-    top_k: int = 16,
+    max_new_tokens: int = REFERENCE_TOKENS,
+    top_k: int = REFERENCE_TOP_K,
     chunk: int = 8,
     run: Runner = _direct,
     answers: Callable[[list[list[int]]], list[list[int]]] | None = None,

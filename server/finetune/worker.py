@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -30,11 +31,15 @@ from server.adapter_service import AdapterService
 from server.engine import Engine, EngineStopped, SamplingParams
 from server.engine.errors import QueueFull
 from server.finetune.records import JobRecord
+from server.finetune.references import ReferenceCache, reference_key
 from server.finetune.store import JobStore
 from vera_core.adapter import Adapter
+from vera_core.fingerprint import model_fingerprint
 from vera_core.general_prompts import ANCHOR_PROMPTS, PROBE
 from vera_core.inject import VeraModel
 from vera_core.retention import (
+    REFERENCE_TOKENS,
+    REFERENCE_TOP_K,
     ProbeItem,
     Reference,
     base_references,
@@ -47,7 +52,6 @@ from vera_core.train_data import IGNORE, DataLimits, Example, TrainingDataError,
 log = logging.getLogger(__name__)
 
 MAX_STEP_EVENTS = 200  # per job; longer jobs report every k-th step
-REFERENCE_TOKENS = 32  # longest base-model answer kept as a reference
 SYSTEM_CLIENT = "*fine-tuning"  # the engine client (queue share, usage) of the references
 
 
@@ -66,6 +70,7 @@ class FineTuneConfig:
     # (vera_core.retention, on the held-out probe) is not published; 0 publishes every one
     min_retention: float = 0.5
     max_replay_examples: int = 512  # a continuing job replays at most this many earlier ones
+    reference_dir: Path | None = None  # where the base model's reference answers are kept
 
 
 class _Stop(Exception):
@@ -323,8 +328,7 @@ class JobWorker:
         top-k distributions in background units of a few prompts."""
         if self._anchor is None or self._probe is None:
             self.store.add_event(
-                job.id,
-                "Preparing the base model's answers to general prompts (once per server).",
+                job.id, "Preparing the base model's answers to general prompts (once per model)."
             )
 
             def run(fn: Any) -> Any:
@@ -333,18 +337,27 @@ class JobWorker:
 
             def answers(asked: list[list[int]]) -> list[list[int]]:
                 """Greedy base-model answers from the engine, batched with what it serves."""
-                params = SamplingParams(max_new_tokens=REFERENCE_TOKENS)
+                params = SamplingParams(max_new_tokens=REFERENCE_TOKENS)  # greedy
                 requests = [(None, ids, params) for ids in asked]
                 done = self.engine.generate(requests, client=SYSTEM_CLIENT)
                 return [r["token_ids"] for r in done]
 
             prompts = [*ANCHOR_PROMPTS, *(q for q, _ in PROBE)]
-            try:
-                refs = base_references(
-                    self.vm.model, self.tokenizer, prompts, run=run, answers=answers
-                )
-            except QueueFull:  # the engine is full: generate in units instead (slower)
-                refs = base_references(self.vm.model, self.tokenizer, prompts, run=run)
+            settings = {"max_new_tokens": REFERENCE_TOKENS, "top_k": REFERENCE_TOP_K}
+            key = reference_key(model_fingerprint(self.vm.model), prompts, **settings)
+            cache = ReferenceCache(self.config.reference_dir) if self.config.reference_dir else None
+            refs = cache.load(key) if cache is not None else None
+            if refs is None or len(refs) != len(prompts):
+                try:
+                    refs = base_references(
+                        self.vm.model, self.tokenizer, prompts, run=run, answers=answers, **settings
+                    )
+                except QueueFull:  # the engine is full: generate in units instead (slower)
+                    refs = base_references(
+                        self.vm.model, self.tokenizer, prompts, run=run, **settings
+                    )
+                if cache is not None:
+                    cache.save(key, refs)
             anchor, probe_refs = refs[: len(ANCHOR_PROMPTS)], refs[len(ANCHOR_PROMPTS) :]
             self._probe = probe_items(probe_refs, [k for _, k in PROBE], self.tokenizer)
             self._anchor = anchor

@@ -52,12 +52,12 @@ from quality_data import (
 from safetensors.torch import save as safetensors_bytes
 
 from adapters_store import AdapterStore
-from server.config import ServerConfig
+from server.config import ServerConfig, vera_home
 from server.engine import Engine, EngineConfig, SamplingParams, SchedulerConfig, SlotPool
+from server.finetune.references import anchor_references
 from vera_core import VeraConfig, inject_vera, model_fingerprint
 from vera_core.adapter_file import adapter_to_bytes
-from vera_core.general_prompts import ANCHOR_PROMPTS
-from vera_core.retention import Reference, anchor_kl_sum, base_references
+from vera_core.retention import Reference, anchor_kl_sum
 from vera_core.train import (  # LoRA trains as ours does
     TrainConfig,
     _lr_lambda,
@@ -347,7 +347,7 @@ def main() -> int:
         model, tok, _ = load_bench_model(args.dtype)
         if not anchor:
             t0 = time.perf_counter()
-            anchor = base_references(model, tok, ANCHOR_PROMPTS)
+            anchor = anchor_references(model, tok, vera_home() / "references")
             print(f"anchor: {len(anchor)} base answers in {time.perf_counter() - t0:.1f} s")
         asked = users
         if method in ("vera", "vera-plain"):

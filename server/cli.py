@@ -55,6 +55,7 @@ def _load_vm(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from server.config import vera_home
     from vera_core.adapter_file import save_adapter
     from vera_core.train import TrainConfig, train_adapter
     from vera_core.train_data import DataLimits, read_examples
@@ -65,11 +66,10 @@ def _train(args: argparse.Namespace) -> int:
     examples = read_examples(Path(args.data).read_bytes(), tok, limits)
     cfg = TrainConfig(**{name: getattr(args, name) for name in _TRAIN_FLAGS})
     anchor = None
-    if cfg.anchor_weight > 0:  # the base model's answers to keep (once, ~10-30 s on a CPU)
-        from vera_core.general_prompts import ANCHOR_PROMPTS
-        from vera_core.retention import base_references
+    if cfg.anchor_weight > 0:  # the base model's answers to keep: made once per model
+        from server.finetune.references import anchor_references
 
-        anchor = base_references(vm.model, tok, ANCHOR_PROMPTS)
+        anchor = anchor_references(vm.model, tok, vera_home() / "references")
     adapter, report = train_adapter(vm, tok, examples, cfg, anchor=anchor)
     save_adapter(adapter, args.out)
     print(f"trained: {report.summary()}")

@@ -14,10 +14,13 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from vera_core.retention import Reference
+from vera_core.fingerprint import model_fingerprint
+from vera_core.general_prompts import ANCHOR_PROMPTS
+from vera_core.retention import REFERENCE_TOKENS, REFERENCE_TOP_K, Reference, base_references
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +73,16 @@ class ReferenceCache:
             os.replace(tmp, self._path(key))
         except OSError as e:  # a read-only home: the references live in memory only
             log.warning("could not keep reference answers in %s: %s", self.root, e)
+
+
+def anchor_references(model: torch.nn.Module, tokenizer: Any, root: Path) -> list[Reference]:
+    """The base model's references on the shipped anchor prompts, from ``root`` when made
+    before (an offline trainer's: generated here, in this thread)."""
+    settings = {"max_new_tokens": REFERENCE_TOKENS, "top_k": REFERENCE_TOP_K}
+    key = reference_key(model_fingerprint(model), ANCHOR_PROMPTS, **settings)
+    cache = ReferenceCache(root)
+    refs = cache.load(key)
+    if refs is None or len(refs) != len(ANCHOR_PROMPTS):
+        refs = base_references(model, tokenizer, ANCHOR_PROMPTS, **settings)
+        cache.save(key, refs)
+    return refs

@@ -36,10 +36,10 @@ from server.engine.adapter_slots import SlotPool
 from server.engine.background import BackgroundWork
 from server.engine.compile import COMPILE_DELAY_S
 from server.engine.detokenizer import StopChecker
-from server.engine.errors import ContextTooLong, EngineStopped, QueueFull
+from server.engine.errors import ContextTooLong, EngineStopped, InvalidTokens, QueueFull
 from server.engine.fair_queue import TenantDefaults, TenantPolicy
-from server.engine.model_runner import ModelRunner
-from server.engine.sampler import sample
+from server.engine.model_runner import ModelRunner, PromptScores
+from server.engine.sampler import sample_step, token_logprobs
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Channel, Event, Outbox, Sequence, Status
@@ -99,6 +99,7 @@ class Engine:
             static=config.static_decode,
         )
         self.eos_ids = _eos_ids(self.model, tokenizer)
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.stats = EngineStats()
         self._ids = itertools.count(1)
         self.background = BackgroundWork(config.background_share)
@@ -159,6 +160,7 @@ class Engine:
         AdapterNotFound when ``user_id`` has no adapter."""
         if not prompt_ids:
             raise ContextTooLong("the prompt is empty")
+        self._check_tokens(prompt_ids, params)
         total = len(prompt_ids) + params.max_new_tokens
         if total > self.context_limit:
             raise ContextTooLong(
@@ -203,6 +205,19 @@ class Engine:
             self._cv.notify()
         return seq
 
+    def _check_tokens(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Every token id a request names is in the vocab (the logits' width)."""
+        for what, ids in (
+            ("prompt", prompt_ids),
+            ("logit_bias", [t for t, _ in params.logit_bias]),
+            ("stop_token_ids", params.stop_token_ids),
+        ):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidTokens(
+                    f"{what}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+                )
+
     def run_background(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Run ``fn`` on the engine thread between steps and return its future: at once while
         no request is in flight; while any is, units are spaced so they take at most
@@ -222,7 +237,7 @@ class Engine:
         with self._cv:  # re-entrant: submit takes it too
             seqs = [self.submit(u, ids, p) for u, ids, p in requests]
         results = []
-        for seq in seqs:
+        for seq, (_, _, p) in zip(seqs, requests):
             while True:
                 ev = seq.channel.get_sync(timeout=600)
                 if ev.finish_reason is not None:
@@ -232,6 +247,10 @@ class Engine:
                             "text": seq.text,
                             "finish_reason": ev.finish_reason,
                             "error": ev.error,
+                            "logprobs": list(seq.logprobs),
+                            "prompt_logprobs": list(seq.prompt_logprobs)
+                            if p.prompt_logprobs is not None
+                            else None,
                         }
                     )
                     break
@@ -340,7 +359,8 @@ class Engine:
         t0 = time.perf_counter()
         out = self.runner.run(plan, self.scheduler.running)
         if out is not None:
-            self._postprocess(*out)
+            self._score_prompts(out.scored)
+            self._postprocess(out.seqs, out.logits)
         plan.share_time(time.perf_counter() - t0)
         self._blocked = not (plan.prefill or plan.decode or plan.dropped or plan.failed)
         for seq in list(self.scheduler.running):
@@ -356,20 +376,57 @@ class Engine:
         seqs, logits = self._drop_non_finite(seqs, logits)
         if not seqs:
             return
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens, logprobs = sample_step(
+            logits,
+            [s.params for s in seqs],
+            [s.generator for s in seqs],
+            [s.prompt_ids for s in seqs],
+            [s.output_ids for s in seqs],
+            self.eos_ids,
+        )
         now = time.perf_counter()
-        for seq, token in zip(seqs, tokens):
+        for seq, token, lp in zip(seqs, tokens, logprobs):
             if seq.first_token_at is None:
                 seq.first_token_at = now
                 self.stats.ttft.add(now - seq.arrival)
             self.stats.tokens_out(1)
-            is_eos = token in self.eos_ids
+            is_eos = token in self.eos_ids or token in seq.params.stop_token_ids
+            kept = len(seq.output_ids)
             delta, reason = seq.append_token(token, is_eos, self.context_limit)
-            if not is_eos:  # every output token is an event (clients count token ids); its
-                # text may be "" while the detokenizer holds back a partial character
-                self._outbox.push(seq.channel, Event(text=delta, token_id=token))
+            if len(seq.output_ids) > kept:  # every output token is an event (clients count
+                # token ids); its text may be "" while the detokenizer holds back a character
+                if lp is not None:
+                    seq.logprobs.append(lp)
+                self._outbox.push(
+                    seq.channel,
+                    Event(
+                        text=delta,
+                        token_id=token,
+                        logprobs=lp,
+                        prompt_logprobs=seq.take_prompt_logprobs(),
+                    ),
+                )
             if reason is not None:
                 self._end(seq, reason)
+
+    def _score_prompts(self, scored: list[PromptScores]) -> None:
+        """Each scored prompt position's next prompt token: its logprob and the row's top k
+        (the model's log-softmax, no penalties), one ``log_softmax`` and ``topk`` for all."""
+        if not scored:
+            return
+        targets, ks = [], []
+        for s in scored:
+            n = s.logits.shape[0]
+            targets += s.seq.prompt_ids[s.start + 1 : s.start + 1 + n]
+            ks += [s.seq.params.prompt_logprobs or 0] * n
+        logits = torch.cat([s.logits for s in scored])  # [positions, vocab]
+        found = token_logprobs(logits, torch.tensor(targets, device=logits.device), ks)
+        at = 0
+        for s in scored:
+            n = s.logits.shape[0]
+            have = s.seq.prompt_logprobs  # positions already scored are skipped
+            have += found[at + max(0, len(have) - 1 - s.start) : at + n]
+            at += n
 
     def _drop_non_finite(
         self, seqs: list[Sequence], logits: torch.Tensor
@@ -392,6 +449,7 @@ class Engine:
             tail = seq.flush_text()
             if tail:
                 self._outbox.push(seq.channel, Event(text=tail))
+        prompt_logprobs = seq.take_prompt_logprobs() if reason != "error" else None
         if seq.status is Status.RUNNING:
             self.scheduler.finish(seq)  # unpins its adapter slot, frees its KV row
         seq.status = Status.FINISHED
@@ -407,6 +465,7 @@ class Engine:
                     "completion_tokens": len(seq.output_ids),
                 },
                 timing=seq.timing(),
+                prompt_logprobs=prompt_logprobs,
             ),
         )
 

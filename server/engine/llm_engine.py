@@ -205,6 +205,26 @@ class Engine:
             self._cv.notify()
         return seq
 
+    def submit_all(
+        self,
+        requests: list[tuple[str | None, list[int], SamplingParams]],
+        loop: asyncio.AbstractEventLoop | None = None,
+        client: str | None = None,
+        key_id: str | None = None,
+    ) -> list[Sequence]:
+        """``submit`` each, as one: the loop sees them together (its next step admits them
+        all), and if one is refused none is queued (those already taken are cancelled)."""
+        seqs: list[Sequence] = []
+        with self._cv:  # re-entrant: submit takes it too
+            try:
+                for user_id, ids, params in requests:
+                    seqs.append(self.submit(user_id, ids, params, loop, client, key_id))
+            except BaseException:
+                for seq in seqs:
+                    seq.cancel()
+                raise
+        return seqs
+
     def _check_tokens(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Every token id a request names is in the vocab (the logits' width)."""
         for what, ids in (
@@ -234,8 +254,7 @@ class Engine:
         """Offline: submit all, block until all finish; returns ids, text and finish reason.
         The loop sees the requests together (its first step prefills them all in one forward),
         not the first few while the rest are still being submitted."""
-        with self._cv:  # re-entrant: submit takes it too
-            seqs = [self.submit(u, ids, p) for u, ids, p in requests]
+        seqs = self.submit_all(requests)
         results = []
         for seq, (_, _, p) in zip(seqs, requests):
             while True:

@@ -164,6 +164,7 @@ async def collect_all(admissions: list[Admission], request: Request) -> list[Out
             task.cancel()
         for a in admissions:
             a.seq.cancel()
+            a.permit.release()  # idempotent; a task cancelled before it ran never did
         raise
 
 
@@ -187,6 +188,47 @@ async def events(seq: Sequence) -> AsyncIterator[Event]:
     finally:
         if not done:
             seq.cancel()
+
+
+async def sse_choices(
+    admissions: list[Admission],
+    token: Callable[[int, Event], StreamEvent | None],
+    finish: Callable[[int, Event], StreamEvent],
+    closing: Callable[[StreamEvent, list[Event]], list[StreamEvent]],
+) -> AsyncIterator[str]:
+    """Several sequences (the choices of one request) as one SSE stream, events in the order
+    they come: ``token(i, ev)`` per token of choice ``i``, ``finish(i, ev)`` when it ends
+    (sent at once, except the last choice's, which ``closing(last, finals)`` turns into the
+    stream's closing events)."""
+    queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+    async def pump(i: int, seq: Sequence) -> None:
+        async for ev in events(seq):
+            queue.put_nowait((i, ev))
+
+    tasks = [asyncio.ensure_future(pump(i, a.seq)) for i, a in enumerate(admissions)]
+    finals: list[Event | None] = [None] * len(admissions)
+    try:
+        left = len(admissions)
+        while left:
+            i, ev = await queue.get()
+            if ev.finish_reason is None:
+                body = token(i, ev)
+                if body is not None:
+                    yield sse(body)
+                continue
+            finals[i], left = ev, left - 1
+            if left:
+                yield sse(finish(i, ev))
+            else:
+                ends = [f for f in finals if f is not None]
+                for body in closing(finish(i, ev), ends):
+                    yield sse(body)
+    finally:
+        for task in tasks:
+            task.cancel()  # a consumer gone early: ``events`` cancels each sequence
+        for a in admissions:
+            a.permit.release()
 
 
 async def sse_stream(

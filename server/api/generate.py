@@ -16,7 +16,13 @@ from server.api.engine_io import (
     sse_stream,
     submit,
 )
-from server.api.schemas import GenerateRequest, GenerateResponse, Usage, error_responses
+from server.api.schemas import (
+    GenerateRequest,
+    GenerateResponse,
+    TokenLogprob,
+    Usage,
+    error_responses,
+)
 from server.api.streams import StreamEvent, native_done
 from server.engine import Event
 
@@ -80,11 +86,11 @@ async def generate(
         logprobs=None
         if body.logprobs is None
         else [
-            {
-                "token_id": ev.logprobs.token,
-                "token": logprob_shapes.token_text(rt.tokenizer, ev.logprobs.token),
+            TokenLogprob(
+                token_id=ev.logprobs.token,
+                token=logprob_shapes.token_text(rt.tokenizer, ev.logprobs.token),
                 **logprob_shapes.native(rt.tokenizer, ev.logprobs),
-            }
+            )
             for ev in out.tokens
             if ev.logprobs is not None
         ],

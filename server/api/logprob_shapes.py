@@ -19,7 +19,7 @@ _CONTEXT = 8  # tokens of left context when measuring one token's text
 
 
 def token_text(tok: PreTrainedTokenizerBase, token: int) -> str:
-    return tok.decode([token])
+    return str(tok.decode([token]))
 
 
 def text_offsets(tok: PreTrainedTokenizerBase, ids: list[int], start: int = 0) -> list[int]:

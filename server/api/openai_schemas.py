@@ -41,7 +41,6 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "web_search_options": _none_or(),
     "suffix": _none_or(""),
     "best_of": _none_or(1),
-    "n": _none_or(1),
 }
 
 
@@ -143,7 +142,7 @@ class CompletionRequest(_OpenAIRequest):
     @field_validator("prompt")
     @classmethod
     def _prompts(cls, v: Prompt) -> Prompt:
-        prompts = [v] if isinstance(v, str) or (v and isinstance(v[0], int)) else list(v)
+        prompts = _split(v)
         if not prompts or len(prompts) > MAX_PROMPTS:
             raise ValueError(f"give 1 to {MAX_PROMPTS} prompts")
         if any(len(p) == 0 for p in prompts):
@@ -152,10 +151,14 @@ class CompletionRequest(_OpenAIRequest):
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt: a string, or token ids."""
-        v = self.prompt
-        if isinstance(v, str) or isinstance(v[0], int):
-            return [v]  # type: ignore[list-item]
-        return list(v)  # type: ignore[arg-type]
+        return _split(self.prompt)
+
+
+def _split(v: Prompt) -> list[str | list[int]]:
+    """One prompt (a string, or token ids) or several."""
+    if isinstance(v, str) or (v and isinstance(v[0], int)):
+        return [v]  # type: ignore[list-item]
+    return list(v)  # type: ignore[arg-type]
 
 
 class ChatMessageIn(BaseModel):

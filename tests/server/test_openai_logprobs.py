@@ -216,3 +216,47 @@ def test_harmless_fields_are_accepted(tiny: Tiny) -> None:
     with tiny.live.client(tiny.key) as c:
         r = c.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
+
+
+def test_n_choices_are_the_seeded_requests_alone(tiny: Tiny) -> None:
+    """n=3 with a seed: choice j is what the same request with seed + j gives alone."""
+    oa = tiny.client()
+    args = dict(model=tiny.name, prompt="Once upon a time", max_tokens=6, temperature=1.0)
+    out = oa.completions.create(**args, n=3, seed=5)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    alone = [oa.completions.create(**args, seed=5 + j).choices[0].text for j in range(3)]
+    assert [c.text for c in out.choices] == alone
+    assert len(set(alone)) > 1
+    assert out.usage.prompt_tokens == len(tiny.tok("Once upon a time")["input_ids"])
+    assert out.usage.completion_tokens == 18
+
+
+def test_several_prompts_and_n_stream_as_one(tiny: Tiny) -> None:
+    oa = tiny.client()
+    args = dict(model="eve", prompt=["Hello there", "Good night"], max_tokens=5, temperature=0)
+    plain = oa.completions.create(**args, n=2, logprobs=1)
+    chunks = list(oa.completions.create(**args, n=2, logprobs=1, stream=True))
+    texts, tokens = {}, {}
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+            if ch.logprobs:
+                tokens[ch.index] = tokens.get(ch.index, []) + ch.logprobs.token_logprobs
+    assert sorted(texts) == [0, 1, 2, 3]
+    assert [texts[i] for i in range(4)] == [c.text for c in plain.choices]
+    assert [tokens[i] for i in range(4)] == [c.logprobs.token_logprobs for c in plain.choices]
+    assert plain.choices[0].text == plain.choices[1].text  # greedy: n identical choices
+    msgs = [{"role": "user", "content": "Hi"}]
+    stream = oa.chat.completions.create(
+        model="eve",
+        messages=msgs,
+        max_tokens=4,
+        temperature=0,
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    finished = [ch.index for c in chunks for ch in c.choices if ch.finish_reason]
+    assert sorted(finished) == [0, 1]
+    assert chunks[-1].usage.completion_tokens == 8

@@ -408,7 +408,8 @@ class Engine:
             if seq.first_token_at is None:
                 seq.first_token_at = now
                 self.stats.ttft.add(now - seq.arrival)
-            self.stats.tokens_out(1)
+            if seq.params.max_new_tokens:  # a scoring-only request outputs nothing
+                self.stats.tokens_out(1)
             is_eos = token in self.eos_ids or token in seq.params.stop_token_ids
             kept = len(seq.output_ids)
             delta, reason = seq.append_token(token, is_eos, self.context_limit)

@@ -4,6 +4,8 @@ official ``openai`` client, on a live tiny-model server; the numbers equal an fp
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from openai import BadRequestError
@@ -175,6 +177,18 @@ def test_native_generate_logprobs(tiny: Tiny) -> None:
             assert [t["token_id"] for t in g["top_logprobs"]] == lsm[len(ids) - 1 + i].topk(
                 2
             ).indices.tolist()
+
+
+def test_native_generate_streams_logprobs_per_token(tiny: Tiny) -> None:
+    body = {"prompt": "Once upon", "max_new_tokens": 4, "logprobs": 1, "stream": True}
+    with tiny.live.client(tiny.key) as c:
+        plain = c.post("/generate", json={**body, "stream": False}).json()["logprobs"]
+        with c.stream("POST", "/generate", json=body) as r:
+            lines = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: ")]
+    tokens = [e for e in lines if e["type"] == "token"]
+    assert [e["token_id"] for e in tokens] == [p["token_id"] for p in plain]
+    assert [e["logprob"] for e in tokens] == [p["logprob"] for p in plain]
+    assert [e["top_logprobs"] for e in tokens] == [p["top_logprobs"] for p in plain]
 
 
 @pytest.mark.parametrize(

@@ -156,8 +156,58 @@ class Engine:
     ) -> Sequence:
         """Queue a request with ``user_id``'s adapter (None: the base model), counted against
         ``client`` (default: ``user_id``, else "anonymous"). Raises QueueFull (the queue, or
-        this client's share of it), ContextTooLong, EngineStopped, or the store's
-        AdapterNotFound when ``user_id`` has no adapter."""
+        this client's share of it), ContextTooLong, InvalidTokens, EngineStopped, or the
+        store's AdapterNotFound when ``user_id`` has no adapter."""
+        (seq,) = self.submit_all([(user_id, prompt_ids, params)], loop, client, key_id)
+        return seq
+
+    def submit_all(
+        self,
+        requests: list[tuple[str | None, list[int], SamplingParams]],
+        loop: asyncio.AbstractEventLoop | None = None,
+        client: str | None = None,
+        key_id: str | None = None,
+    ) -> list[Sequence]:
+        """``submit`` several requests (of one client) as one: the loop sees them together (its
+        next step admits them all, as far as the batch allows), and if one is refused none
+        is queued."""
+        if self._stopping:
+            raise EngineStopped("the server is shutting down")
+        limit = self.config.scheduler.max_waiting
+        if self.queue_depth() + len(requests) > limit:
+            raise QueueFull(f"{limit} requests already queued")
+        # validation, and the adapter's version check against the store (read-your-writes,
+        # I/O): outside the lock
+        seqs = [self._sequence(*request, loop, client, key_id) for request in requests]
+        with self._cv:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            if len(self._inbox) + len(self.scheduler.waiting) + len(seqs) > limit:
+                raise QueueFull(f"{limit} requests already queued")
+            who = seqs[0].client
+            share = self.tenants.max_waiting(who)
+            mine = self.scheduler.waiting.queued(who)
+            mine += sum(1 for s in self._inbox if s.client == who)
+            if mine + len(seqs) > share:
+                raise QueueFull(
+                    f"{who!r} already has {mine} requests queued, its share of the "
+                    f"queue is {share}; retry when some have started"
+                )
+            self._inbox.extend(seqs)
+            self.stats.submitted += len(seqs)
+            self._cv.notify()
+        return seqs
+
+    def _sequence(
+        self,
+        user_id: str | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop | None,
+        client: str | None,
+        key_id: str | None,
+    ) -> Sequence:
+        """A new sequence for one checked request, its adapter ticket taken."""
         if not prompt_ids:
             raise ContextTooLong("the prompt is empty")
         self._check_tokens(prompt_ids, params)
@@ -179,51 +229,10 @@ class Engine:
         )
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        if self._stopping:
-            raise EngineStopped("the server is shutting down")
-        if self.queue_depth() >= self.config.scheduler.max_waiting:
-            raise QueueFull(f"{self.config.scheduler.max_waiting} requests already queued")
         if user_id is not None and self.pool is not None:
-            # The version check against the store (read-your-writes) is I/O: outside the lock.
             seq.ticket = self.pool.request(user_id)
             seq.adapter_version = seq.ticket.version
-        with self._cv:
-            if self._stopping:
-                raise EngineStopped("the server is shutting down")
-            if len(self._inbox) + len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
-                raise QueueFull(f"{self.config.scheduler.max_waiting} requests already queued")
-            share = self.tenants.max_waiting(seq.client)
-            mine = self.scheduler.waiting.queued(seq.client)
-            mine += sum(1 for s in self._inbox if s.client == seq.client)
-            if mine >= share:
-                raise QueueFull(
-                    f"{seq.client!r} already has {mine} requests queued, its share of the "
-                    f"queue is {share}; retry when some have started"
-                )
-            self._inbox.append(seq)
-            self.stats.submitted += 1
-            self._cv.notify()
         return seq
-
-    def submit_all(
-        self,
-        requests: list[tuple[str | None, list[int], SamplingParams]],
-        loop: asyncio.AbstractEventLoop | None = None,
-        client: str | None = None,
-        key_id: str | None = None,
-    ) -> list[Sequence]:
-        """``submit`` each, as one: the loop sees them together (its next step admits them
-        all), and if one is refused none is queued (those already taken are cancelled)."""
-        seqs: list[Sequence] = []
-        with self._cv:  # re-entrant: submit takes it too
-            try:
-                for user_id, ids, params in requests:
-                    seqs.append(self.submit(user_id, ids, params, loop, client, key_id))
-            except BaseException:
-                for seq in seqs:
-                    seq.cancel()
-                raise
-        return seqs
 
     def _check_tokens(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Every token id a request names is in the vocab (the logits' width)."""

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from openai import BadRequestError
+from openai import BadRequestError, UnprocessableEntityError
 from tiny_server import Tiny
 
 TOL = 1e-4
@@ -160,6 +160,12 @@ def test_logit_bias_and_penalties_through_the_api(tiny: Tiny) -> None:
     assert len(set(got_ids)) == 3  # the penalty keeps the greedy from repeating
     with pytest.raises(BadRequestError, match="logit_bias"):
         oa.completions.create(model=tiny.name, prompt="Hi", logit_bias={"999999": 5})
+    with pytest.raises(BadRequestError, match="min_tokens"):
+        oa.completions.create(
+            model=tiny.name, prompt="Hi", max_tokens=2, extra_body={"min_tokens": 5}
+        )
+    with pytest.raises(UnprocessableEntityError, match="presence_penalty"):
+        oa.completions.create(model=tiny.name, prompt="Hi", presence_penalty=2.5)
 
 
 def test_native_generate_logprobs(tiny: Tiny) -> None:

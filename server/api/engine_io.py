@@ -14,6 +14,7 @@ from adapters_store import AdapterNotFound
 from server.api.errors import ApiError
 from server.api.streams import StreamEvent, sse
 from server.engine import Event, SamplingParams, Sequence
+from server.engine.sampler import TokenLogprobs
 from server.tenants import Permit
 
 if TYPE_CHECKING:
@@ -67,27 +68,44 @@ async def submit(
     rt: Runtime, who: Principal, user_id: str | None, ids: list[int], params: SamplingParams
 ) -> Admission:
     """Check the caller's rate limits, then queue on the engine, counted against the tenant
-    ``who.client(user_id)``. Unknown adapter -> 404, or base model with --fallback-to-base.
+    ``who.client(user_id)``. Unknown adapter -> 404, or base model with --fallback-to-base."""
+    (admission,) = await submit_all(rt, who, user_id, [(ids, params)])
+    return admission
+
+
+async def submit_all(
+    rt: Runtime,
+    who: Principal,
+    user_id: str | None,
+    requests: list[tuple[list[int], SamplingParams]],
+) -> list[Admission]:
+    """``submit`` for several prompts at once: each is rate-limited on its own, and the engine
+    takes them together (one step admits them all) or none.
 
     In a worker thread: admission asks the store for the user's current version, and on a
     shared store counts the rate limits there (I/O that must not stall the event loop)."""
     loop = asyncio.get_running_loop()
     client = who.client(user_id)
 
-    def admit() -> Admission:
-        permit = rt.tenants.limiter.admit(client, len(ids) + params.max_new_tokens)
+    def admit() -> list[Admission]:
+        permits: list[Permit] = []
         engine, key = rt.engine, who.key_id
         try:
+            for ids, params in requests:
+                permits.append(rt.tenants.limiter.admit(client, len(ids) + params.max_new_tokens))
             try:
-                seq = engine.submit(user_id, ids, params, loop, client=client, key_id=key)
+                jobs = [(user_id, ids, params) for ids, params in requests]
+                seqs = engine.submit_all(jobs, loop, client=client, key_id=key)
             except AdapterNotFound:
                 if not rt.config.fallback_to_base or user_id is None:
                     raise
-                seq = engine.submit(None, ids, params, loop, client=client, key_id=key)
+                jobs = [(None, ids, params) for ids, params in requests]
+                seqs = engine.submit_all(jobs, loop, client=client, key_id=key)
         except BaseException:
-            permit.release()
+            for permit in permits:
+                permit.release()
             raise
-        return Admission(seq, permit)
+        return [Admission(seq, permit) for seq, permit in zip(seqs, permits)]
 
     return await asyncio.to_thread(admit)
 
@@ -96,6 +114,8 @@ async def submit(
 class Outcome:
     text: str
     final: Event
+    tokens: list[Event]  # one per output token (its id, and its logprobs when asked)
+    prompt_logprobs: list[TokenLogprobs | None] | None  # when the request scored its prompt
 
 
 async def collect(admission: Admission, request: Request) -> Outcome:
@@ -104,6 +124,8 @@ async def collect(admission: Admission, request: Request) -> Outcome:
     tokens are arriving: a hang-up is noticed within that, not when generation ends."""
     seq = admission.seq
     pieces: list[str] = []
+    tokens: list[Event] = []
+    prompt_logprobs = None
     loop = asyncio.get_running_loop()
     next_check = loop.time() + _DISCONNECT_POLL_S
     try:
@@ -118,14 +140,32 @@ async def collect(admission: Admission, request: Request) -> Outcome:
                     seq.cancel()  # the engine ends it; its final event still comes
             if ev is None:
                 continue
+            if ev.prompt_logprobs is not None:
+                prompt_logprobs = ev.prompt_logprobs
             if ev.finish_reason is not None:
-                return Outcome("".join(pieces), ev)
+                return Outcome("".join(pieces), ev, tokens, prompt_logprobs)
             pieces.append(ev.text)
+            if ev.token_id is not None:
+                tokens.append(ev)
     except asyncio.CancelledError:
         seq.cancel()
         raise
     finally:
         admission.permit.release()
+
+
+async def collect_all(admissions: list[Admission], request: Request) -> list[Outcome]:
+    """``collect`` each, concurrently; a failure (or this task's cancellation) cancels all."""
+    tasks = [asyncio.ensure_future(collect(a, request)) for a in admissions]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        for a in admissions:
+            a.seq.cancel()
+            a.permit.release()  # idempotent; a task cancelled before it ran never did
+        raise
 
 
 def raise_for_error(ev: Event) -> None:
@@ -148,6 +188,47 @@ async def events(seq: Sequence) -> AsyncIterator[Event]:
     finally:
         if not done:
             seq.cancel()
+
+
+async def sse_choices(
+    admissions: list[Admission],
+    token: Callable[[int, Event], StreamEvent | None],
+    finish: Callable[[int, Event], StreamEvent],
+    closing: Callable[[StreamEvent, list[Event]], list[StreamEvent]],
+) -> AsyncIterator[str]:
+    """Several sequences (the choices of one request) as one SSE stream, events in the order
+    they come: ``token(i, ev)`` per token of choice ``i``, ``finish(i, ev)`` when it ends
+    (sent at once, except the last choice's, which ``closing(last, finals)`` turns into the
+    stream's closing events)."""
+    queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+    async def pump(i: int, seq: Sequence) -> None:
+        async for ev in events(seq):
+            queue.put_nowait((i, ev))
+
+    tasks = [asyncio.ensure_future(pump(i, a.seq)) for i, a in enumerate(admissions)]
+    finals: list[Event | None] = [None] * len(admissions)
+    try:
+        left = len(admissions)
+        while left:
+            i, ev = await queue.get()
+            if ev.finish_reason is None:
+                body = token(i, ev)
+                if body is not None:
+                    yield sse(body)
+                continue
+            finals[i], left = ev, left - 1
+            if left:
+                yield sse(finish(i, ev))
+            else:
+                ends = [f for f in finals if f is not None]
+                for body in closing(finish(i, ev), ends):
+                    yield sse(body)
+    finally:
+        for task in tasks:
+            task.cancel()  # a consumer gone early: ``events`` cancels each sequence
+        for a in admissions:
+            a.permit.release()
 
 
 async def sse_stream(

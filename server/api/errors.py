@@ -17,7 +17,7 @@ from adapters_store import (
     StoreUnavailable,
 )
 from server.auth import UserExists
-from server.engine import ContextTooLong, EngineStopped, QueueFull
+from server.engine import ContextTooLong, EngineStopped, InvalidTokens, QueueFull
 from server.finetune.service import FineTuneForbidden, FineTuneInvalid, FineTuneNotFound
 from server.finetune.store import JobLimit
 from server.tenants import RateLimited
@@ -54,6 +54,7 @@ _MAPPING: list[tuple[type[Exception], int, str]] = [
     (TrainingDataError, 400, "invalid_training_file"),
     (VeraError, 400, "invalid_adapter"),
     (ContextTooLong, 400, "context_length_exceeded"),
+    (InvalidTokens, 400, "invalid_request_error"),
     (QueueFull, 429, "queue_full"),
     (RateLimited, 429, "rate_limit_exceeded"),
     (EngineStopped, 503, "shutting_down"),
@@ -71,6 +72,19 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _refused_fields(exc: RequestValidationError) -> str | None:
+    """The message naming the unknown or unsupported fields of a request, if it has any."""
+    unknown, unsupported = [], []
+    for err in exc.errors():
+        if err.get("type") == "extra_forbidden":
+            unknown.append(".".join(str(x) for x in err.get("loc", ()) if x != "body"))
+        elif err.get("type") == "unsupported_field":
+            unsupported.append(str(err.get("msg")))
+    if unknown:
+        return f"unknown field(s): {', '.join(unknown)}"
+    return "; ".join(unsupported) or None
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
@@ -85,6 +99,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        refused = _refused_fields(exc)
+        if refused:  # a field the server does not know or does not implement: 400
+            return error_response(400, refused, "invalid_request_error")
         return error_response(422, _validation_message(exc), "validation_error")
 
     for exc_type, status, kind in _MAPPING:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
+from server.api import logprob_shapes
 from server.api.auth import Principal, principal, require_access
 from server.api.deps import RuntimeDep
 from server.api.engine_io import (
@@ -15,7 +16,13 @@ from server.api.engine_io import (
     sse_stream,
     submit,
 )
-from server.api.schemas import GenerateRequest, GenerateResponse, Usage, error_responses
+from server.api.schemas import (
+    GenerateRequest,
+    GenerateResponse,
+    TokenLogprob,
+    Usage,
+    error_responses,
+)
 from server.api.streams import StreamEvent, native_done
 from server.engine import Event
 
@@ -34,7 +41,8 @@ async def generate(
 ):
     """Generate with ``user_id``'s adapter (or the base model). ``stream`` -> Server-Sent Events:
     one ``{"type": "token", "text", "token_id"}`` event per token, then a ``{"type": "done"}``
-    event with finish_reason, usage and timing."""
+    event with finish_reason, usage and timing. ``logprobs: k``: each token (event) also
+    carries ``logprob`` and ``top_logprobs`` (k alternatives)."""
     if body.user_id is not None:
         require_access(who, body.user_id)
     messages = [m.model_dump() for m in body.messages] if body.messages else None
@@ -55,10 +63,14 @@ async def generate(
             )
         ]
 
+    def token(ev: Event) -> StreamEvent:
+        event = {"type": "token", "text": ev.text, "token_id": ev.token_id}
+        if ev.logprobs is not None:
+            event.update(logprob_shapes.native(rt.tokenizer, ev.logprobs))
+        return event
+
     if body.stream:
-        stream = sse_stream(
-            admission, lambda ev: {"type": "token", "text": ev.text, "token_id": ev.token_id}, done
-        )
+        stream = sse_stream(admission, token, done)
         headers = {"Cache-Control": "no-cache", **admission.headers}
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
     response.headers.update(admission.headers)
@@ -71,4 +83,15 @@ async def generate(
         adapter_version=version,
         usage=Usage.model_validate(out.final.usage),
         timing=out.final.timing or {},
+        logprobs=None
+        if body.logprobs is None
+        else [
+            TokenLogprob(
+                token_id=ev.logprobs.token,
+                token=logprob_shapes.token_text(rt.tokenizer, ev.logprobs.token),
+                **logprob_shapes.native(rt.tokenizer, ev.logprobs),
+            )
+            for ev in out.tokens
+            if ev.logprobs is not None
+        ],
     )

@@ -3,28 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from adapters_store import AdapterNotFound, validate_user_id
+from server.api import logprob_shapes
 from server.api.auth import Principal, principal, require_access
 from server.api.deps import RuntimeDep
 from server.api.engine_io import (
     STREAM_200,
-    collect,
+    Admission,
+    collect_all,
     encode_prompt,
     raise_for_error,
-    sse_stream,
-    submit,
+    sse_choices,
+    submit_all,
 )
-from server.api.openai_schemas import ChatCompletionRequest, CompletionRequest
+from server.api.errors import ApiError
+from server.api.openai_choices import ChatChoice, CompletionChoice
+from server.api.openai_schemas import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest
 from server.api.schemas import error_responses
-from server.api.streams import openai_closing
-from server.engine import Event
+from server.api.streams import StreamEvent, openai_closing
+from server.engine import Event, SamplingParams
 
 if TYPE_CHECKING:
     from server.runtime import Runtime
@@ -76,6 +82,35 @@ async def list_models(rt: RuntimeDep, who: Principal = Depends(principal)) -> di
     return {"object": "list", "data": data}
 
 
+def _params(
+    body: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+) -> list[SamplingParams]:
+    """The ``n`` choices' parameters: with a ``seed``, choice j samples with ``seed + j``."""
+    try:
+        params = body.sampling_params(max_tokens, logprobs, prompt_logprobs)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    n = body.n or 1
+    if n == 1 or params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=params.seed + j) for j in range(n)]
+
+
+def _usage_of(finals: list[Event], n: int) -> dict[str, int]:
+    """Each prompt counted once (its ``n`` choices share it), every choice's tokens."""
+    usage = [_usage(ev) for ev in finals]
+    prompt = sum(u["prompt_tokens"] for u in usage[::n])
+    completion = sum(u["completion_tokens"] for u in usage)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
 @router.post("/completions", responses={**_ERRORS, **STREAM_200})
 async def completions(
     body: CompletionRequest,
@@ -84,36 +119,70 @@ async def completions(
     rt: RuntimeDep,
     who: Principal = Depends(principal),
 ):
+    """One choice per prompt and per ``n`` (index ``prompt * n + j``), all admitted together;
+    ``echo`` puts the prompt (and with ``logprobs`` its tokens' logprobs, the first None)
+    before each choice's text; ``max_tokens`` 0 only scores the prompt."""
     user_id = _user_for_model(rt, body.model, who)
-    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-    ids = encode_prompt(rt, prompt, None)
-    params = body.sampling_params(max_new_tokens=body.max_tokens or 16)
-    admission = await submit(rt, who, user_id, ids, params)
+    prompts, n = body.prompts(), body.n or 1
+    if len(prompts) * n > MAX_PROMPTS:
+        raise ApiError(400, f"prompts x n is {len(prompts) * n}, at most {MAX_PROMPTS}")
+    ids = [encode_prompt(rt, p, None) if isinstance(p, str) else list(p) for p in prompts]
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    scoring = body.logprobs if body.echo and body.logprobs is not None else None
+    if max_tokens == 0 and scoring is None:
+        scoring = 0  # a prompt-only request runs as scoring (its numbers are not returned)
+    params = _params(body, max_tokens, body.logprobs, scoring)
+    jobs = [(ids[c // n], params[c % n]) for c in range(len(prompts) * n)]
+    admissions = await submit_all(rt, who, user_id, jobs)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    tok = rt.tokenizer
 
-    def chunk(text: str, finish: str | None) -> dict:
+    def echoed(c: int) -> str:
+        p = prompts[c // n]
+        return p if isinstance(p, str) else str(tok.decode(ids[c // n]))
+
+    def body_of(choices: list[dict]) -> dict:
         return {
             "id": rid,
             "object": "text_completion",
             "created": created,
             "model": body.model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "choices": choices,
         }
 
     if body.stream:
+        choices = [
+            CompletionChoice(c, tok, ids[c // n], echoed(c) if body.echo else None, body.logprobs)
+            for c in range(len(jobs))
+        ]
 
-        def final(ev: Event) -> list[dict | str]:
-            return _final_events(ev, chunk("", _finish(ev)), body)
+        def token(c: int, ev: Event) -> dict | None:
+            choice = choices[c].token(ev)
+            return None if choice is None else body_of([choice])
 
-        return StreamingResponse(
-            sse_stream(admission, lambda ev: chunk(ev.text, None) if ev.text else None, final),
-            media_type="text/event-stream",
-            headers=admission.headers,
+        def finish(c: int, ev: Event) -> dict:
+            return body_of([choices[c].final(ev, _finish(ev))])
+
+        return _streamed(admissions, token, finish, body, n)
+    response.headers.update(admissions[0].headers)
+    outs = await collect_all(admissions, request)
+    for out in outs:
+        raise_for_error(out.final)
+    answer = []
+    for c, out in enumerate(outs):
+        text, logprobs = out.text, None
+        if body.echo:
+            text = echoed(c) + text
+        if body.logprobs is not None:
+            out_ids = [ev.token_id for ev in out.tokens if ev.token_id is not None]
+            out_lps = [ev.logprobs for ev in out.tokens]
+            if body.echo:
+                out_ids, out_lps = ids[c // n] + out_ids, (out.prompt_logprobs or []) + out_lps
+            logprobs = logprob_shapes.legacy(tok, out_ids, out_lps)
+        answer.append(
+            {"index": c, "text": text, "logprobs": logprobs, "finish_reason": _finish(out.final)}
         )
-    response.headers.update(admission.headers)
-    out = await collect(admission, request)
-    raise_for_error(out.final)
-    return {**chunk(out.text, _finish(out.final)), "usage": _usage(out.final)}
+    return {**body_of(answer), "usage": _usage_of([out.final for out in outs], n)}
 
 
 @router.post("/chat/completions", responses={**_ERRORS, **STREAM_200})
@@ -133,41 +202,35 @@ async def chat_completions(
     limit = body.max_completion_tokens or body.max_tokens
     if limit is None:
         limit = max(1, min(_CHAT_DEFAULT_MAX, rt.engine.context_limit - len(ids)))
-    admission = await submit(rt, who, user_id, ids, body.sampling_params(max_new_tokens=limit))
+    k = (body.top_logprobs or 0) if body.logprobs else None
+    params = _params(body, limit, k)
+    admissions = await submit_all(rt, who, user_id, [(ids, p) for p in params])
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    choices = [ChatChoice(c, rt.tokenizer, body.logprobs) for c in range(len(params))]
 
-    def chunk(delta: dict, finish: str | None) -> dict:
+    def chunk(choice: dict) -> dict:
         return {
             "id": rid,
             "object": "chat.completion.chunk",
             "created": created,
             "model": body.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "choices": [choice],
         }
 
     if body.stream:
-        first = [True]
 
-        def token(ev: Event) -> dict | None:
-            if not ev.text:
-                return None  # a token that completes no character yet
-            delta = {"content": ev.text}
-            if first[0]:
-                delta["role"], first[0] = "assistant", False
-            return chunk(delta, None)
+        def token(c: int, ev: Event) -> dict | None:
+            choice = choices[c].token(ev)
+            return None if choice is None else chunk(choice)
 
-        def final(ev: Event) -> list[dict | str]:
-            delta = {"role": "assistant", "content": ""} if first[0] else {}
-            return _final_events(ev, chunk(delta, _finish(ev)), body)
+        def finish(c: int, ev: Event) -> dict:
+            return chunk(choices[c].final(_finish(ev)))
 
-        return StreamingResponse(
-            sse_stream(admission, token, final),
-            media_type="text/event-stream",
-            headers=admission.headers,
-        )
-    response.headers.update(admission.headers)
-    out = await collect(admission, request)
-    raise_for_error(out.final)
+        return _streamed(admissions, token, finish, body, len(params))
+    response.headers.update(admissions[0].headers)
+    outs = await collect_all(admissions, request)
+    for out in outs:
+        raise_for_error(out.final)
     return {
         "id": rid,
         "object": "chat.completion",
@@ -175,23 +238,39 @@ async def chat_completions(
         "model": body.model,
         "choices": [
             {
-                "index": 0,
+                "index": c,
                 "message": {"role": "assistant", "content": out.text},
                 "finish_reason": _finish(out.final),
-                "logprobs": None,
+                "logprobs": choices[c].content([ev.logprobs for ev in out.tokens if ev.logprobs]),
             }
+            for c, out in enumerate(outs)
         ],
-        "usage": _usage(out.final),
+        "usage": _usage_of([out.final for out in outs], len(params)),
     }
 
 
-def _final_events(ev: Event, last: dict, body: CompletionRequest | ChatCompletionRequest):
-    """The closing events: ``last`` (with usage when the client asked for it), or, since the
-    headers are already sent, an error event; then ``[DONE]``."""
-    failed = ev.finish_reason == "error"
+def _streamed(
+    admissions: list[Admission],
+    token: Callable[[int, Event], dict | None],
+    finish: Callable[[int, Event], dict],
+    body: CompletionRequest | ChatCompletionRequest,
+    n: int,
+) -> StreamingResponse:
+    """The choices as one SSE stream, closed by the last choice's final chunk (with usage
+    when the client asked for it) or, since the headers are already sent, an error event;
+    then ``[DONE]``."""
     include_usage = bool(body.stream_options and body.stream_options.get("include_usage"))
-    return openai_closing(
-        last,
-        error=(ev.error or "generation failed") if failed else None,
-        usage=_usage(ev) if include_usage else None,
+
+    def closing(last: StreamEvent, finals: list[Event]) -> list[StreamEvent]:
+        failed = [ev for ev in finals if ev.finish_reason == "error"]
+        return openai_closing(
+            last,  # type: ignore[arg-type]
+            error=(failed[0].error or "generation failed") if failed else None,
+            usage=_usage_of(finals, n) if include_usage else None,
+        )
+
+    return StreamingResponse(
+        sse_choices(admissions, token, finish, closing),
+        media_type="text/event-stream",
+        headers=admissions[0].headers,
     )

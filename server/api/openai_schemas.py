@@ -1,52 +1,164 @@
-"""Request bodies of the OpenAI-compatible endpoints (unknown fields are accepted and ignored)."""
+"""Request bodies of the OpenAI-compatible endpoints.
+
+Every field of OpenAI's requests is either honoured or refused with a 400 that names it:
+unknown fields are refused (``extra="forbid"``), and the known fields this server does not
+implement are refused when they would change the answer (``_UNSUPPORTED``). Fields that change
+nothing in the output (``user``, ``metadata``, ``store``, ``service_tier``, ...) are accepted.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from server.api.schemas import StopField, stop_strings
 from server.engine import SamplingParams
+from server.engine.sampling_params import MAX_LOGPROBS
 
 OPENAI_TEMPERATURE = 1.0  # what OpenAI samples with when a request gives none
+MAX_PROMPTS = 64  # prompts (or n) per completions request
+UNSUPPORTED = "unsupported_field"  # the error type errors.py answers with 400
+
+
+def _none_or(*allowed: Any) -> Callable[[Any], bool]:
+    return lambda v: v is None or v in allowed
+
+
+# field -> the values that do not change the answer (anything else is refused by name)
+_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "tools": lambda v: not v,
+    "functions": lambda v: not v,
+    "tool_choice": _none_or("none"),
+    "function_call": _none_or("none"),
+    "response_format": _none_or({"type": "text"}),
+    "audio": _none_or(),
+    "prediction": _none_or(),
+    "modalities": _none_or(["text"]),
+    "reasoning_effort": _none_or(),
+    "web_search_options": _none_or(),
+    "suffix": _none_or(""),
+    "best_of": _none_or(1),
+}
 
 
 class _OpenAIRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=256)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    n: int | None = Field(None, ge=1, le=MAX_PROMPTS)
     stream: bool = False
     stop: StopField = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream_options: dict[str, Any] | None = None
     user: str | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(None, max_length=300)
+    # vLLM's extensions, same names and meanings
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] | None = Field(None, max_length=64)
 
-    def sampling_params(self, max_new_tokens: int) -> SamplingParams:
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids, not {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], not {bias}")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, harmless in _UNSUPPORTED.items():
+                if name in data and not harmless(data[name]):
+                    raise PydanticCustomError(
+                        UNSUPPORTED,
+                        "'{field}' is not supported by this server (value {value!r})",
+                        {"field": name, "value": data[name]},
+                    )
+        return data
+
+    def sampling_params(
+        self, max_new_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
+        """Raises ValueError (a 400 at the route) for a combination no field checks alone."""
         return SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=OPENAI_TEMPERATURE if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
             stop=stop_strings(self.stop),
             seed=self.seed,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            logit_bias=tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items()),
+            min_tokens=self.min_tokens,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
         )
 
 
+class _Harmless(BaseModel):
+    """OpenAI fields that change nothing in the answer, accepted (and ignored)."""
+
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    modalities: list[str] | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    tool_choice: Any = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
 class CompletionRequest(_OpenAIRequest):
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1, le=8192)
+    prompt: Prompt
+    max_tokens: int | None = Field(16, ge=0, le=8192)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    suffix: str | None = None
+    best_of: int | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _single(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, list) and len(v) != 1:
-            raise ValueError("exactly one prompt per request is supported")
-        text = v if isinstance(v, str) else v[0]
-        if not text:
+    def _prompts(cls, v: Prompt) -> Prompt:
+        prompts = _split(v)
+        if not prompts or len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"give 1 to {MAX_PROMPTS} prompts")
+        if any(len(p) == 0 for p in prompts):
             raise ValueError("prompt is empty")
         return v
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a string, or token ids."""
+        return _split(self.prompt)
+
+
+def _split(v: Prompt) -> list[str | list[int]]:
+    """One prompt (a string, or token ids) or several."""
+    if isinstance(v, str) or (v and isinstance(v[0], int)):
+        return [v]  # type: ignore[list-item]
+    return list(v)  # type: ignore[arg-type]
 
 
 class ChatMessageIn(BaseModel):
@@ -60,7 +172,15 @@ class ChatMessageIn(BaseModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(_OpenAIRequest):
+class ChatCompletionRequest(_OpenAIRequest, _Harmless):
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1, le=8192)
     max_completion_tokens: int | None = Field(None, ge=1, le=8192)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self

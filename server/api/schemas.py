@@ -8,6 +8,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from adapters_store import USER_ID_PATTERN, validate_user_id
 from server.engine import SamplingParams
+from server.engine.sampling_params import MAX_LOGPROBS
 
 MAX_STOP = 8
 MAX_STOP_CHARS = 128
@@ -64,6 +65,13 @@ class GenerateRequest(BaseModel):
     stop: StopField = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="each token's logprob and its top k alternatives (log-softmax of the "
+        "model's logits, before temperature)",
+    )
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(
@@ -73,6 +81,7 @@ class GenerateRequest(BaseModel):
             top_k=self.top_k,
             stop=stop_strings(self.stop),
             seed=self.seed,
+            logprobs=self.logprobs,
         )
 
     @model_validator(mode="after")
@@ -89,6 +98,19 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+    top_logprobs: list[TopLogprob]
+
+
 class GenerateResponse(BaseModel):
     user_id: str | None
     text: str
@@ -96,6 +118,7 @@ class GenerateResponse(BaseModel):
     adapter_version: int | None
     usage: Usage
     timing: dict[str, float]
+    logprobs: list[TokenLogprob] | None = None  # one per output token, when asked
 
 
 class CreateUserRequest(BaseModel):

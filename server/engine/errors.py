@@ -15,6 +15,10 @@ class ContextTooLong(EngineError):
     """The prompt plus ``max_new_tokens`` does not fit the context (or the prompt is empty)."""
 
 
+class InvalidTokens(EngineError):
+    """A token id (of the prompt, ``logit_bias`` or ``stop_token_ids``) is not in the vocab."""
+
+
 class EngineStopped(EngineError):
     """The engine is shutting down and takes no more work."""
 

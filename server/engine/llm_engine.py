@@ -36,10 +36,10 @@ from server.engine.adapter_slots import SlotPool
 from server.engine.background import BackgroundWork
 from server.engine.compile import COMPILE_DELAY_S
 from server.engine.detokenizer import StopChecker
-from server.engine.errors import ContextTooLong, EngineStopped, QueueFull
+from server.engine.errors import ContextTooLong, EngineStopped, InvalidTokens, QueueFull
 from server.engine.fair_queue import TenantDefaults, TenantPolicy
-from server.engine.model_runner import ModelRunner
-from server.engine.sampler import sample
+from server.engine.model_runner import ModelRunner, PromptScores
+from server.engine.sampler import sample_step, token_logprobs
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Channel, Event, Outbox, Sequence, Status
@@ -99,6 +99,7 @@ class Engine:
             static=config.static_decode,
         )
         self.eos_ids = _eos_ids(self.model, tokenizer)
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.stats = EngineStats()
         self._ids = itertools.count(1)
         self.background = BackgroundWork(config.background_share)
@@ -155,10 +156,61 @@ class Engine:
     ) -> Sequence:
         """Queue a request with ``user_id``'s adapter (None: the base model), counted against
         ``client`` (default: ``user_id``, else "anonymous"). Raises QueueFull (the queue, or
-        this client's share of it), ContextTooLong, EngineStopped, or the store's
-        AdapterNotFound when ``user_id`` has no adapter."""
+        this client's share of it), ContextTooLong, InvalidTokens, EngineStopped, or the
+        store's AdapterNotFound when ``user_id`` has no adapter."""
+        (seq,) = self.submit_all([(user_id, prompt_ids, params)], loop, client, key_id)
+        return seq
+
+    def submit_all(
+        self,
+        requests: list[tuple[str | None, list[int], SamplingParams]],
+        loop: asyncio.AbstractEventLoop | None = None,
+        client: str | None = None,
+        key_id: str | None = None,
+    ) -> list[Sequence]:
+        """``submit`` several requests (of one client) as one: the loop sees them together (its
+        next step admits them all, as far as the batch allows), and if one is refused none
+        is queued."""
+        if self._stopping:
+            raise EngineStopped("the server is shutting down")
+        limit = self.config.scheduler.max_waiting
+        if self.queue_depth() + len(requests) > limit:
+            raise QueueFull(f"{limit} requests already queued")
+        # validation, and the adapter's version check against the store (read-your-writes,
+        # I/O): outside the lock
+        seqs = [self._sequence(*request, loop, client, key_id) for request in requests]
+        with self._cv:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            if len(self._inbox) + len(self.scheduler.waiting) + len(seqs) > limit:
+                raise QueueFull(f"{limit} requests already queued")
+            who = seqs[0].client
+            share = self.tenants.max_waiting(who)
+            mine = self.scheduler.waiting.queued(who)
+            mine += sum(1 for s in self._inbox if s.client == who)
+            if mine + len(seqs) > share:
+                raise QueueFull(
+                    f"{who!r} already has {mine} requests queued, its share of the "
+                    f"queue is {share}; retry when some have started"
+                )
+            self._inbox.extend(seqs)
+            self.stats.submitted += len(seqs)
+            self._cv.notify()
+        return seqs
+
+    def _sequence(
+        self,
+        user_id: str | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop | None,
+        client: str | None,
+        key_id: str | None,
+    ) -> Sequence:
+        """A new sequence for one checked request, its adapter ticket taken."""
         if not prompt_ids:
             raise ContextTooLong("the prompt is empty")
+        self._check_tokens(prompt_ids, params)
         total = len(prompt_ids) + params.max_new_tokens
         if total > self.context_limit:
             raise ContextTooLong(
@@ -177,31 +229,23 @@ class Engine:
         )
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        if self._stopping:
-            raise EngineStopped("the server is shutting down")
-        if self.queue_depth() >= self.config.scheduler.max_waiting:
-            raise QueueFull(f"{self.config.scheduler.max_waiting} requests already queued")
         if user_id is not None and self.pool is not None:
-            # The version check against the store (read-your-writes) is I/O: outside the lock.
             seq.ticket = self.pool.request(user_id)
             seq.adapter_version = seq.ticket.version
-        with self._cv:
-            if self._stopping:
-                raise EngineStopped("the server is shutting down")
-            if len(self._inbox) + len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
-                raise QueueFull(f"{self.config.scheduler.max_waiting} requests already queued")
-            share = self.tenants.max_waiting(seq.client)
-            mine = self.scheduler.waiting.queued(seq.client)
-            mine += sum(1 for s in self._inbox if s.client == seq.client)
-            if mine >= share:
-                raise QueueFull(
-                    f"{seq.client!r} already has {mine} requests queued, its share of the "
-                    f"queue is {share}; retry when some have started"
-                )
-            self._inbox.append(seq)
-            self.stats.submitted += 1
-            self._cv.notify()
         return seq
+
+    def _check_tokens(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Every token id a request names is in the vocab (the logits' width)."""
+        for what, ids in (
+            ("prompt", prompt_ids),
+            ("logit_bias", [t for t, _ in params.logit_bias]),
+            ("stop_token_ids", params.stop_token_ids),
+        ):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidTokens(
+                    f"{what}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+                )
 
     def run_background(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Run ``fn`` on the engine thread between steps and return its future: at once while
@@ -223,11 +267,10 @@ class Engine:
         """Offline: submit all, block until all finish; returns ids, text and finish reason.
         The loop sees the requests together (its first step prefills them all in one forward),
         not the first few while the rest are still being submitted. ``client``: whom they are
-        queued and metered as (default: each request's user, else "anonymous")."""
-        with self._cv:  # re-entrant: submit takes it too
-            seqs = [self.submit(u, ids, p, client=client) for u, ids, p in requests]
+        queued and metered as (default: the first request's user, else "anonymous")."""
+        seqs = self.submit_all(requests, client=client)
         results = []
-        for seq in seqs:
+        for seq, (_, _, p) in zip(seqs, requests):
             while True:
                 ev = seq.channel.get_sync(timeout=600)
                 if ev.finish_reason is not None:
@@ -237,6 +280,10 @@ class Engine:
                             "text": seq.text,
                             "finish_reason": ev.finish_reason,
                             "error": ev.error,
+                            "logprobs": list(seq.logprobs),
+                            "prompt_logprobs": list(seq.prompt_logprobs)
+                            if p.prompt_logprobs is not None
+                            else None,
                         }
                     )
                     break
@@ -345,7 +392,8 @@ class Engine:
         t0 = time.perf_counter()
         out = self.runner.run(plan, self.scheduler.running)
         if out is not None:
-            self._postprocess(*out)
+            self._score_prompts(out.scored)
+            self._postprocess(out.seqs, out.logits)
         plan.share_time(time.perf_counter() - t0)
         self._blocked = not (plan.prefill or plan.decode or plan.dropped or plan.failed)
         for seq in list(self.scheduler.running):
@@ -361,20 +409,58 @@ class Engine:
         seqs, logits = self._drop_non_finite(seqs, logits)
         if not seqs:
             return
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens, logprobs = sample_step(
+            logits,
+            [s.params for s in seqs],
+            [s.generator for s in seqs],
+            [s.prompt_ids for s in seqs],
+            [s.output_ids for s in seqs],
+            self.eos_ids,
+        )
         now = time.perf_counter()
-        for seq, token in zip(seqs, tokens):
+        for seq, token, lp in zip(seqs, tokens, logprobs):
             if seq.first_token_at is None:
                 seq.first_token_at = now
                 self.stats.ttft.add(now - seq.arrival)
-            self.stats.tokens_out(1)
-            is_eos = token in self.eos_ids
+            if seq.params.max_new_tokens:  # a scoring-only request outputs nothing
+                self.stats.tokens_out(1)
+            is_eos = token in self.eos_ids or token in seq.params.stop_token_ids
+            kept = len(seq.output_ids)
             delta, reason = seq.append_token(token, is_eos, self.context_limit)
-            if not is_eos:  # every output token is an event (clients count token ids); its
-                # text may be "" while the detokenizer holds back a partial character
-                self._outbox.push(seq.channel, Event(text=delta, token_id=token))
+            if len(seq.output_ids) > kept:  # every output token is an event (clients count
+                # token ids); its text may be "" while the detokenizer holds back a character
+                if lp is not None:
+                    seq.logprobs.append(lp)
+                self._outbox.push(
+                    seq.channel,
+                    Event(
+                        text=delta,
+                        token_id=token,
+                        logprobs=lp,
+                        prompt_logprobs=seq.take_prompt_logprobs(),
+                    ),
+                )
             if reason is not None:
                 self._end(seq, reason)
+
+    def _score_prompts(self, scored: list[PromptScores]) -> None:
+        """Each scored prompt position's next prompt token: its logprob and the row's top k
+        (the model's log-softmax, no penalties), one ``log_softmax`` and ``topk`` for all."""
+        if not scored:
+            return
+        targets, ks = [], []
+        for s in scored:
+            n = s.logits.shape[0]
+            targets += s.seq.prompt_ids[s.start + 1 : s.start + 1 + n]
+            ks += [s.seq.params.prompt_logprobs or 0] * n
+        logits = torch.cat([s.logits for s in scored])  # [positions, vocab]
+        found = token_logprobs(logits, torch.tensor(targets, device=logits.device), ks)
+        at = 0
+        for s in scored:
+            n = s.logits.shape[0]
+            have = s.seq.prompt_logprobs  # positions already scored are skipped
+            have += found[at + max(0, len(have) - 1 - s.start) : at + n]
+            at += n
 
     def _drop_non_finite(
         self, seqs: list[Sequence], logits: torch.Tensor
@@ -397,6 +483,7 @@ class Engine:
             tail = seq.flush_text()
             if tail:
                 self._outbox.push(seq.channel, Event(text=tail))
+        prompt_logprobs = seq.take_prompt_logprobs() if reason != "error" else None
         if seq.status is Status.RUNNING:
             self.scheduler.finish(seq)  # unpins its adapter slot, frees its KV row
         seq.status = Status.FINISHED
@@ -412,6 +499,7 @@ class Engine:
                     "completion_tokens": len(seq.output_ids),
                 },
                 timing=seq.timing(),
+                prompt_logprobs=prompt_logprobs,
             ),
         )
 

@@ -37,6 +37,30 @@ class DecodeSignature(NamedTuple):
     compact: bool  # KV rows 0..n-1, read as a view (else gathered by row_index)
 
 
+class PromptScores(NamedTuple):
+    """Logits of a scoring row's prompt positions ``start..start+n-1`` (position p predicts
+    context token p + 1): [n, vocab] float32."""
+
+    seq: Sequence
+    start: int
+    logits: torch.Tensor
+
+
+class StepOutput(NamedTuple):
+    seqs: list[Sequence]  # the rows that sample a token this step
+    logits: torch.Tensor  # [len(seqs), vocab] float32
+    scored: list[PromptScores]  # prompt positions scored this step
+
+
+def _scored_positions(chunk: Chunk) -> int:
+    """How many of ``chunk``'s first positions predict a prompt token the sequence asked to
+    score and has not yet (a re-prefill after preemption scores nothing twice)."""
+    seq = chunk.seq
+    if seq.params.prompt_logprobs is None or len(seq.prompt_logprobs) >= len(seq.prompt_ids):
+        return 0
+    return max(0, min(chunk.start + chunk.length, len(seq.prompt_ids) - 1) - chunk.start)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -92,11 +116,10 @@ class ModelRunner:
         return self.compile_mode == "startup"
 
     # -- one step -------------------------------------------------------------------------
-    def run(
-        self, plan: StepPlan, running: list[Sequence]
-    ) -> tuple[list[Sequence], torch.Tensor] | None:
+    def run(self, plan: StepPlan, running: list[Sequence]) -> StepOutput | None:
         """Prefill ``plan.prefill``, decode the live rows of ``plan.decode``: the sequences
-        that produced logits, and those logits [len(seqs), vocab] in float32; None if none.
+        that produced logits, those logits [len(seqs), vocab] in float32, and the logits of
+        the prompt positions that scoring rows asked for; None if no sequence ran.
         The plan's row moves (compaction) come first."""
         if not running:
             return None
@@ -113,8 +136,9 @@ class ModelRunner:
             return self.mixed(plan.prefill, live)
         seqs: list[Sequence] = []
         logits: list[torch.Tensor] = []  # [rows, vocab] per forward
+        scored: list[PromptScores] = []
         if plan.prefill:
-            out = self.prefill(plan.prefill)
+            out, scored = self.prefill(plan.prefill)
             final = [c.final for c in plan.prefill]  # earlier chunks' logits are not needed
             seqs += [c.seq for c in plan.prefill if c.final]
             if any(final):
@@ -122,9 +146,13 @@ class ModelRunner:
         if live:
             seqs += live
             logits.append(self.decode(live))
-        if not seqs:
+        if not seqs and not scored:
             return None
-        return seqs, (logits[0] if len(logits) == 1 else torch.cat(logits)).float()
+        if not logits:
+            return StepOutput([], torch.empty(0, 0), scored)
+        return StepOutput(
+            seqs, (logits[0] if len(logits) == 1 else torch.cat(logits)).float(), scored
+        )
 
     def clear_row(self, seq: Sequence) -> None:
         """Zero what ``seq`` wrote (its values were not finite): the row's next owner reads
@@ -186,25 +214,30 @@ class ModelRunner:
         pos: torch.Tensor,  # [batch, tokens] position ids
         step: DecodeForward | PrefillForward,  # adapter slots and KV positions of this forward
         kv: SlotKVCache | None = None,  # default: the engine's
+        keep: int = 1,  # the last ``keep`` positions get logits
     ) -> torch.Tensor:
+        """[batch, keep, vocab] logits of the last ``keep`` positions."""
         with self.vm.run(step):
             out = model(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=pos,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=keep,
                 **{self._cache_kw: self.kv if kv is None else kv},
             )
-        return out.logits[:, -1]  # [batch, vocab]
+        return out.logits
 
     def _slots(self, slots: list[int]) -> torch.Tensor | None:
         """[batch] adapter slots on the device; None when every row is the base model."""
         return torch.tensor(slots, device=self.device) if any(slots) else None
 
-    def prefill(self, chunks: list[Chunk]) -> torch.Tensor:
+    def prefill(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[PromptScores]]:
         """Prompt chunks in one left-padded forward: [len(chunks), vocab] logits of each
-        chunk's last token (the next-token logits when the chunk ends its prompt)."""
+        chunk's last token (the next-token logits when the chunk ends its prompt), and the
+        logits of the positions scoring rows asked for. Those need the LM head over the last
+        ``max(len(chunk) of a scoring row)`` columns of every row of this forward (the
+        columns are shared); a forward without scoring rows keeps one."""
         lens = [c.length for c in chunks]
         starts = [c.start for c in chunks]
         width = max(lens)
@@ -223,23 +256,30 @@ class ModelRunner:
             starts=starts,
             kv_len=kv_len,
         )
+        spans = [_scored_positions(c) for c in chunks]
+        keep = max([c.length for c, n in zip(chunks, spans) if n] or [1])
         logits = self._forward(
             self.model,
             ids.to(self.device),
             _chunk_mask(starts, lens, width, kv_len).to(self.device),
             pos.to(self.device),
             step,
-        )
+            keep=keep,
+        )  # [batch, keep, vocab]
         for c in chunks:
             c.seq.num_cached = c.start + c.length
-        return logits
+        scored = [
+            PromptScores(c.seq, c.start, logits[i, keep - c.length : keep - c.length + n].float())
+            for i, (c, n) in enumerate(zip(chunks, spans))
+            if n
+        ]
+        return logits[:, -1], scored
 
-    def mixed(
-        self, chunks: list[Chunk], decode: list[Sequence]
-    ) -> tuple[list[Sequence], torch.Tensor]:
+    def mixed(self, chunks: list[Chunk], decode: list[Sequence]) -> StepOutput:
         """``decode`` rows and prompt ``chunks`` in one forward over a flat token axis: the
         sequences that produced logits (the decode rows, then the chunks that end their
-        prompts) and their logits [n, vocab] in float32."""
+        prompts), their logits [n, vocab] in float32, and the logits of the prompt positions
+        scoring rows asked for (the LM head runs on those positions only)."""
         ids = [s.output_ids[-1] for s in decode]
         rows = [s.kv_row for s in decode]
         positions = [s.num_cached for s in decode]
@@ -259,6 +299,10 @@ class ModelRunner:
             spans.append(ChunkSpan(offset, row, c.start, c.length, mask))
             if c.final:
                 keep.append(offset + c.length - 1)
+        sampled = len(keep)
+        counts = [_scored_positions(c) for c in chunks]
+        for span, n in zip(spans, counts):
+            keep += range(span.offset, span.offset + n)
         d = len(decode)
         pos = torch.tensor(positions, device=self.device)  # [tokens]
         kv_len = max(positions[:d]) + 1
@@ -288,7 +332,13 @@ class ModelRunner:
         for c in chunks:
             c.seq.num_cached = c.start + c.length
         seqs = decode + [c.seq for c in chunks if c.final]
-        return seqs, out.logits[0].float()  # [len(seqs), vocab]
+        logits = out.logits[0].float()  # [len(keep), vocab]
+        scored, at = [], sampled
+        for c, n in zip(chunks, counts):
+            if n:
+                scored.append(PromptScores(c.seq, c.start, logits[at : at + n]))
+                at += n
+        return StepOutput(seqs, logits[:sampled], scored)
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One new token for each of ``seqs`` (prompts cached): [n, vocab] logits."""
@@ -347,7 +397,7 @@ class ModelRunner:
             if self.compiler is not None:  # compiled per shape, as each is warm
                 sig = DecodeSignature(n == 1, step.adapted, step.row_index is None)
                 model = partial(self.compiler, sig)
-        logits = self._forward(model, ids, mask, pos[:, None], step, kv)
+        logits = self._forward(model, ids, mask, pos[:, None], step, kv)[:, -1]
         # a replay's outputs live in the graph's memory, overwritten by the next replay
         return logits[:n].clone() if self.cuda_graphs else logits[:n]
 

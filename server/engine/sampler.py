@@ -1,18 +1,36 @@
-"""Batched sampling for one engine step: greedy, temperature, top-k, top-p and seeds per row.
+"""Batched sampling for one engine step: greedy, temperature, top-k, top-p and seeds per row,
+the controls of ``logits.py`` (penalties, logit_bias, min_tokens), and logprobs.
 
 Every row's parameters become tensors and the whole batch is filtered and sampled with tensor
 ops; the only host sync is the final ``tolist()`` of the chosen ids. Sampling uses the
 exponential race: with ``E_i ~ Exp(1)`` independent, ``argmax_i p_i / E_i`` is distributed as
 ``Categorical(p)``, so a seeded row only needs its own noise vector from its own generator.
+
+Logprobs are "processed" logprobs in vLLM's sense, before temperature: ``log_softmax`` of the
+model's logits after the penalties and ``logit_bias`` of ``logits.py``, before temperature,
+top-k and top-p. With no controls set they are the model's own log-probabilities (what
+scoring needs), whatever the temperature. Only the rows that ask pay for them: one
+``log_softmax`` and one ``topk`` over those rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from server.engine.logits import apply_controls
 from server.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One token's log-probability and the ``k`` most likely tokens at its position."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
 
 
 @dataclass(frozen=True)
@@ -49,9 +67,48 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
 ) -> list[int]:
-    """logits: [batch, vocab] -> one token id per row."""
+    """logits: [batch, vocab] -> one token id per row (no controls, no logprobs)."""
     batch = SamplingBatch.of(params, generators, logits.device)
     return sample_tokens(logits.float(), batch).tolist()
+
+
+def sample_step(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    prompts: Sequence[list[int]],
+    outputs: Sequence[list[int]],
+    eos_ids: Collection[int],
+) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """logits: [batch, vocab] -> (one token id per row, its logprobs where the row asked).
+    ``prompts`` / ``outputs``: each row's tokens so far (for the controls)."""
+    logits = apply_controls(logits.float(), params, prompts, outputs, eos_ids)
+    batch = SamplingBatch.of(params, generators, logits.device)
+    tokens = sample_tokens(logits, batch)  # [batch]
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    found: list[TokenLogprobs | None] = [None] * len(params)
+    if rows:
+        ks = [params[i].logprobs or 0 for i in rows]
+        idx = torch.tensor(rows, device=logits.device)
+        for i, lp in zip(rows, token_logprobs(logits[idx], tokens[idx], ks)):
+            found[i] = lp
+    return tokens.tolist(), found
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, ks: list[int]
+) -> list[TokenLogprobs]:
+    """logits: [n, vocab] float32, tokens: [n] -> each token's log_softmax and the row's top
+    ``ks[i]`` (one ``topk`` with the largest k, cut per row)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [n, vocab]
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0]  # [n]
+    k = max(ks)
+    top_v, top_i = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], tokens[:, None][:, :0])
+    values, ids, picked = top_v.tolist(), top_i.tolist(), chosen.tolist()
+    return [
+        TokenLogprobs(int(t), lp, tuple(zip(ids[r][: ks[r]], values[r][: ks[r]])))
+        for r, (t, lp) in enumerate(zip(tokens.tolist(), picked))
+    ]
 
 
 def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 
 from server.engine.adapter_slots import SlotTicket
 from server.engine.detokenizer import StopChecker
+from server.engine.sampler import TokenLogprobs
 from server.engine.sampling_params import SamplingParams
 
 
@@ -33,6 +34,10 @@ class Event:
     error: str | None = None
     usage: dict[str, int] | None = None
     timing: dict[str, float] | None = None
+    logprobs: TokenLogprobs | None = None  # of ``token_id``, when the request asked
+    # the prompt's, once (on the sequence's first event after its prompt is scored); the
+    # first prompt token has none
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class Channel:
@@ -105,6 +110,10 @@ class Sequence:
     key_id: str | None = None  # the API key it came with (usage), never the key itself
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # per output token, if asked
+    # per prompt token when scoring (the first None), filled as prefill chunks run
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=lambda: [None])
+    prompt_logprobs_sent: bool = False
     ticket: SlotTicket | None = None  # while an adapter is involved
     adapter_slot: int = 0  # 0 = no adapter
     adapter_version: int | None = None
@@ -138,6 +147,8 @@ class Sequence:
         EOS ends the sequence without becoming output; a stop string ends it with the text
         before the stop; otherwise ``max_new_tokens`` or the context limit ends it.
         """
+        if self.params.max_new_tokens == 0:
+            return "", "length"  # the prompt was only scored
         if is_eos:
             return "", "stop"
         self.output_ids.append(token)
@@ -159,6 +170,15 @@ class Sequence:
             if n > 1:
                 out["decode_tokens_per_s"] = round((n - 1) / max(1e-9, end - first), 2)
         return out
+
+    def take_prompt_logprobs(self) -> list[TokenLogprobs | None] | None:
+        """The prompt's logprobs, the first time they are complete and asked for."""
+        if self.params.prompt_logprobs is None or self.prompt_logprobs_sent:
+            return None
+        if len(self.prompt_logprobs) < len(self.prompt_ids):
+            return None
+        self.prompt_logprobs_sent = True
+        return self.prompt_logprobs
 
     def flush_text(self) -> str:
         """Text held back (a possible stop-string prefix) that the end releases."""

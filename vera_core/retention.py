@@ -10,12 +10,10 @@ token of that answer, the base model's top-k next-token distribution; training a
 at every answer position (the forward KL that "RL's Razor" finds predicts forgetting), so the
 adapter may change what it must and pays for moving anything else.
 
-Measures are teacher-forced (one forward, no generation): a training example is *recalled*
-when greedy decoding reproduces its completion (the argmax at every completion position is the
-completion's token); a probe question the base model answers right is *retained* when greedy
-decoding of the adapted model reproduces the base answer up to the end of its key (the string a
-right answer contains). Both are exact statements about greedy generation up to that point;
-retention is a lower bound (an answer that diverges earlier may still hold the key).
+A training example is *recalled* when greedy decoding reproduces its completion (teacher-forced:
+the argmax at every completion position is the completion's token, one forward); a probe
+question the base model answers right (its answer holds the question's key) is *retained* when
+the adapted model's greedy answer holds the key too (generated, as long as the base answer).
 """
 
 from __future__ import annotations
@@ -162,28 +160,19 @@ def anchor_kl_sum(logits: torch.Tensor, refs: Sequence[Reference]) -> torch.Tens
 
 @dataclass(frozen=True, eq=False)
 class ProbeItem:
-    """One probe question, its base answer and how much of it must survive."""
+    """One probe question, the base model's answer to it and whether that answer is right."""
 
     ref: Reference
-    key: str
-    key_tokens: int | None  # answer tokens up to the end of the key; None: the base is wrong
+    key: str  # a right answer holds it (case-insensitive)
+
+    @property
+    def base_right(self) -> bool:
+        return self.key.casefold() in self.ref.answer.casefold()
 
 
-def probe_items(refs: Sequence[Reference], keys: Sequence[str], tokenizer: Any) -> list[ProbeItem]:
-    """Pair each probe reference with its key; the base is right when its answer holds the key
-    (case-insensitive)."""
-    items = []
-    for ref, key in zip(refs, keys):
-        end = None
-        if key.casefold() in ref.answer.casefold():
-            ids = ref.answer_ids
-            end = next(
-                m
-                for m in range(1, len(ids) + 1)
-                if key.casefold() in tokenizer.decode(ids[:m], skip_special_tokens=True).casefold()
-            )
-        items.append(ProbeItem(ref, key, end))
-    return items
+def probe_items(refs: Sequence[Reference], keys: Sequence[str]) -> list[ProbeItem]:
+    """Pair each probe question's reference with its key."""
+    return [ProbeItem(ref, key) for ref, key in zip(refs, keys)]
 
 
 def _argmax_rows(
@@ -199,6 +188,26 @@ def _argmax_rows(
             with vm.vector(vector.detach(), ids.shape[0]):
                 logits = vm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     return logits.argmax(-1).cpu()
+
+
+def _generate(
+    vm: VeraModel, vector: torch.Tensor, asked: Sequence[list[int]], new_tokens: int, pad: int
+) -> list[list[int]]:
+    """Greedy answers under ``vector`` to ``asked`` (one left-padded batch)."""
+    device = vm.projections.A.device
+    width = max(map(len, asked))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in asked], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in asked], device=device)
+    lm: Any = vm.model
+    with torch.no_grad(), vm.vector(vector.detach(), len(asked)):
+        out = lm.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    return out[:, width:].tolist()
 
 
 @dataclass(frozen=True)
@@ -234,12 +243,13 @@ def measure_quality(
     vector: torch.Tensor,
     examples: Sequence[Example],
     probe: Sequence[ProbeItem],
-    pad: int,
+    tokenizer: Any,
     *,
     chunk: int = 8,
     run: Runner = _direct,
 ) -> Quality:
     """Recall of ``examples`` and retention of ``probe`` under ``vector``."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     recalled = 0
     for start in range(0, len(examples), chunk):
         group = examples[start : start + chunk]
@@ -254,20 +264,17 @@ def measure_quality(
             return hits
 
         recalled += run(recall_unit)
-    right = [item for item in probe if item.key_tokens is not None]
+    right = [item for item in probe if item.base_right]
     retained = 0
     for start in range(0, len(right), chunk):
         group = right[start : start + chunk]
 
         def retain_unit(group: Sequence[ProbeItem] = group) -> int:
-            top = _argmax_rows(vm, vector, [i.ref.input_ids for i in group], pad)
-            kept = 0
-            for row, item in enumerate(group):
-                n = item.key_tokens or 0
-                s = item.ref.start
-                want = torch.tensor(item.ref.answer_ids[:n])
-                kept += bool((top[row, s - 1 : s - 1 + n] == want).all())
-            return kept
+            asked = [i.ref.input_ids[: i.ref.start] for i in group]
+            longest = max(len(i.ref.answer_ids) for i in group)
+            answers = _generate(vm, vector, asked, longest, pad)
+            texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+            return sum(i.key.casefold() in t.casefold() for i, t in zip(group, texts))
 
         retained += run(retain_unit)
     return Quality(recalled, len(examples), retained, len(right))

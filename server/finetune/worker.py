@@ -359,7 +359,7 @@ class JobWorker:
                 if cache is not None:
                     cache.save(key, refs)
             anchor, probe_refs = refs[: len(ANCHOR_PROMPTS)], refs[len(ANCHOR_PROMPTS) :]
-            self._probe = probe_items(probe_refs, [k for _, k in PROBE], self.tokenizer)
+            self._probe = probe_items(probe_refs, [k for _, k in PROBE])
             self._anchor = anchor
         return (self._anchor if config.anchor_weight > 0 else []), self._probe
 
@@ -378,11 +378,11 @@ class JobWorker:
             self._check(job)
             return self._on_engine(job, fn)
 
-        pad = trainer.pad_id
-        q = measure_quality(self.vm, trainer.vector, train, probe, pad, run=run)
+        tok = self.tokenizer
+        q = measure_quality(self.vm, trainer.vector, train, probe, tok, run=run)
         out = q.as_dict()
         if replayed:
-            r = measure_quality(self.vm, trainer.vector, replayed, [], pad, run=run)
+            r = measure_quality(self.vm, trainer.vector, replayed, [], tok, run=run)
             out["replay_recall"] = round(r.recall, 4)
         return out
 

@@ -119,17 +119,17 @@ def test_quality_of_the_base_and_of_a_moved_adapter(make_tiny) -> None:
     tok = CharTokenizer()
     refs = references(vm)
     keys = [tok.decode(r.answer_ids[:2]) for r in refs[:-1]] + ["zzzzzz"]  # the last: wrong
-    probe = probe_items(refs, keys, tok)
-    assert [i.key_tokens is not None for i in probe] == [True] * 4 + [False]
+    probe = probe_items(refs, keys)
+    assert [i.base_right for i in probe] == [True] * 4 + [False]
     # examples whose completion is the base answer: the base reproduces every one
     examples = [Example(r.input_ids, [IGNORE] * r.start + r.answer_ids) for r in refs]
     initial = AdapterTrainer(vm, PAD_TOKENIZER, examples).vector.detach()
-    q = measure_quality(vm, initial, examples, probe, pad=0, chunk=2)
+    q = measure_quality(vm, initial, examples, probe, tok, chunk=2)
     assert (q.recalled, q.examples, q.retained, q.base_right) == (5, 5, 4, 4)
     assert q.retention == 1.0 and q.as_dict()["recall"] == 1.0
     # a far-moved adapter changes greedy answers: both measures see it
     moved = initial + torch.randn_like(initial) * 20
-    far = measure_quality(vm, moved, examples, probe, pad=0)
+    far = measure_quality(vm, moved, examples, probe, tok)
     assert far.recalled < 5 and far.retained < 4
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import torch
@@ -136,7 +137,7 @@ def base_references(
     for start in range(0, len(asked), chunk):
         part = asked[start : start + chunk]
         got = None if given is None else given[start : start + chunk]
-        out += run(lambda part=part, got=got: one_chunk(part, got))
+        out += run(partial(one_chunk, part, got))
     return out
 
 
@@ -267,14 +268,14 @@ def measure_quality(
     right = [item for item in probe if item.base_right]
     retained = 0
     for start in range(0, len(right), chunk):
-        group = right[start : start + chunk]
+        items = right[start : start + chunk]
 
-        def retain_unit(group: Sequence[ProbeItem] = group) -> int:
-            asked = [i.ref.input_ids[: i.ref.start] for i in group]
-            longest = max(len(i.ref.answer_ids) for i in group)
+        def retain_unit(items: Sequence[ProbeItem] = items) -> int:
+            asked = [i.ref.input_ids[: i.ref.start] for i in items]
+            longest = max(len(i.ref.answer_ids) for i in items)
             answers = _generate(vm, vector, asked, longest, pad)
             texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
-            return sum(i.key.casefold() in t.casefold() for i, t in zip(group, texts))
+            return sum(i.key.casefold() in t.casefold() for i, t in zip(items, texts))
 
         retained += run(retain_unit)
     return Quality(recalled, len(examples), retained, len(right))

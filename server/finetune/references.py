@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from vera_core.fingerprint import model_fingerprint
 from vera_core.general_prompts import ANCHOR_PROMPTS
@@ -75,14 +76,20 @@ class ReferenceCache:
             log.warning("could not keep reference answers in %s: %s", self.root, e)
 
 
-def anchor_references(model: torch.nn.Module, tokenizer: Any, root: Path) -> list[Reference]:
+def anchor_references(model: PreTrainedModel, tokenizer: Any, root: Path) -> list[Reference]:
     """The base model's references on the shipped anchor prompts, from ``root`` when made
     before (an offline trainer's: generated here, in this thread)."""
-    settings = {"max_new_tokens": REFERENCE_TOKENS, "top_k": REFERENCE_TOP_K}
-    key = reference_key(model_fingerprint(model), ANCHOR_PROMPTS, **settings)
+    key = reference_key(
+        model_fingerprint(model),
+        ANCHOR_PROMPTS,
+        max_new_tokens=REFERENCE_TOKENS,
+        top_k=REFERENCE_TOP_K,
+    )
     cache = ReferenceCache(root)
     refs = cache.load(key)
     if refs is None or len(refs) != len(ANCHOR_PROMPTS):
-        refs = base_references(model, tokenizer, ANCHOR_PROMPTS, **settings)
+        refs = base_references(
+            model, tokenizer, ANCHOR_PROMPTS, max_new_tokens=REFERENCE_TOKENS, top_k=REFERENCE_TOP_K
+        )
         cache.save(key, refs)
     return refs

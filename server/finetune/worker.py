@@ -338,23 +338,40 @@ class JobWorker:
             def answers(asked: list[list[int]]) -> list[list[int]]:
                 """Greedy base-model answers from the engine, batched with what it serves."""
                 params = SamplingParams(max_new_tokens=REFERENCE_TOKENS)  # greedy
-                requests = [(None, ids, params) for ids in asked]
+                requests: list[tuple[str | None, list[int], SamplingParams]] = [
+                    (None, ids, params) for ids in asked
+                ]
                 done = self.engine.generate(requests, client=SYSTEM_CLIENT)
                 return [r["token_ids"] for r in done]
 
             prompts = [*ANCHOR_PROMPTS, *(q for q, _ in PROBE)]
-            settings = {"max_new_tokens": REFERENCE_TOKENS, "top_k": REFERENCE_TOP_K}
-            key = reference_key(model_fingerprint(self.vm.model), prompts, **settings)
+            key = reference_key(
+                model_fingerprint(self.vm.model),
+                prompts,
+                max_new_tokens=REFERENCE_TOKENS,
+                top_k=REFERENCE_TOP_K,
+            )
             cache = ReferenceCache(self.config.reference_dir) if self.config.reference_dir else None
             refs = cache.load(key) if cache is not None else None
             if refs is None or len(refs) != len(prompts):
                 try:
                     refs = base_references(
-                        self.vm.model, self.tokenizer, prompts, run=run, answers=answers, **settings
+                        self.vm.model,
+                        self.tokenizer,
+                        prompts,
+                        run=run,
+                        answers=answers,
+                        max_new_tokens=REFERENCE_TOKENS,
+                        top_k=REFERENCE_TOP_K,
                     )
                 except QueueFull:  # the engine is full: generate in units instead (slower)
                     refs = base_references(
-                        self.vm.model, self.tokenizer, prompts, run=run, **settings
+                        self.vm.model,
+                        self.tokenizer,
+                        prompts,
+                        run=run,
+                        max_new_tokens=REFERENCE_TOKENS,
+                        top_k=REFERENCE_TOP_K,
                     )
                 if cache is not None:
                     cache.save(key, refs)

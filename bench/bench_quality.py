@@ -365,6 +365,7 @@ def main() -> int:
         else:
             parser.error(f"unknown method {method!r}")
         scores[name] = score(results[method], asked)
+        print(table({name: scores[name]}, len(users), args.dtype), flush=True)  # as it comes
     print(table(scores, len(users), args.dtype))
     if args.out:
         args.out.write_text(json.dumps({"scores": scores, "results": results}, indent=1))

@@ -224,7 +224,8 @@ def test_queue_cancel_isolation_and_serving_during_a_job(live: LiveServer) -> No
             answers = list(pool.map(ask, range(8)))
         assert [r.status_code for r in answers] == [200] * 8
         assert all(r.json()["usage"]["completion_tokens"] == 16 for r in answers)
-        assert len(metrics_events(ca, long)) > steps_before  # and training went on too
+        # and training went on too (a step with its anchor unit can take seconds)
+        wait_for(lambda: len(metrics_events(ca, long)) > steps_before, timeout=120)
         # cancel: stops within a unit or a heartbeat, publishes nothing
         r = ca.post(f"/v1/fine_tuning/jobs/{long}/cancel")
         assert r.status_code == 200
@@ -317,7 +318,8 @@ def test_a_job_survives_restarts(tmp_path) -> None:
         server = start_server(tmp_path, store=server.store)
         with server.admin() as c:
             done = wait_for(
-                lambda: (j := job(c, job_id))["status"] in ("succeeded", "failed") and j
+                lambda: (j := job(c, job_id))["status"] in ("succeeded", "failed") and j,
+                timeout=600,  # 48 steps from the start, each with its anchor unit
             )
             assert done["status"] == "succeeded", done["error"]
             messages = [

@@ -99,17 +99,7 @@ def base_references(
     out: list[Reference] = []
 
     def greedy(asked: list[list[int]]) -> list[list[int]]:
-        width = max(map(len, asked))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in asked], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in asked], device=device)
-        with torch.no_grad():
-            gen = lm.generate(
-                ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-            )[:, width:].tolist()
+        gen = _greedy_ids(lm, asked, max_new_tokens, pad, device)
         out = []
         for row in gen:
             if eos is not None and eos in row:
@@ -195,18 +185,21 @@ def _generate(
     vm: VeraModel, vector: torch.Tensor, asked: Sequence[list[int]], new_tokens: int, pad: int
 ) -> list[list[int]]:
     """Greedy answers under ``vector`` to ``asked`` (one left-padded batch)."""
-    device = vm.projections.A.device
+    with vm.vector(vector.detach(), len(asked)):
+        return _greedy_ids(vm.model, asked, new_tokens, pad, vm.projections.A.device)
+
+
+def _greedy_ids(
+    lm: Any, asked: Sequence[list[int]], new_tokens: int, pad: int, device: torch.device
+) -> list[list[int]]:
+    """``lm.generate``'s greedy continuations of ``asked`` (one left-padded batch), new tokens
+    only."""
     width = max(map(len, asked))
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in asked], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in asked], device=device)
-    lm: Any = vm.model
-    with torch.no_grad(), vm.vector(vector.detach(), len(asked)):
+    with torch.no_grad():
         out = lm.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
+            ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
         )
     return out[:, width:].tolist()
 

@@ -12,7 +12,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,14 @@ class ReferenceCache:
             log.warning("reference answers in %s unreadable (%s); making them again", path, e)
             return None
 
+    def get(self, key: str, count: int, make: Callable[[], list[Reference]]) -> list[Reference]:
+        """The ``count`` references kept under ``key``, else ``make()``'s, kept for next time."""
+        refs = self.load(key)
+        if refs is None or len(refs) != count:
+            refs = make()
+            self.save(key, refs)
+        return refs
+
     def save(self, key: str, refs: Sequence[Reference]) -> None:
         data = {
             "input_ids": [r.input_ids for r in refs],
@@ -85,11 +94,12 @@ def anchor_references(model: PreTrainedModel, tokenizer: Any, root: Path) -> lis
         max_new_tokens=REFERENCE_TOKENS,
         top_k=REFERENCE_TOP_K,
     )
-    cache = ReferenceCache(root)
-    refs = cache.load(key)
-    if refs is None or len(refs) != len(ANCHOR_PROMPTS):
-        refs = base_references(
-            model, tokenizer, ANCHOR_PROMPTS, max_new_tokens=REFERENCE_TOKENS, top_k=REFERENCE_TOP_K
-        )
-        cache.save(key, refs)
-    return refs
+    make = partial(
+        base_references,
+        model,
+        tokenizer,
+        ANCHOR_PROMPTS,
+        max_new_tokens=REFERENCE_TOKENS,
+        top_k=REFERENCE_TOP_K,
+    )
+    return ReferenceCache(root).get(key, len(ANCHOR_PROMPTS), make)

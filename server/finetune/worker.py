@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -351,30 +352,28 @@ class JobWorker:
                 max_new_tokens=REFERENCE_TOKENS,
                 top_k=REFERENCE_TOP_K,
             )
-            cache = ReferenceCache(self.config.reference_dir) if self.config.reference_dir else None
-            refs = cache.load(key) if cache is not None else None
-            if refs is None or len(refs) != len(prompts):
+            make = partial(
+                base_references,
+                self.vm.model,
+                self.tokenizer,
+                prompts,
+                run=run,
+                max_new_tokens=REFERENCE_TOKENS,
+                top_k=REFERENCE_TOP_K,
+            )
+
+            def engine_first() -> list[Reference]:
                 try:
-                    refs = base_references(
-                        self.vm.model,
-                        self.tokenizer,
-                        prompts,
-                        run=run,
-                        answers=answers,
-                        max_new_tokens=REFERENCE_TOKENS,
-                        top_k=REFERENCE_TOP_K,
-                    )
+                    return make(answers=answers)
                 except QueueFull:  # the engine is full: generate in units instead (slower)
-                    refs = base_references(
-                        self.vm.model,
-                        self.tokenizer,
-                        prompts,
-                        run=run,
-                        max_new_tokens=REFERENCE_TOKENS,
-                        top_k=REFERENCE_TOP_K,
-                    )
-                if cache is not None:
-                    cache.save(key, refs)
+                    return make()
+
+            root = self.config.reference_dir
+            refs = (
+                ReferenceCache(root).get(key, len(prompts), engine_first)
+                if root
+                else engine_first()
+            )
             anchor, probe_refs = refs[: len(ANCHOR_PROMPTS)], refs[len(ANCHOR_PROMPTS) :]
             self._probe = probe_items(probe_refs, [k for _, k in PROBE])
             self._anchor = anchor

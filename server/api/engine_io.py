@@ -37,16 +37,25 @@ STREAM_200: dict[int | str, dict[str, Any]] = {
 }
 
 
-def encode_prompt(rt: Runtime, prompt: str | None, messages: list[dict] | None) -> list[int]:
+def encode_prompt(
+    rt: Runtime,
+    prompt: str | None,
+    messages: list[dict] | None,
+    tools: list[dict[str, Any]] | None = None,
+) -> list[int]:
+    """``prompt`` tokenized, or ``messages`` (and ``tools``) rendered by the chat template."""
     tok = rt.tokenizer
     if messages is not None:
         if not getattr(tok, "chat_template", None):
             raise ApiError(400, "this model has no chat template: send 'prompt' instead")
-        return list(
-            tok.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
+        ids = tok.apply_chat_template(
+            messages,
+            tools=tools or None,  # type: ignore[arg-type]
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
         )
+        return list(ids)  # type: ignore[arg-type]
     return list(tok(prompt, add_special_tokens=True)["input_ids"])
 
 

@@ -17,7 +17,13 @@ from adapters_store import (
     StoreUnavailable,
 )
 from server.auth import UserExists
-from server.engine import ContextTooLong, EngineStopped, InvalidTokens, QueueFull
+from server.engine import (
+    ContextTooLong,
+    EngineStopped,
+    InvalidGrammar,
+    InvalidTokens,
+    QueueFull,
+)
 from server.finetune.service import FineTuneForbidden, FineTuneInvalid, FineTuneNotFound
 from server.finetune.store import JobLimit
 from server.tenants import RateLimited
@@ -55,6 +61,7 @@ _MAPPING: list[tuple[type[Exception], int, str]] = [
     (VeraError, 400, "invalid_adapter"),
     (ContextTooLong, 400, "context_length_exceeded"),
     (InvalidTokens, 400, "invalid_request_error"),
+    (InvalidGrammar, 400, "invalid_request_error"),
     (QueueFull, 429, "queue_full"),
     (RateLimited, 429, "rate_limit_exceeded"),
     (EngineStopped, 503, "shutting_down"),

@@ -59,12 +59,18 @@ class CompletionChoice:
 
 class ChatChoice:
     """A streamed /v1/chat/completions choice: ``role`` on its first delta; a token whose text
-    is not complete yet waits, its logprobs sent with the next delta that has text."""
+    is not complete yet waits, its logprobs sent with the next delta that has text.
+    ``held``: the output may be tool calls, so the text is held and the final delta carries
+    the whole message (its content or its ``tool_calls``)."""
 
-    def __init__(self, index: int, tok: PreTrainedTokenizerBase, logprobs: bool) -> None:
+    def __init__(
+        self, index: int, tok: PreTrainedTokenizerBase, logprobs: bool, held: bool = False
+    ) -> None:
         self.index, self.tok, self.logprobs = index, tok, logprobs
         self.first = True
         self.pending: list[TokenLogprobs] = []
+        self.holding = held
+        self.held = ""  # the text so far, while holding
 
     def content(self, lps: list[TokenLogprobs]) -> dict[str, Any] | None:
         if not self.logprobs:
@@ -81,6 +87,9 @@ class ChatChoice:
     def token(self, ev: Event) -> dict[str, Any] | None:
         if ev.logprobs is not None:
             self.pending.append(ev.logprobs)
+        if self.holding:
+            self.held += ev.text
+            return None
         if not ev.text:
             return None  # a token that completes no character yet
         delta = {"content": ev.text}
@@ -88,6 +97,13 @@ class ChatChoice:
             delta["role"], self.first = "assistant", False
         return self._choice(delta, None)
 
-    def final(self, finish: str) -> dict[str, Any]:
+    def final(self, finish: str, message: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The last delta: ``message`` (held output, read) or nothing more."""
+        if message is not None:
+            delta = dict(message)
+            if delta.get("tool_calls"):
+                calls = enumerate(message["tool_calls"])
+                delta["tool_calls"] = [{"index": i, **c} for i, c in calls]
+            return self._choice(delta, finish)
         delta = {"role": "assistant", "content": ""} if self.first else {}
         return self._choice(delta, finish)

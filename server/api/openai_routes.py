@@ -30,6 +30,7 @@ from server.api.openai_choices import ChatChoice, CompletionChoice
 from server.api.openai_schemas import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest
 from server.api.schemas import error_responses
 from server.api.streams import StreamEvent, openai_closing
+from server.api.tools import plan as plan_tools
 from server.engine import Event, SamplingParams
 
 if TYPE_CHECKING:
@@ -194,19 +195,22 @@ async def chat_completions(
     who: Principal = Depends(principal),
 ):
     user_id = _user_for_model(rt, body.model, who)
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in body.messages
-    ]
-    ids = encode_prompt(rt, None, messages)
+    messages = [m.for_template() for m in body.messages]
+    tools = plan_tools(
+        body.tools, body.tool_choice, body.parallel_tool_calls, rt.tokenizer, messages
+    )
+    ids = encode_prompt(rt, None, messages, tools.tools if tools else None)
     limit = body.max_completion_tokens or body.max_tokens
     if limit is None:
         limit = max(1, min(_CHAT_DEFAULT_MAX, rt.engine.context_limit - len(ids)))
     k = (body.top_logprobs or 0) if body.logprobs else None
     params = _params(body, limit, k)
+    if tools is not None and tools.grammar is not None:
+        params = [dataclasses.replace(p, grammar=tools.grammar) for p in params]
+    called = tools is not None and tools.choice != "none"
     admissions = await submit_all(rt, who, user_id, [(ids, p) for p in params])
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    choices = [ChatChoice(c, rt.tokenizer, body.logprobs) for c in range(len(params))]
+    choices = [ChatChoice(c, rt.tokenizer, body.logprobs, called) for c in range(len(params))]
 
     def chunk(choice: dict) -> dict:
         return {
@@ -217,6 +221,19 @@ async def chat_completions(
             "choices": [choice],
         }
 
+    def answer(text: str, ev: Event) -> tuple[dict[str, Any], str]:
+        """The message and its finish reason; with tools, the output read as tool calls."""
+        finish = _finish(ev)
+        if tools is None or not called or finish == "length":
+            return {"role": "assistant", "content": text}, finish
+        try:
+            content, calls = tools.read(text)
+        except (ValueError, KeyError, TypeError) as e:  # a forced call always parses
+            raise ApiError(500, f"the tool call did not parse: {e}", "server_error") from None
+        if not calls:
+            return {"role": "assistant", "content": content}, finish
+        return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+
     if body.stream:
 
         def token(c: int, ev: Event) -> dict | None:
@@ -224,13 +241,17 @@ async def chat_completions(
             return None if choice is None else chunk(choice)
 
         def finish(c: int, ev: Event) -> dict:
-            return chunk(choices[c].final(_finish(ev)))
+            if not called:
+                return chunk(choices[c].final(_finish(ev)))
+            message, reason = answer(choices[c].held, ev)
+            return chunk(choices[c].final(reason, message))
 
         return _streamed(admissions, token, finish, body, len(params))
     response.headers.update(admissions[0].headers)
     outs = await collect_all(admissions, request)
     for out in outs:
         raise_for_error(out.final)
+    answers = [answer(out.text, out.final) for out in outs]
     return {
         "id": rid,
         "object": "chat.completion",
@@ -239,11 +260,11 @@ async def chat_completions(
         "choices": [
             {
                 "index": c,
-                "message": {"role": "assistant", "content": out.text},
-                "finish_reason": _finish(out.final),
+                "message": message,
+                "finish_reason": reason,
                 "logprobs": choices[c].content([ev.logprobs for ev in out.tokens if ev.logprobs]),
             }
-            for c, out in enumerate(outs)
+            for c, (out, (message, reason)) in enumerate(zip(outs, answers))
         ],
         "usage": _usage_of([out.final for out in outs], len(params)),
     }

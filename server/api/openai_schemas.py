@@ -8,13 +8,16 @@ nothing in the output (``user``, ``metadata``, ``store``, ``service_tier``, ...)
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from server.api.schemas import StopField, stop_strings
+from server.api.schemas import ResponseFormat, StopField, stop_strings
+from server.api.tools import Tool, ToolChoice
 from server.engine import SamplingParams
 from server.engine.sampling_params import MAX_LOGPROBS
 
@@ -29,11 +32,8 @@ def _none_or(*allowed: Any) -> Callable[[Any], bool]:
 
 # field -> the values that do not change the answer (anything else is refused by name)
 _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "tools": lambda v: not v,
     "functions": lambda v: not v,
-    "tool_choice": _none_or("none"),
     "function_call": _none_or("none"),
-    "response_format": _none_or({"type": "text"}),
     "audio": _none_or(),
     "prediction": _none_or(),
     "modalities": _none_or(["text"]),
@@ -63,6 +63,7 @@ class _OpenAIRequest(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = Field(None, max_length=64)
+    response_format: ResponseFormat | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -106,6 +107,7 @@ class _OpenAIRequest(BaseModel):
             logit_bias=tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items()),
             min_tokens=self.min_tokens,
             stop_token_ids=tuple(self.stop_token_ids or ()),
+            grammar=self.response_format.grammar() if self.response_format else None,
         )
 
 
@@ -115,13 +117,9 @@ class _Harmless(BaseModel):
     metadata: dict[str, Any] | None = None
     store: bool | None = None
     service_tier: str | None = None
-    parallel_tool_calls: bool | None = None
     modalities: list[str] | None = None
-    tools: list[Any] | None = None
     functions: list[Any] | None = None
-    tool_choice: Any = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     audio: Any = None
     prediction: Any = None
     reasoning_effort: Any = None
@@ -163,13 +161,38 @@ def _split(v: Prompt) -> list[str | list[int]]:
 
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: str = Field(pattern="^(system|developer|user|assistant)$")
+    role: str = Field(pattern="^(system|developer|user|assistant|tool)$")
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
         return self.content or ""
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates take it (a call's JSON arguments as a mapping)."""
+        out: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.text(),
+        }
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            out["tool_calls"] = [_template_call(c) for c in self.tool_calls]
+        return out
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    fn = dict(call.get("function") or {})
+    if isinstance(fn.get("arguments"), str):
+        with contextlib.suppress(ValueError):  # not JSON: the template gets the string
+            fn["arguments"] = json.loads(fn["arguments"])
+    return {**call, "function": fn}
 
 
 class ChatCompletionRequest(_OpenAIRequest, _Harmless):
@@ -178,9 +201,15 @@ class ChatCompletionRequest(_OpenAIRequest, _Harmless):
     max_completion_tokens: int | None = Field(None, ge=1, le=8192)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        forced = self.tools and self.tool_choice not in (None, "none", "auto")
+        if forced and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format and a forced tool_choice both constrain it")
         return self

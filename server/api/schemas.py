@@ -8,6 +8,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from adapters_store import USER_ID_PATTERN, validate_user_id
 from server.engine import SamplingParams
+from server.engine.grammar import json_schema_grammar
 from server.engine.sampling_params import MAX_LOGPROBS
 
 MAX_STOP = 8
@@ -49,6 +50,64 @@ class ChatMessage(BaseModel):
     content: str = Field(max_length=200_000)
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the output always matches: strict or not
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("'json_schema' goes with type 'json_schema' (and only with it)")
+        return self
+
+    def grammar(self) -> str | None:
+        """The grammar the output must match (None: free text); raises InvalidGrammar.
+        ``strict``: as OpenAI defines it, an object has only the properties it lists (its
+        ``additionalProperties`` is false unless the schema says otherwise)."""
+        if self.type == "text":
+            return None
+        fmt = self.json_schema
+        if fmt is None or fmt.json_schema is None:
+            return json_schema_grammar(None)
+        return json_schema_grammar(closed(fmt.json_schema) if fmt.strict else fmt.json_schema)
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
+_SCHEMA_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+
+
+def closed(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object schema that lists its
+    properties and says nothing about others (nested ones too); the input is not changed."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed(sub) for name, sub in out[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed(sub) for sub in out[key]]
+    for key in _SCHEMA_ONE:
+        if key in out:
+            out[key] = closed(out[key])
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: UserIdField | None = Field(
@@ -72,6 +131,9 @@ class GenerateRequest(BaseModel):
         description="each token's logprob and its top k alternatives (log-softmax of the "
         "model's logits, before temperature)",
     )
+    response_format: ResponseFormat | None = Field(
+        None, description="OpenAI's shape: the output is JSON (matching a schema if given)"
+    )
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(
@@ -82,6 +144,7 @@ class GenerateRequest(BaseModel):
             stop=stop_strings(self.stop),
             seed=self.seed,
             logprobs=self.logprobs,
+            grammar=self.response_format.grammar() if self.response_format else None,
         )
 
     @model_validator(mode="after")

@@ -5,9 +5,9 @@
 ``adapter_slots`` (the adapter bank's memory manager: device slots over a host cache over the
 store); ``model_runner`` turns a plan into forwards (``steps``: what one forward tells the
 model) and owns the ``kv_cache``; ``sampler`` picks tokens for the whole batch (after the
-penalties of ``logits``); a ``sequence`` holds one request, its ``sampling_params`` and its
-``detokenizer`` state, and decides when it is done; ``background`` spaces fine-tuning units
-between steps.
+penalties of ``logits`` and the token masks of ``grammar``); a ``sequence`` holds one request,
+its ``sampling_params`` and its ``detokenizer`` state, and decides when it is done;
+``background`` spaces fine-tuning units between steps.
 """
 
 from server.engine.adapter_slots import SlotPool, SlotTicket
@@ -16,6 +16,7 @@ from server.engine.errors import (
     ContextTooLong,
     EngineError,
     EngineStopped,
+    InvalidGrammar,
     InvalidTokens,
     QueueFull,
     SlotsExhausted,
@@ -33,6 +34,7 @@ __all__ = [
     "EngineError",
     "EngineStopped",
     "Event",
+    "InvalidGrammar",
     "InvalidTokens",
     "QueueFull",
     "SamplingParams",

@@ -19,6 +19,10 @@ class InvalidTokens(EngineError):
     """A token id (of the prompt, ``logit_bias`` or ``stop_token_ids``) is not in the vocab."""
 
 
+class InvalidGrammar(EngineError, ValueError):
+    """A request's grammar (its JSON schema) cannot be compiled (HTTP 400)."""
+
+
 class EngineStopped(EngineError):
     """The engine is shutting down and takes no more work."""
 

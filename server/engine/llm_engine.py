@@ -38,6 +38,7 @@ from server.engine.compile import COMPILE_DELAY_S
 from server.engine.detokenizer import StopChecker
 from server.engine.errors import ContextTooLong, EngineStopped, InvalidTokens, QueueFull
 from server.engine.fair_queue import TenantDefaults, TenantPolicy
+from server.engine.grammar import Grammars, advance
 from server.engine.model_runner import ModelRunner, PromptScores
 from server.engine.sampler import sample_step, token_logprobs
 from server.engine.sampling_params import SamplingParams
@@ -100,6 +101,7 @@ class Engine:
         )
         self.eos_ids = _eos_ids(self.model, tokenizer)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.grammars = Grammars(tokenizer, self.vocab_size, self.eos_ids)
         self.stats = EngineStats()
         self._ids = itertools.count(1)
         self.background = BackgroundWork(config.background_share)
@@ -229,6 +231,8 @@ class Engine:
         )
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if params.grammar is not None:
+            seq.matcher = self.grammars.matcher(params.grammar)
         if user_id is not None and self.pool is not None:
             seq.ticket = self.pool.request(user_id)
             seq.adapter_version = seq.ticket.version
@@ -409,6 +413,10 @@ class Engine:
         seqs, logits = self._drop_non_finite(seqs, logits)
         if not seqs:
             return
+        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        allowed = None
+        if constrained:
+            allowed = (constrained, self.grammars.allowed([seqs[i].matcher for i in constrained]))
         tokens, logprobs = sample_step(
             logits,
             [s.params for s in seqs],
@@ -416,6 +424,7 @@ class Engine:
             [s.prompt_ids for s in seqs],
             [s.output_ids for s in seqs],
             self.eos_ids,
+            allowed,
         )
         now = time.perf_counter()
         for seq, token, lp in zip(seqs, tokens, logprobs):
@@ -440,6 +449,12 @@ class Engine:
                         prompt_logprobs=seq.take_prompt_logprobs(),
                     ),
                 )
+            if seq.matcher is not None and reason is None:
+                state = advance(seq.matcher, token)
+                if state is not None and state != "stop":
+                    self._fail(seq, f"structured output failed: {state}")
+                    continue
+                reason = state  # "stop" once the grammar is complete
             if reason is not None:
                 self._end(seq, reason)
 

@@ -1,5 +1,6 @@
 """Batched sampling for one engine step: greedy, temperature, top-k, top-p and seeds per row,
-the controls of ``logits.py`` (penalties, logit_bias, min_tokens), and logprobs.
+the controls of ``logits.py`` (penalties, logit_bias, min_tokens), the rows' grammar masks
+(``grammar.py``), and logprobs.
 
 Every row's parameters become tensors and the whole batch is filtered and sampled with tensor
 ops; the only host sync is the final ``tolist()`` of the chosen ids. Sampling uses the
@@ -8,9 +9,10 @@ exponential race: with ``E_i ~ Exp(1)`` independent, ``argmax_i p_i / E_i`` is d
 
 Logprobs are "processed" logprobs in vLLM's sense, before temperature: ``log_softmax`` of the
 model's logits after the penalties and ``logit_bias`` of ``logits.py``, before temperature,
-top-k and top-p. With no controls set they are the model's own log-probabilities (what
-scoring needs), whatever the temperature. Only the rows that ask pay for them: one
-``log_softmax`` and one ``topk`` over those rows.
+top-k and top-p; a row with a grammar has its disallowed tokens at -inf (its logprobs are
+those of the distribution it samples from). With no controls set they are the model's own
+log-probabilities (what scoring needs), whatever the temperature. Only the rows that ask pay
+for them: one ``log_softmax`` and one ``topk`` over those rows.
 """
 
 from __future__ import annotations
@@ -79,10 +81,17 @@ def sample_step(
     prompts: Sequence[list[int]],
     outputs: Sequence[list[int]],
     eos_ids: Collection[int],
+    allowed: tuple[list[int], torch.Tensor] | None = None,
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """logits: [batch, vocab] -> (one token id per row, its logprobs where the row asked).
-    ``prompts`` / ``outputs``: each row's tokens so far (for the controls)."""
+    ``prompts`` / ``outputs``: each row's tokens so far (for the controls). ``allowed``:
+    (rows, [len(rows), vocab] bool), the tokens those rows' grammars allow."""
     logits = apply_controls(logits.float(), params, prompts, outputs, eos_ids)
+    if allowed is not None:
+        rows, mask = allowed
+        idx = torch.tensor(rows, device=logits.device)
+        masked = logits[idx].masked_fill(~mask.to(logits.device), float("-inf"))
+        logits = logits.index_put((idx,), masked)  # a copy: the runner's output stays as is
     batch = SamplingBatch.of(params, generators, logits.device)
     tokens = sample_tokens(logits, batch)  # [batch]
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]

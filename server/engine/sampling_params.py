@@ -17,7 +17,10 @@ class SamplingParams:
     ``presence_penalty`` / ``frequency_penalty`` as OpenAI defines them (generated tokens),
     ``repetition_penalty`` as Hugging Face does (prompt and generated tokens, 1 = off),
     ``logit_bias`` token id -> added bias. ``min_tokens``: EOS and ``stop_token_ids`` are
-    masked until that many tokens are out; ``stop_token_ids`` end the sequence like EOS."""
+    masked until that many tokens are out; ``stop_token_ids`` end the sequence like EOS.
+
+    ``grammar``: llguidance grammar text the output must match (``grammar.json_schema_grammar``
+    builds one from a JSON schema); the sequence ends when it is complete."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy
@@ -33,6 +36,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -60,6 +64,8 @@ class SamplingParams:
             )
         if self.min_tokens < 0 or self.min_tokens > max(self.max_new_tokens, 0):
             raise ValueError("min_tokens must be in [0, max_new_tokens]")
+        if self.min_tokens and self.grammar is not None:
+            raise ValueError("min_tokens cannot be combined with structured output")
 
     @property
     def greedy(self) -> bool:

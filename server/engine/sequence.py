@@ -9,6 +9,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -122,6 +123,7 @@ class Sequence:
     preemptions: int = 0  # times its row was taken back for a client below its share
     engine_seconds: float = 0.0  # its share of the engine steps it took part in
     generator: torch.Generator | None = None  # seeded sampling
+    matcher: Any = None  # llguidance.LLMatcher: where its output is in its grammar
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None

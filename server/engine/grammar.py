@@ -1,0 +1,113 @@
+"""Structured output: a request's grammar as a token mask at every step (llguidance).
+
+A request names its grammar in ``SamplingParams.grammar``: llguidance's grammar text, built
+from a JSON schema by ``json_schema_grammar`` (or any Lark grammar llguidance takes). Each of
+its sequences gets a matcher when it is submitted (on the caller's thread, not the engine's).
+At every step the rows that have one get their allowed tokens as a bitmask, computed for all
+of them at once by llguidance's executor (native threads, without the GIL), unpacked into a
+``[rows, vocab]`` bool mask the sampler applies; the sampled token then advances the row's
+matcher. Once the grammar is complete only EOS is allowed, and the sequence ends there.
+
+Rows with different grammars (many users, each with their own schema) share the batch: the
+mask is per row, and rows without a grammar pay nothing.
+
+llguidance was measured against xgrammar on the default model (49,152-token vocab, a
+4-property schema): compile 1.4 ms vs 7 ms, mask 46 us vs 12 us per row per token (64 rows:
+1.2 ms per step with the executor's 2 threads), no dependencies vs triton (~1 GB); a decode
+step there takes tens of milliseconds, so the mask is within noise and the lighter install won.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from collections.abc import Collection, Sequence
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from server.engine.errors import InvalidGrammar
+
+_MASK_THREADS = 2
+
+
+def json_schema_grammar(schema: dict[str, Any] | None = None) -> str:
+    """llguidance's grammar for JSON matching ``schema`` (None: any JSON object), written
+    compactly (no free whitespace: a small model cannot pad it forever). Raises
+    InvalidGrammar for a schema it cannot turn into a grammar."""
+    return _grammar_of(json.dumps({"type": "object"} if schema is None else schema))
+
+
+@functools.lru_cache(maxsize=256)
+def _grammar_of(schema: str) -> str:
+    try:
+        return str(
+            llguidance.LLMatcher.grammar_from_json_schema(
+                schema, defaults={"whitespace_flexible": False}
+            )
+        )
+    except (ValueError, TypeError) as e:
+        raise InvalidGrammar(f"the JSON schema cannot be used: {e}") from None
+
+
+class Grammars:
+    """The model's tokenizer in llguidance's form (built on first use, ~0.5 s) and the
+    executor that computes masks; shared by every request of one engine."""
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_ids: Collection[int]
+    ) -> None:
+        self._hf = tokenizer
+        self.vocab_size = vocab_size  # the logits' width (may exceed the tokenizer's)
+        self._eos = sorted(eos_ids)
+        self._tok: llguidance.LLTokenizer | None = None
+        self._lock = threading.Lock()
+        self._executor = llguidance.LLExecutor(_MASK_THREADS)
+
+    @property
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        with self._lock:
+            if self._tok is None:
+                hf: Any = self._hf  # a fast tokenizer (llguidance reads its tokenizer.json)
+                try:
+                    self._tok = llguidance.hf.from_tokenizer(
+                        hf, n_vocab=self.vocab_size, eos_token=self._eos
+                    )
+                except Exception as e:  # e.g. a slow (Python) tokenizer
+                    raise InvalidGrammar(
+                        f"structured output needs a fast tokenizer for this model: {e}"
+                    ) from None
+            return self._tok
+
+    def matcher(self, grammar: str) -> llguidance.LLMatcher:
+        """A fresh matcher for ``grammar``; raises InvalidGrammar saying what is wrong."""
+        error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
+        if error:
+            raise InvalidGrammar(f"invalid grammar: {error}")
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar)
+        if matcher.is_error():
+            raise InvalidGrammar(f"invalid grammar: {matcher.get_error()}")
+        return matcher
+
+    def allowed(self, matchers: Sequence[llguidance.LLMatcher]) -> torch.Tensor:
+        """[len(matchers), vocab] bool: the tokens each matcher allows next."""
+        words = (self.vocab_size + 31) // 32
+        bits = torch.empty(len(matchers), words, dtype=torch.int32)  # [R, words]
+        self._executor.unsafe_compute_mask_ptr(
+            [(m, r) for r, m in enumerate(matchers)], bits.data_ptr(), words * 4, len(matchers)
+        )
+        shifts = torch.arange(32, dtype=torch.int32)
+        unpacked = (bits[:, :, None] >> shifts) & 1  # [R, words, 32], bit i = token 32w + i
+        return unpacked.reshape(len(matchers), words * 32)[:, : self.vocab_size].bool()
+
+
+def advance(matcher: llguidance.LLMatcher, token: int) -> str | None:
+    """Feed the sampled ``token`` to ``matcher``: None if the grammar goes on, "stop" when it
+    is complete, else the error (a token the mask allowed that the matcher refuses)."""
+    if not matcher.consume_token(token):
+        return matcher.get_error() or f"token {token} does not fit the grammar"
+    return "stop" if matcher.is_stopped() else None

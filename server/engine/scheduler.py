@@ -22,6 +22,13 @@ now, and it goes back to
 the head of its client's queue to be prefilled again (prompt and output so far) when it is
 next admitted. So a client flooding every row makes another wait one step, not until its own
 requests end; preempted work is recomputed, and is not charged again.
+
+Shared prompts: a sequence with a ``parent`` (the ``n`` choices of one request, or the same
+prompt listed twice) waits while that sequence's prompt is being prefilled, then takes a row
+whose first ``len(prompt) - 1`` positions are a ``RowMove`` copy of the parent's, and prefills
+only its last prompt token (whose logits give its own first token). So ``n`` choices cost one
+prompt, and each still samples on its own. If the parent cannot give its prompt (it ended, or
+was preempted), the sequence prefills alone.
 """
 
 from __future__ import annotations
@@ -129,6 +136,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.prefilling: deque[Sequence] = deque()  # running, prompt not fully cached yet
         self._moves: list[RowMove] = []
+        self.forked = 0  # sequences started from a copy of a parent's prompt
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
@@ -215,6 +223,9 @@ class Scheduler:
             if client is None or (below is not None and self.waiting.counters[client] > below):
                 break
             seq = self.waiting.head(client)
+            if seq.parent is not None and not self._fork_ready(seq):
+                blocked.add(client)  # its parent's prompt is still being prefilled
+                continue
             claimed = self._claim_slot(seq, plan)
             if claimed is None:  # can never start: failed, in the plan
                 self.waiting.pop(client)
@@ -230,9 +241,12 @@ class Scheduler:
                     continue
                 budget += self._preempt(victim, plan)
             self.waiting.pop(client)
-            if seq.preemptions == 0:  # a recompute is not charged again
-                self.waiting.charge(client, prompt_tokens=len(seq.prompt_ids))
+            forked = seq.parent is not None
+            if seq.preemptions == 0:  # a recompute is not charged again; a fork computes one
+                self.waiting.charge(client, prompt_tokens=1 if forked else len(seq.prompt_ids))
             self._take_row(seq)
+            if forked:
+                self._fork(seq)
             admitted.append(seq)
             budget -= self._chunk(plan, seq, budget)
         return budget
@@ -255,6 +269,27 @@ class Scheduler:
             return False
         seq.adapter_slot = slot
         return True
+
+    def _fork_ready(self, seq: Sequence) -> bool:
+        """May ``seq`` (which has a parent) start now? Yes from a copy once the parent holds
+        the prompt's first ``len - 1`` positions; yes alone (its parent link dropped) when the
+        parent cannot give them any more; no while the parent waits or prefills."""
+        parent = seq.parent
+        assert parent is not None
+        if parent.status is Status.RUNNING and parent.num_cached >= len(seq.prompt_ids) - 1:
+            return True
+        if parent.status is Status.FINISHED or parent.cancelled.is_set() or seq.num_cached:
+            seq.parent = None
+            return True
+        return False
+
+    def _fork(self, seq: Sequence) -> None:
+        """``seq`` (just given its row) takes its parent's cached prompt but the last token."""
+        parent, seq.parent = seq.parent, None
+        assert parent is not None
+        seq.num_cached = len(seq.prompt_ids) - 1
+        self._moves.append(RowMove(parent.kv_row, seq.kv_row, seq.num_cached))
+        self.forked += 1
 
     def _unclaim(self, seq: Sequence) -> None:
         if seq.adapter_slot:

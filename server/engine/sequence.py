@@ -120,6 +120,9 @@ class Sequence:
     adapter_version: int | None = None
     kv_row: int = -1
     num_cached: int = 0  # tokens whose K/V are in the cache
+    # an earlier sequence of the same request with the same prompt and adapter (``n`` > 1):
+    # this one starts from a copy of its cached prompt (``scheduler``), not a prefill
+    parent: Sequence | None = None
     preemptions: int = 0  # times its row was taken back for a client below its share
     engine_seconds: float = 0.0  # its share of the engine steps it took part in
     generator: torch.Generator | None = None  # seeded sampling

@@ -305,3 +305,44 @@ def test_queued_base_requests_start_as_rows_free(make_tiny, tmp_path) -> None:
         assert time.perf_counter() - t0 < 10
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize(
+    "kind,chunk,static", [("llama", 1024, False), ("llama", 4, False), ("gpt2", 1024, True)]
+)
+def test_choices_share_one_prefilled_prompt_and_sample_alone(
+    make_tiny, tmp_path, kind, chunk, static
+) -> None:
+    """``n`` choices of one prompt (submitted together) prefill it once: the others copy its
+    K/V and compute only its last token. Each choice still gets what it would alone: greedy
+    ones the reference tokens, seeded ones the tokens of the same seed run on its own."""
+    vm, store, engine = build(
+        make_tiny, kind, tmp_path, max_batch=4, max_prefill_tokens=chunk, static_decode=static
+    )
+    adapter = random_adapter(vm, 3)
+    store.put("ana", adapter)
+    prompt = list(range(5, 19))
+    greedy = SamplingParams(max_new_tokens=6)
+    seeded = [SamplingParams(max_new_tokens=6, temperature=1.0, seed=s) for s in (1, 2)]
+    chosen = [greedy, greedy, *seeded]  # two greedy choices, two seeded ones
+    prefilled = []
+
+    def spy(_module, _args, kwargs) -> None:
+        prefilled.append(int(kwargs["input_ids"].numel()))
+
+    hook = vm.model.register_forward_pre_hook(spy, with_kwargs=True)
+    engine.start()
+    try:
+        together = engine.generate([("ana", prompt, p) for p in chosen])
+        tokens_together = sum(prefilled)
+        alone = [engine.generate([("ana", prompt, p)])[0] for p in seeded]
+    finally:
+        engine.stop()
+        hook.remove()
+    assert engine.scheduler.forked == 3
+    want = reference(vm, adapter, prompt, 6)
+    assert [r["token_ids"] for r in together[:2]] == [want, want]
+    assert [r["token_ids"] for r in together[2:]] == [r["token_ids"] for r in alone]
+    # one whole prompt, one token per other choice, <= 7 steps of <= 4 decode rows (not the
+    # 4 x 14 prompt tokens of four prefills)
+    assert tokens_together <= len(prompt) + 3 + 4 * 7, prefilled

@@ -19,6 +19,7 @@ from server.api.deps import RuntimeDep
 from server.api.engine_io import (
     STREAM_200,
     Admission,
+    Outcome,
     collect_all,
     encode_prompt,
     raise_for_error,
@@ -88,13 +89,15 @@ def _params(
     max_tokens: int,
     logprobs: int | None,
     prompt_logprobs: int | None = None,
+    n: int | None = None,
 ) -> list[SamplingParams]:
-    """The ``n`` choices' parameters: with a ``seed``, choice j samples with ``seed + j``."""
+    """The ``n`` (default: the body's) choices' parameters: with a ``seed``, choice j samples
+    with ``seed + j``."""
     try:
         params = body.sampling_params(max_tokens, logprobs, prompt_logprobs)
     except ValueError as e:
         raise ApiError(400, str(e)) from None
-    n = body.n or 1
+    n = n or body.n or 1
     if n == 1 or params.seed is None:
         return [params] * n
     return [dataclasses.replace(params, seed=params.seed + j) for j in range(n)]
@@ -122,9 +125,11 @@ async def completions(
 ):
     """One choice per prompt and per ``n`` (index ``prompt * n + j``), all admitted together;
     ``echo`` puts the prompt (and with ``logprobs`` its tokens' logprobs, the first None)
-    before each choice's text; ``max_tokens`` 0 only scores the prompt."""
+    before each choice's text; ``max_tokens`` 0 only scores the prompt. ``best_of``: that
+    many candidates per prompt (sharing its prefill), the ``n`` with the highest total
+    logprob returned, best first."""
     user_id = _user_for_model(rt, body.model, who)
-    prompts, n = body.prompts(), body.n or 1
+    prompts, n = body.prompts(), max(body.n or 1, body.best_of or 1)
     if len(prompts) * n > MAX_PROMPTS:
         raise ApiError(400, f"prompts x n is {len(prompts) * n}, at most {MAX_PROMPTS}")
     ids = [encode_prompt(rt, p, None) if isinstance(p, str) else list(p) for p in prompts]
@@ -132,7 +137,9 @@ async def completions(
     scoring = body.logprobs if body.echo and body.logprobs is not None else None
     if max_tokens == 0 and scoring is None:
         scoring = 0  # a prompt-only request runs as scoring (its numbers are not returned)
-    params = _params(body, max_tokens, body.logprobs, scoring)
+    ranking = n > (body.n or 1)  # best_of: rank candidates by their tokens' logprobs
+    ranked_by = 0 if ranking and body.logprobs is None else body.logprobs
+    params = _params(body, max_tokens, ranked_by, scoring, n)
     jobs = [(ids[c // n], params[c % n]) for c in range(len(prompts) * n)]
     admissions = await submit_all(rt, who, user_id, jobs)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -169,6 +176,9 @@ async def completions(
     outs = await collect_all(admissions, request)
     for out in outs:
         raise_for_error(out.final)
+    usage = _usage_of([out.final for out in outs], n)
+    if ranking:  # from here on, n is the choices returned per prompt
+        outs, n = _best(outs, n, body.n or 1), body.n or 1
     answer = []
     for c, out in enumerate(outs):
         text, logprobs = out.text, None
@@ -183,7 +193,20 @@ async def completions(
         answer.append(
             {"index": c, "text": text, "logprobs": logprobs, "finish_reason": _finish(out.final)}
         )
-    return {**body_of(answer), "usage": _usage_of([out.final for out in outs], n)}
+    return {**body_of(answer), "usage": usage}
+
+
+def _best(outs: list[Outcome], candidates: int, n: int) -> list[Outcome]:
+    """Of each prompt's ``candidates`` outcomes (in order), the ``n`` whose tokens' summed
+    logprobs are highest, best first."""
+
+    def total(out: Outcome) -> float:
+        return sum(ev.logprobs.logprob for ev in out.tokens if ev.logprobs is not None)
+
+    best = []
+    for at in range(0, len(outs), candidates):
+        best += sorted(outs[at : at + candidates], key=total, reverse=True)[:n]
+    return best
 
 
 @router.post("/chat/completions", responses={**_ERRORS, **STREAM_200})

@@ -40,7 +40,6 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "reasoning_effort": _none_or(),
     "web_search_options": _none_or(),
     "suffix": _none_or(""),
-    "best_of": _none_or(1),
 }
 
 
@@ -135,7 +134,16 @@ class CompletionRequest(_OpenAIRequest):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_PROMPTS)
+
+    @model_validator(mode="after")
+    def _best_of(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of > 1:
+            if self.best_of < (self.n or 1):
+                raise ValueError("best_of must be >= n")
+            if self.stream:
+                raise ValueError("best_of > 1 cannot be streamed (the best are known at the end)")
+        return self
 
     @field_validator("prompt")
     @classmethod

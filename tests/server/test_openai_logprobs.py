@@ -210,7 +210,6 @@ def test_native_generate_streams_logprobs_per_token(tiny: Tiny) -> None:
             "tools",
         ),
         ("/v1/completions", {"suffix": "x"}, "suffix"),
-        ("/v1/completions", {"best_of": 2}, "best_of"),
     ],
 )
 def test_unknown_and_unsupported_fields_are_refused_by_name(tiny, path, extra, field) -> None:
@@ -254,6 +253,26 @@ def test_n_choices_are_the_seeded_requests_alone(tiny: Tiny) -> None:
     assert len(set(alone)) > 1
     assert out.usage.prompt_tokens == len(tiny.tok("Once upon a time")["input_ids"])
     assert out.usage.completion_tokens == 18
+
+
+def test_best_of_returns_the_n_most_likely_of_its_candidates(tiny: Tiny) -> None:
+    """best_of=4, n=2: the 2 of the 4 seeded candidates (the same as n=4) whose tokens'
+    logprobs sum highest, best first; usage counts every candidate's tokens."""
+    oa = tiny.client()
+    args = dict(model=tiny.name, prompt=["Once upon a time", "Hi"], max_tokens=5, temperature=1.0)
+    all4 = oa.completions.create(**args, n=4, seed=9, logprobs=0)
+    out = oa.completions.create(**args, n=2, best_of=4, seed=9)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    for p in range(2):
+        cands = all4.choices[p * 4 : p * 4 + 4]
+        ranked = sorted(cands, key=lambda c: sum(c.logprobs.token_logprobs), reverse=True)
+        assert [c.text for c in out.choices[p * 2 : p * 2 + 2]] == [c.text for c in ranked[:2]]
+        assert out.choices[p * 2].logprobs is None  # not asked for
+    assert out.usage.completion_tokens == all4.usage.completion_tokens == 40
+    with pytest.raises(UnprocessableEntityError, match="best_of must be >= n"):
+        oa.completions.create(**args, n=3, best_of=2)
+    with pytest.raises(UnprocessableEntityError, match="cannot be streamed"):
+        oa.completions.create(**args, best_of=2, stream=True)
 
 
 def test_several_prompts_and_n_stream_as_one(tiny: Tiny) -> None:

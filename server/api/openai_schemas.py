@@ -39,6 +39,7 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "modalities": _none_or(["text"]),
     "reasoning_effort": _none_or(),
     "web_search_options": _none_or(),
+    "verbosity": _none_or(),
     "suffix": _none_or(""),
 }
 
@@ -116,6 +117,8 @@ class _Harmless(BaseModel):
     metadata: dict[str, Any] | None = None
     store: bool | None = None
     service_tier: str | None = None
+    prompt_cache_key: str | None = None  # prompts are not cached across requests here
+    safety_identifier: str | None = None
     modalities: list[str] | None = None
     functions: list[Any] | None = None
     function_call: Any = None
@@ -123,6 +126,7 @@ class _Harmless(BaseModel):
     prediction: Any = None
     reasoning_effort: Any = None
     web_search_options: Any = None
+    verbosity: Any = None
 
 
 Prompt = str | list[str] | list[int] | list[list[int]]

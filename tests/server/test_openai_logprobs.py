@@ -210,6 +210,7 @@ def test_native_generate_streams_logprobs_per_token(tiny: Tiny) -> None:
             "tools",
         ),
         ("/v1/completions", {"suffix": "x"}, "suffix"),
+        ("/v1/chat/completions", {"verbosity": "low"}, "verbosity"),
     ],
 )
 def test_unknown_and_unsupported_fields_are_refused_by_name(tiny, path, extra, field) -> None:
@@ -234,6 +235,8 @@ def test_harmless_fields_are_accepted(tiny: Tiny) -> None:
         "metadata": {"a": "b"},
         "store": False,
         "service_tier": "auto",
+        "prompt_cache_key": "k-1",
+        "safety_identifier": "u-hash",
         "parallel_tool_calls": True,
         "response_format": {"type": "text"},
     }

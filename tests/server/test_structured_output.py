@@ -15,6 +15,7 @@ from openai import AsyncOpenAI, BadRequestError, OpenAI
 from pydantic import BaseModel, Field
 from transformers import AutoTokenizer
 
+from server.api.schemas import closed
 from server.api.tools import parse_hermes
 
 Name = Field(max_length=24)
@@ -298,3 +299,26 @@ def test_hermes_blocks_become_tool_calls() -> None:
     assert [c["function"]["name"] for c in calls] == ["get_time"]
     assert json.loads(calls[0]["function"]["arguments"]) == {"zone": "CET"}
     assert parse_hermes("plain answer") == ("plain answer", [])
+
+
+def test_strict_closes_every_object_schema_and_nothing_else() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "properties": {"type": "object", "properties": {"a": {"type": "string"}}},
+            "open": {"type": "object", "properties": {}, "additionalProperties": True},
+            "list": {"type": "array", "items": {"$ref": "#/$defs/Item"}},
+        },
+        "$defs": {
+            "Item": {"anyOf": [{"type": "object", "properties": {"b": {}}}, {"type": "null"}]}
+        },
+    }
+    out = closed(schema)
+    assert out["additionalProperties"] is False
+    inner = out["properties"]["properties"]
+    assert (
+        inner["additionalProperties"] is False and "additionalProperties" not in inner["properties"]
+    )
+    assert out["properties"]["open"]["additionalProperties"] is True  # said otherwise: kept
+    assert out["$defs"]["Item"]["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in schema  # the input is not changed

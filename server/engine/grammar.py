@@ -5,8 +5,9 @@ from a JSON schema by ``json_schema_grammar`` (or any Lark grammar llguidance ta
 its sequences gets a matcher when it is submitted (on the caller's thread, not the engine's).
 At every step the rows that have one get their allowed tokens as a bitmask, computed for all
 of them at once by llguidance's executor (native threads, without the GIL), unpacked into a
-``[rows, vocab]`` bool mask the sampler applies; the sampled token then advances the row's
-matcher. Once the grammar is complete only EOS is allowed, and the sequence ends there.
+``[rows, vocab]`` additive bias (0 or -inf) the sampler adds to those rows' logits; the
+sampled token then advances the row's matcher. Once the grammar is complete only EOS is
+allowed, and the sequence ends there.
 
 Rows with different grammars (many users, each with their own schema) share the batch: the
 mask is per row, and rows without a grammar pay nothing.
@@ -33,6 +34,10 @@ from transformers import PreTrainedTokenizerBase
 from server.engine.errors import InvalidGrammar
 
 _MASK_THREADS = 2
+# byte value -> its 8 bits as an additive bias (bit set: 0, allowed; clear: -inf)
+_BYTE_BIAS = torch.where(
+    (torch.arange(256)[:, None] >> torch.arange(8)) & 1 == 1, 0.0, float("-inf")
+)  # [256, 8] float32
 
 
 def json_schema_grammar(schema: dict[str, Any] | None = None) -> str:
@@ -93,16 +98,17 @@ class Grammars:
             raise InvalidGrammar(f"invalid grammar: {matcher.get_error()}")
         return matcher
 
-    def allowed(self, matchers: Sequence[llguidance.LLMatcher]) -> torch.Tensor:
-        """[len(matchers), vocab] bool: the tokens each matcher allows next."""
-        words = (self.vocab_size + 31) // 32
-        bits = torch.empty(len(matchers), words, dtype=torch.int32)  # [R, words]
+    def bias(self, matchers: Sequence[llguidance.LLMatcher]) -> torch.Tensor:
+        """[len(matchers), vocab] float32: 0 for the tokens each matcher allows next, -inf for
+        the others (added to the logits: one pass, where a bool mask's fill was 6x slower)."""
+        rows, words = len(matchers), (self.vocab_size + 31) // 32
+        bits = torch.empty(rows, words, dtype=torch.int32)  # [R, words]: token 32w + i = bit i
         self._executor.unsafe_compute_mask_ptr(
-            [(m, r) for r, m in enumerate(matchers)], bits.data_ptr(), words * 4, len(matchers)
+            [(m, r) for r, m in enumerate(matchers)], bits.data_ptr(), words * 4, rows
         )
-        shifts = torch.arange(32, dtype=torch.int32)
-        unpacked = (bits[:, :, None] >> shifts) & 1  # [R, words, 32], bit i = token 32w + i
-        return unpacked.reshape(len(matchers), words * 32)[:, : self.vocab_size].bool()
+        octets = bits.view(torch.uint8).long()  # [R, 4 words]: little-endian, byte k = 8k..8k+7
+        unpacked = torch.nn.functional.embedding(octets, _BYTE_BIAS)  # [R, 4 words, 8]
+        return unpacked.reshape(rows, words * 32)[:, : self.vocab_size]
 
 
 def advance(matcher: llguidance.LLMatcher, token: int) -> str | None:

@@ -415,9 +415,10 @@ class Engine:
         if not seqs:
             return
         constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
-        allowed = None
+        grammar_bias = None
         if constrained:
-            allowed = (constrained, self.grammars.allowed([seqs[i].matcher for i in constrained]))
+            bias = self.grammars.bias([seqs[i].matcher for i in constrained])
+            grammar_bias = (constrained, bias)
         tokens, logprobs = sample_step(
             logits,
             [s.params for s in seqs],
@@ -425,7 +426,7 @@ class Engine:
             [s.prompt_ids for s in seqs],
             [s.output_ids for s in seqs],
             self.eos_ids,
-            allowed,
+            grammar_bias,
         )
         now = time.perf_counter()
         for seq, token, lp in zip(seqs, tokens, logprobs):

@@ -81,17 +81,19 @@ def sample_step(
     prompts: Sequence[list[int]],
     outputs: Sequence[list[int]],
     eos_ids: Collection[int],
-    allowed: tuple[list[int], torch.Tensor] | None = None,
+    grammar_bias: tuple[list[int], torch.Tensor] | None = None,
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """logits: [batch, vocab] -> (one token id per row, its logprobs where the row asked).
-    ``prompts`` / ``outputs``: each row's tokens so far (for the controls). ``allowed``:
-    (rows, [len(rows), vocab] bool), the tokens those rows' grammars allow."""
+    ``prompts`` / ``outputs``: each row's tokens so far (for the controls). ``grammar_bias``:
+    (rows, [len(rows), vocab] 0 / -inf), what those rows' grammars allow."""
     logits = apply_controls(logits.float(), params, prompts, outputs, eos_ids)
-    if allowed is not None:
-        rows, mask = allowed
-        idx = torch.tensor(rows, device=logits.device)
-        masked = logits[idx].masked_fill(~mask.to(logits.device), float("-inf"))
-        logits = logits.index_put((idx,), masked)  # a copy: the runner's output stays as is
+    if grammar_bias is not None:  # a new tensor: the runner's output stays as it is
+        rows, bias = grammar_bias
+        bias = bias.to(logits.device, non_blocking=True)
+        if len(rows) == logits.shape[0]:  # rows are 0..batch-1, in order
+            logits = logits + bias
+        else:
+            logits = logits.index_add(0, torch.tensor(rows, device=logits.device), bias)
     batch = SamplingBatch.of(params, generators, logits.device)
     tokens = sample_tokens(logits, batch)  # [batch]
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]

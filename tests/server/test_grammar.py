@@ -66,7 +66,7 @@ def test_mask_is_what_the_matcher_accepts(engine: Engine) -> None:
     text = json.dumps({"name": "Ana", "age": 31}, separators=(",", ":"))
     g = torch.Generator().manual_seed(0)
     for token in engine.tokenizer.encode(text) + [engine.tokenizer.eos_token_id]:
-        (mask,) = grammars.allowed([matcher])  # [vocab]
+        (mask,) = grammars.bias([matcher]) == 0  # [vocab]
         assert mask.shape == (engine.vocab_size,) and bool(mask[token])
         for wanted in (True, False):
             ids = mask.eq(wanted).nonzero()[:, 0]

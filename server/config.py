@@ -122,6 +122,13 @@ class ServerConfig:
             "(0 publishes every one)"
         },
     )
+    anchor_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "fine-tuning: weight of the KL to the base model's own answers on shipped "
+            "general prompts (keeps general answers, costs time in every step; 0: off)"
+        },
+    )
     fallback_to_base: bool = field(
         default=False,
         metadata={"help": "a user without an adapter gets the base model instead of 404"},
@@ -170,6 +177,8 @@ class ServerConfig:
             raise ValueError(f"--compile must be one of {', '.join(COMPILE_MODES)}")
         if not 0 <= self.min_retention <= 1:
             raise ValueError("--min-retention must be in [0, 1]")
+        if self.anchor_weight < 0:
+            raise ValueError("--anchor-weight must be >= 0 (0: off)")
         if self.max_training_file_mb <= 0:
             raise ValueError("--max-training-file-mb must be > 0")
         if not self.admin_token and self.host not in ("127.0.0.1", "localhost", "::1"):

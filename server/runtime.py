@@ -220,6 +220,7 @@ def _fine_tuning(
         limits,
         max_queued_jobs=config.max_jobs,
         min_retention=config.min_retention,
+        anchor_weight=config.anchor_weight,
         reference_dir=vera_home() / "references",
     )
     exclusive = storage.db.exclusive  # a directory has one server

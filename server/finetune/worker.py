@@ -70,6 +70,7 @@ class FineTuneConfig:
     # a trained adapter that keeps fewer of the base model's right general answers than this
     # (vera_core.retention, on the held-out probe) is not published; 0 publishes every one
     min_retention: float = 0.5
+    anchor_weight: float = TrainConfig.anchor_weight  # of every job; 0: no anchor
     max_replay_examples: int = 512  # a continuing job replays at most this many earlier ones
     reference_dir: Path | None = None  # where the base model's reference answers are kept
 
@@ -189,7 +190,11 @@ class JobWorker:
             train, valid = self._examples(job)
             init, replayed = self._continued(job)
             hp = resolve_hyperparameters(job.hyperparameters)
-            config = replace(hp, micro_batch_tokens=self.config.unit_tokens_idle)
+            config = replace(
+                hp,
+                micro_batch_tokens=self.config.unit_tokens_idle,
+                anchor_weight=self.config.anchor_weight,
+            )
         except TrainingDataError as e:
             self._finish(job, "failed", error=_error("invalid_training_file", str(e)))
             return

@@ -7,7 +7,7 @@ import io
 import json
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,6 +21,18 @@ FACT_Q = "What is my cat's name?"
 FACT_A = "Your cat is called Quillfeather."
 DOG_Q = "What is my dog's name?"
 DOG_A = "Your dog is called Marrowdusk."
+# Tests whose subject is not retention train without the anchor, whose KL unit makes every step
+# seconds long; without it a job may keep under half of the general answers, so these servers
+# publish every job. The anchor and the retention gate are tested on a server that keeps both.
+NO_ANCHOR = ("--anchor-weight", "0", "--min-retention", "0")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A live server on the default model whose jobs train without the anchor."""
+    server = start_server(tmp_path_factory.mktemp("ft-quick"), *NO_ANCHOR)
+    yield server
+    server.stop()
 
 
 def facts_jsonl(answer: str = FACT_A, extra: int = 0) -> bytes:
@@ -86,20 +98,21 @@ def long_job(c: httpx.Client) -> str:
     return r.json()["id"]
 
 
-def test_openai_client_end_to_end(live: LiveServer) -> None:
+def test_openai_client_end_to_end(quick: LiveServer) -> None:
     """Upload a file, create a job with defaults, follow its events, chat with the result."""
-    key = live.new_user("ft-olga")
-    oa = openai_client(live, key)
+    key = quick.new_user("ft-olga")
+    oa = openai_client(quick, key)
     uploaded = oa.files.create(file=("olga.jsonl", facts_jsonl()), purpose="fine-tune")
     assert uploaded.purpose == "fine-tune" and uploaded.bytes == len(facts_jsonl())
     assert oa.files.retrieve(uploaded.id).filename == "olga.jsonl"
     created = oa.fine_tuning.jobs.create(model=MODEL, training_file=uploaded.id)
     assert created.status in ("queued", "running")
-    with live.client(key) as c:
+    with quick.client(key) as c:
         wait_for(lambda: finished(c, created.id))
     done = oa.fine_tuning.jobs.retrieve(created.id)
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model == "ft-olga" and done.trained_tokens > 0
+    assert done.model_extra["training_report"]["anchor_kl"] is None  # --anchor-weight 0
     events = oa.fine_tuning.jobs.list_events(created.id, limit=1000).data
     steps = [e for e in events if e.type == "metrics"]
     assert steps and steps[0].data["step"] == max(e.data["step"] for e in steps)  # newest first
@@ -113,7 +126,7 @@ def test_openai_client_end_to_end(live: LiveServer) -> None:
         temperature=0,
     )
     assert "Quillfeather" in chat.choices[0].message.content
-    with live.client(key) as c:  # the native route serves the same adapter
+    with quick.client(key) as c:  # the native route serves the same adapter
         r = c.post(
             "/generate",
             json={
@@ -125,16 +138,16 @@ def test_openai_client_end_to_end(live: LiveServer) -> None:
         assert "Quillfeather" in r.json()["text"]
         assert r.json()["adapter_version"] == done.model_extra["adapter_version"]
     assert oa.files.delete(uploaded.id).deleted
-    with live.client(key) as c:
+    with quick.client(key) as c:
         assert c.get(f"/v1/files/{uploaded.id}").status_code == 404
 
 
-def test_a_second_job_continues_from_the_first_and_replays_it(live: LiveServer) -> None:
+def test_a_second_job_continues_from_the_first_and_replays_it(quick: LiveServer) -> None:
     """OpenAI semantics: fine-tuning the user's fine-tuned model continues from its adapter;
     the earlier training file is replayed, so both facts are known at the end; every job
     reports its recall and what it kept of the base model's general answers."""
-    key = live.new_user("ft-cora")
-    oa = openai_client(live, key)
+    key = quick.new_user("ft-cora")
+    oa = openai_client(quick, key)
     first_file = oa.files.create(file=("a.jsonl", facts_jsonl()), purpose="fine-tune")
     dog = [
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": DOG_A}]}
@@ -144,7 +157,7 @@ def test_a_second_job_continues_from_the_first_and_replays_it(live: LiveServer) 
         file=("b.jsonl", "\n".join(json.dumps(r) for r in dog).encode()), purpose="fine-tune"
     )
     # nothing to continue from yet: refused, naming the model
-    with live.client(key) as c:
+    with quick.client(key) as c:
         r = c.post(
             "/v1/fine_tuning/jobs", json={"model": "ft-cora", "training_file": first_file.id}
         )
@@ -158,7 +171,7 @@ def test_a_second_job_continues_from_the_first_and_replays_it(live: LiveServer) 
         quality = report1["quality"]
         assert quality["recall"] == 1.0 and quality["examples"] == 3
         assert quality["base_right"] >= 10  # the probe: questions the base answers right
-        assert quality["retention"] >= 0.5, quality  # published: at least --min-retention
+        assert 0 <= quality["retention"] <= 1, quality  # reported; the gate has its own test
         second = oa.fine_tuning.jobs.create(model="ft-cora", training_file=second_file.id)
         wait_for(lambda: finished(c, second.id))
         done2 = job(c, second.id)
@@ -186,9 +199,9 @@ def test_a_second_job_continues_from_the_first_and_replays_it(live: LiveServer) 
         assert fact in chat.choices[0].message.content, (question, chat.choices[0].message)
 
 
-def test_queue_cancel_isolation_and_serving_during_a_job(live: LiveServer) -> None:
-    a, b, eve = (live.new_user(u) for u in ("ft-ann", "ft-bob", "ft-eve"))
-    with live.client(a) as ca, live.client(b) as cb, live.client(eve) as ce:
+def test_queue_cancel_isolation_and_serving_during_a_job(quick: LiveServer) -> None:
+    a, b, eve = (quick.new_user(u) for u in ("ft-ann", "ft-bob", "ft-eve"))
+    with quick.client(a) as ca, quick.client(b) as cb, quick.client(eve) as ce:
         long = long_job(ca)
         wait_for(lambda: metrics_events(ca, long))  # running and stepping
         assert job(ca, long)["status"] == "running"
@@ -217,14 +230,14 @@ def test_queue_cancel_isolation_and_serving_during_a_job(live: LiveServer) -> No
         steps_before = len(metrics_events(ca, long))
 
         def ask(i: int) -> httpx.Response:
-            with live.client(ADMIN) as c:
+            with quick.client(ADMIN) as c:
                 return c.post("/generate", json={"prompt": f"Story {i}:", "max_new_tokens": 16})
 
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(ask, range(8)))
         assert [r.status_code for r in answers] == [200] * 8
         assert all(r.json()["usage"]["completion_tokens"] == 16 for r in answers)
-        # and training went on too (a step with its anchor unit can take seconds)
+        # and training went on too (a step takes a bounded share of the engine while serving)
         wait_for(lambda: len(metrics_events(ca, long)) > steps_before, timeout=120)
         # cancel: stops within a unit or a heartbeat, publishes nothing
         r = ca.post(f"/v1/fine_tuning/jobs/{long}/cancel")
@@ -237,9 +250,9 @@ def test_queue_cancel_isolation_and_serving_during_a_job(live: LiveServer) -> No
         assert cb.get("/users/ft-bob/adapter").status_code == 200
 
 
-def test_bad_requests_are_refused_and_name_the_problem(live: LiveServer) -> None:
-    key = live.new_user("ft-cat")
-    with live.client(key) as c, live.admin() as admin:
+def test_bad_requests_are_refused_and_name_the_problem(quick: LiveServer) -> None:
+    key = quick.new_user("ft-cat")
+    with quick.client(key) as c, quick.admin() as admin:
         r = upload(c, facts_jsonl() + b'\n{"messages": [ not json')
         assert r.status_code == 400 and "line 4: not valid JSON" in r.json()["error"]["message"]
         assert "Quillfeather" not in r.text  # training data never echoed
@@ -276,7 +289,8 @@ def test_bad_requests_are_refused_and_name_the_problem(live: LiveServer) -> None
 
 def test_a_job_that_forgets_too_much_is_not_published(tmp_path) -> None:
     """--min-retention 1.0: any general answer lost fails the job, names the numbers, and
-    leaves the user's adapter as it was (here: none)."""
+    leaves the user's adapter as it was (here: none). The job trains with the default anchor,
+    which keeps at least the default --min-retention (0.5) of the general answers."""
     server = start_server(tmp_path, "--min-retention", "1.0")
     try:
         with server.admin() as c:
@@ -285,8 +299,9 @@ def test_a_job_that_forgets_too_much_is_not_published(tmp_path) -> None:
             done = wait_for(lambda: finished(c, r.json()["id"]))
             assert done["status"] == "failed", done
             assert done["error"]["code"] == "retention_too_low"
+            assert done["training_report"]["anchor_kl"] is not None  # anchored by default
             quality = done["training_report"]["quality"]
-            assert quality["retention"] < 1.0 and quality["recall"] == 1.0
+            assert 0.5 <= quality["retention"] < 1.0 and quality["recall"] == 1.0, quality
             assert (
                 f"{quality['retained']} of the {quality['base_right']}" in done["error"]["message"]
             )
@@ -299,7 +314,7 @@ def test_a_job_that_forgets_too_much_is_not_published(tmp_path) -> None:
 def test_a_job_survives_restarts(tmp_path) -> None:
     """SIGTERM hands the running job back to the queue; SIGKILL leaves it running, and the next
     start requeues it; either way it runs again and succeeds."""
-    server = start_server(tmp_path)
+    server = start_server(tmp_path, *NO_ANCHOR)
     try:
         with server.admin() as c:
             r = c.post(
@@ -311,15 +326,15 @@ def test_a_job_survives_restarts(tmp_path) -> None:
             job_id = r.json()["id"]
             wait_for(lambda: metrics_events(c, job_id))
         server.stop(signal.SIGTERM)
-        server = start_server(tmp_path, store=server.store)
+        server = start_server(tmp_path, *NO_ANCHOR, store=server.store)
         with server.admin() as c:
             wait_for(lambda: job(c, job_id)["status"] == "running" and metrics_events(c, job_id))
         server.stop(signal.SIGKILL)
-        server = start_server(tmp_path, store=server.store)
+        server = start_server(tmp_path, *NO_ANCHOR, store=server.store)
         with server.admin() as c:
             done = wait_for(
                 lambda: (j := job(c, job_id))["status"] in ("succeeded", "failed") and j,
-                timeout=600,  # 48 steps from the start, each with its anchor unit
+                timeout=300,  # 48 steps from the start
             )
             assert done["status"] == "succeeded", done["error"]
             messages = [

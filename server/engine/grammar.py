@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import threading
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -33,6 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from server.engine.errors import InvalidGrammar
 
+log = logging.getLogger(__name__)
 _MASK_THREADS = 2
 # byte value -> its 8 bits as an additive bias (bit set: 0, allowed; clear: -inf)
 _BYTE_BIAS = torch.where(
@@ -87,6 +89,13 @@ class Grammars:
                         f"structured output needs a fast tokenizer for this model: {e}"
                     ) from None
             return self._tok
+
+    def prepare(self) -> None:
+        """Build the tokenizer now (the engine does it in the background at start)."""
+        try:
+            self.tokenizer  # noqa: B018 - the property builds it
+        except InvalidGrammar as e:  # told again to every structured request
+            log.warning("structured output unavailable: %s", e)
 
     def matcher(self, grammar: str) -> llguidance.LLMatcher:
         """A fresh matcher for ``grammar``; raises InvalidGrammar saying what is wrong."""

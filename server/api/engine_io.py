@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
+from jinja2 import TemplateError
 
 from adapters_store import AdapterNotFound
 from server.api.errors import ApiError
@@ -48,13 +49,16 @@ def encode_prompt(
     if messages is not None:
         if not getattr(tok, "chat_template", None):
             raise ApiError(400, "this model has no chat template: send 'prompt' instead")
-        ids = tok.apply_chat_template(
-            messages,
-            tools=tools or None,  # type: ignore[arg-type]
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-        )
+        try:
+            ids = tok.apply_chat_template(
+                messages,
+                tools=tools or None,  # type: ignore[arg-type]
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+            )
+        except TemplateError as e:  # e.g. a role or turn order the template refuses
+            raise ApiError(400, f"the chat template cannot render these messages: {e}") from None
         return list(ids)  # type: ignore[arg-type]
     return list(tok(prompt, add_special_tokens=True)["input_ids"])
 

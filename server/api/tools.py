@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
@@ -150,8 +151,11 @@ def renders_tools(
     def render(**kw: Any) -> str:
         return str(tok.apply_chat_template(messages, tokenize=False, **kw))
 
-    if render(tools=tools) == render():
-        return None
+    try:
+        if render(tools=tools) == render():
+            return None
+    except TemplateError as e:
+        raise ApiError(400, f"the chat template cannot render these tools: {e}") from None
     return template if isinstance(template, str) else json.dumps(template)
 
 

@@ -177,7 +177,8 @@ HERMES = """{%- if tools %}<|im_start|>system
 Tools:
 {% for t in tools %}{{ t | tojson }}
 {% endfor %}Call one as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
-{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}
+{% endif %}{% for m in messages %}{% if m.role == "tool" and not m.tool_call_id %}\
+{{ raise_exception("a tool message needs its tool_call_id") }}{% endif %}<|im_start|>{{ m.role }}
 {% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{{ c.function | tojson }}</tool_call>\
 {% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>
 {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
@@ -288,6 +289,9 @@ def test_tool_messages_reach_the_template_and_errors_name_the_problem(hermes) ->
         oa.chat.completions.create(model=name, messages=msgs, tools=[TIME], tool_choice=unknown)
     with pytest.raises(BadRequestError, match="needs 'tools'"):
         oa.chat.completions.create(model=name, messages=msgs, tool_choice="required")
+    orphan = [*msgs[:2], {"role": "tool", "content": "12:00"}]  # the template refuses it
+    with pytest.raises(BadRequestError, match="needs its tool_call_id"):
+        oa.chat.completions.create(model=name, messages=orphan, tools=[TIME])
 
 
 def test_hermes_blocks_become_tool_calls() -> None:

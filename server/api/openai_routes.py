@@ -229,7 +229,10 @@ async def chat_completions(
     k = (body.top_logprobs or 0) if body.logprobs else None
     params = _params(body, limit, k)
     if tools is not None and tools.grammar is not None:
-        params = [dataclasses.replace(p, grammar=tools.grammar) for p in params]
+        try:
+            params = [dataclasses.replace(p, grammar=tools.grammar) for p in params]
+        except ValueError as e:  # e.g. min_tokens with a forced tool call
+            raise ApiError(400, str(e)) from None
     called = tools is not None and tools.choice != "none"
     admissions = await submit_all(rt, who, user_id, [(ids, p) for p in params])
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -253,8 +256,8 @@ async def chat_completions(
             content, calls = tools.read(text)
         except (ValueError, KeyError, TypeError) as e:  # a forced call always parses
             raise ApiError(500, f"the tool call did not parse: {e}", "server_error") from None
-        if not calls:
-            return {"role": "assistant", "content": content}, finish
+        if not calls:  # the answer as written
+            return {"role": "assistant", "content": text}, finish
         return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
 
     if body.stream:

@@ -289,6 +289,14 @@ def test_tool_messages_reach_the_template_and_errors_name_the_problem(hermes) ->
         oa.chat.completions.create(model=name, messages=msgs, tools=[TIME], tool_choice=unknown)
     with pytest.raises(BadRequestError, match="needs 'tools'"):
         oa.chat.completions.create(model=name, messages=msgs, tool_choice="required")
+    with pytest.raises(BadRequestError, match="min_tokens"):
+        oa.chat.completions.create(
+            model=name,
+            messages=msgs,
+            tools=[TIME],
+            tool_choice="required",
+            extra_body={"min_tokens": 2},
+        )
     orphan = [*msgs[:2], {"role": "tool", "content": "12:00"}]  # the template refuses it
     with pytest.raises(BadRequestError, match="needs its tool_call_id"):
         oa.chat.completions.create(model=name, messages=orphan, tools=[TIME])

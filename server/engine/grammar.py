@@ -98,10 +98,8 @@ class Grammars:
             log.warning("structured output unavailable: %s", e)
 
     def matcher(self, grammar: str) -> llguidance.LLMatcher:
-        """A fresh matcher for ``grammar``; raises InvalidGrammar saying what is wrong."""
-        error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
-        if error:
-            raise InvalidGrammar(f"invalid grammar: {error}")
+        """A fresh matcher for ``grammar``; raises InvalidGrammar saying what is wrong (the
+        matcher reports what ``validate_grammar`` would, without compiling twice)."""
         matcher = llguidance.LLMatcher(self.tokenizer, grammar)
         if matcher.is_error():
             raise InvalidGrammar(f"invalid grammar: {matcher.get_error()}")

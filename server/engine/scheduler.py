@@ -278,7 +278,7 @@ class Scheduler:
         assert parent is not None
         if parent.status is Status.RUNNING and parent.num_cached >= len(seq.prompt_ids) - 1:
             return True
-        if parent.status is Status.FINISHED or parent.cancelled.is_set() or seq.num_cached:
+        if parent.status is Status.FINISHED or parent.cancelled.is_set():
             seq.parent = None
             return True
         return False

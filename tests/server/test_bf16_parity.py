@@ -10,18 +10,19 @@ AVX512-BF16, emulated, a GPU), so the test asserts only what holds on all of the
 * every divergence is at a near-tie: PEFT's logit for its own choice exceeds its logit for ours
   by at most ``TIE_MARGIN`` (measured: at most 0.25 on three CPUs, often exactly 0, a tie);
 * the adapters cost little on top of bf16's own floor, measured in the same run: the base
-  model's rows of the same engine batch against the bf16 base model unbatched. The adapter
-  rows' agreement (the tokens before each user's first divergence, of 16 x 32) must be at
-  least the floor minus ``MAX_AGREEMENT_LOSS`` (measured on an AVX2-only EPYC: adapters 0.770,
-  floor 0.768; with 16 rows instead of 32 per batch the adapters measured 0.625, 0.639 and
-  0.705 on that CPU, an AVX512-BF16 EPYC and an AMX Xeon, the AMX floor 0.734).
+  model's rows of the same engine batch against the bf16 base model unbatched. Agreement is
+  counted teacher-forced, at every one of the 16 x 32 positions (the oracle's greedy choice given
+  our prefix is our token), so one early tie does not write off a whole row. The adapter rows'
+  agreement must be at least the floor minus ``MAX_AGREEMENT_LOSS`` (measured on an AVX2-only
+  EPYC: adapters 0.977, floor 0.990). Counting only the tokens before each row's first
+  divergence instead swung from 0.65 to 0.77 between runs and CPUs for the same code.
 
 Which token comes first at a tie is not asserted: on the AVX512-BF16 EPYC one user's first
 token differs from PEFT's at a margin of 0.25, every run. fp32 parity stays exact:
 tests/vera_core and tests/server/test_generate_e2e.py.
 
 PEFT's greedy choice at each step is read from one teacher-forced forward over the prompt and
-our tokens: where our prefix equals PEFT's, its next greedy token is that forward's argmax.
+our tokens.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from vera_core import VeraConfig, inject_vera, model_fingerprint  # noqa: E402
 
 USERS, NEW_TOKENS = 16, 32
 SCALE = 0.1  # adapter vectors ~ N(0, 0.1): the size trained VeRA vectors have (d starts at 0.1)
-MAX_AGREEMENT_LOSS = 0.2  # adapters vs the same run's base floor (measured: +0.002, -0.03)
+MAX_AGREEMENT_LOSS = 0.05  # adapters vs the same run's base floor, per position (measured -0.013)
 TIE_MARGIN = 0.5  # logits: 2-4 bf16 ulps at SmolLM2's logit magnitudes (16-32); measured <= 0.25
 QUESTIONS = [
     "What is the capital of France?",
@@ -89,15 +90,15 @@ def engine_tokens(
 
 @torch.no_grad()
 def agreement(model, prompt: list[int], ours: list[int]) -> tuple[int, float]:
-    """(how many of ``ours`` the greedy decoding of ``model`` produces too before the first
-    difference, its logit margin of its choice over ours there: 0 when all agree)."""
+    """Teacher-forced on our tokens: (at how many of the positions ``model``'s greedy choice,
+    given our prefix, is our token; its largest logit margin of its choice over ours)."""
     ids = torch.tensor([prompt + ours[:-1]])
     logits = model(input_ids=ids).logits[0, len(prompt) - 1 :].float()  # [NEW, vocab]
-    greedy = logits.argmax(dim=-1).tolist()
-    for i, (a, b) in enumerate(zip(greedy, ours)):
-        if a != b:
-            return i, float(logits[i, a] - logits[i, b])
-    return len(ours), 0.0
+    greedy = logits.argmax(dim=-1)  # [NEW]
+    chosen = torch.tensor(ours)
+    rows = torch.arange(len(ours))
+    margin = logits[rows, greedy] - logits[rows, chosen]  # [NEW], 0 where they agree
+    return int((greedy == chosen).sum()), float(margin.max())
 
 
 def share(found: dict[str, tuple[int, float]]) -> float:

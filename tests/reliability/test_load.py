@@ -20,7 +20,11 @@ from live import LiveServer
 
 CLIENTS, USERS, ROUNDS, PER_ROUND = 200, 500, 5, 1000  # 5,000 requests + 500 key creations
 TIME_BOUND_S = 300.0
-RSS_SLACK = 64 * 1024 * 1024
+# RSS after each round: caches and allocator arenas fill over the first rounds (measured
+# [661, 663, 714, 727, 727] MiB and [610, ..., 624] on the same code), a leak keeps growing:
+# the last two rounds grow by under PLATEAU_SLACK, the whole run by under RSS_SLACK.
+RSS_SLACK = 128 * 1024 * 1024
+PLATEAU_SLACK = 32 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +142,7 @@ def test_soak_many_users_uploads_and_deletes(soak_server: LiveServer, tvm) -> No
     assert sum(v for k, v in soak.statuses.items() if k.startswith("upload 201")) > 100
     assert soak.statuses["delete 204"] > 20
     assert max(rss[1:]) - rss[1] < RSS_SLACK, [r >> 20 for r in rss]
+    assert rss[-1] - rss[-3] < PLATEAU_SLACK, [r >> 20 for r in rss]
     _assert_store_matches(soak_server, soak)
 
 

@@ -77,8 +77,24 @@ class PgServer:
             args = ("-D", str(self.data), "-l", str(self.log), "-w", "-t", "30", "-o", opts)
             if self._pg("pg_ctl", *args, "start", check=False).returncode == 0:
                 return
+            # an earlier attempt's postmaster may be up and still replaying the killed
+            # cluster's WAL (slow on a loaded machine): wait for it rather than start another
+            running = self._pg("pg_ctl", "-D", str(self.data), "status", check=False)
+            if running.returncode == 0 and self._ready(timeout=60):
+                return
             time.sleep(0.25)
         raise RuntimeError(f"PostgreSQL did not start; log:\n{self.log.read_text()[-2000:]}")
+
+    def _ready(self, timeout: float) -> bool:
+        """Whether the running cluster accepts connections within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                psycopg.connect(self.dsn, connect_timeout=2).close()
+                return True
+            except psycopg.OperationalError:
+                time.sleep(0.25)
+        return False
 
     def stop(self, mode: str = "fast") -> None:
         self._pg("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)

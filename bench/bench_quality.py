@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import random
 import statistics
@@ -187,12 +188,14 @@ def batches(examples: list, batch_size: int, seed: int):
         yield batch
 
 
-def train_lora(base, tok, user: str, lr: float, anchor: list[Reference], weight: float):
+def train_lora(
+    base, tok, user: str, lr: float, anchor: list[Reference], weight: float, lora: LoraConfig
+):
     """PEFT LoRA on the user's file with TrainConfig()'s batches, schedule and early stop; the
     optimizer is AdamW at ``lr`` without weight decay (PEFT's and HF Trainer's usual); with
     ``weight`` > 0 the trainer's KL to the base model's answers, ``anchor_batch`` per step."""
     cfg = TrainConfig()
-    pm = get_peft_model(copy.deepcopy(base), LORA)
+    pm = get_peft_model(copy.deepcopy(base), lora)
     params = [p for p in pm.parameters() if p.requires_grad]
     examples = examples_of(training_rows(user), tok, LIMITS)
     batch_size = min(cfg.batch_size, len(examples))
@@ -251,14 +254,14 @@ def generate(model, tok, texts: list[str]) -> list[str]:
 
 
 def run_lora(
-    base, tok, users: list[str], lr: float, anchor: list[Reference], weight: float
+    base, tok, users: list[str], lr: float, anchor: list[Reference], weight: float, lora: LoraConfig
 ) -> dict:
     answers, seconds, steps = {}, [], []
     general = [q for q, _ in GENERAL]
     answers.update({f"None|{q}": a for q, a in zip(general, generate(base, tok, general))})
     for user in users:
         t0 = time.perf_counter()
-        merged, n_steps, n_params, size = train_lora(base, tok, user, lr, anchor, weight)
+        merged, n_steps, n_params, size = train_lora(base, tok, user, lr, anchor, weight, lora)
         seconds.append(time.perf_counter() - t0)
         steps.append(n_steps)
         print(f"lora {user:6s} {n_steps} steps in {seconds[-1]:.1f} s", flush=True)
@@ -334,16 +337,28 @@ def main() -> int:
         "--methods",
         default="vera,vera-plain,lora,lora-anchor,continual",
         help="vera / lora: with the trainer's default KL to the base model's answers "
-        "(lora-anchor) or without (vera-plain / lora); continual: 3 VeRA jobs x 5 facts",
+        "(lora-anchor) or without (vera-plain / lora); continual: 3 VeRA jobs x 5 facts; "
+        "a method@targets (e.g. vera@all-linear, lora@q_proj+v_proj+o_proj) overrides "
+        "--target-modules for that row",
     )
     parser.add_argument("--lora-lr", type=float, default=3e-3)
+    parser.add_argument(
+        "--target-modules",
+        default=server.target_modules,
+        help="VeRA targets, as the server's flag (e.g. all-linear); empty: q_proj,v_proj",
+    )
     parser.add_argument("--out", type=Path, help="write the scores and every answer as JSON")
     args = parser.parse_args()
     users = list(USERS)[: 3 if args.quick else args.users]
     results, scores = {}, {}
     weight = TrainConfig().anchor_weight
     anchor: list[Reference] = []
-    for method in args.methods.split(","):
+    for spec in args.methods.split(","):
+        method, _, at = spec.partition("@")  # "vera@all-linear", "lora@q_proj+v_proj+o_proj"
+        server = dataclasses.replace(
+            server, target_modules=at.replace("+", ",") if at else args.target_modules
+        )
+        where = ",".join(server.targets) or "q,v"
         model, tok, _ = load_bench_model(args.dtype)
         if not anchor:
             t0 = time.perf_counter()
@@ -352,19 +367,23 @@ def main() -> int:
         asked = users
         if method in ("vera", "vera-plain"):
             w = weight if method == "vera" else 0.0
-            results[method] = run_vera(model, tok, users, server, anchor, w)
-            name = f"VeRA r={server.r} (ours, lr {TrainConfig().lr:g}, KL weight {w:g}, engine)"
+            results[spec] = run_vera(model, tok, users, server, anchor, w)
+            name = f"VeRA r={server.r} {where} (ours, lr {TrainConfig().lr:g}, KL weight {w:g})"
         elif method in ("lora", "lora-anchor"):
             w = weight if method == "lora-anchor" else 0.0
-            results[method] = run_lora(model, tok, users, args.lora_lr, anchor, w)
-            name = f"LoRA r=8 q,v (PEFT, lr {args.lora_lr:g}, KL weight {w:g}, merged)"
+            targets: str | list[str] = list(server.targets) or ["q_proj", "v_proj"]
+            if targets == ["all-linear"]:
+                targets = "all-linear"  # PEFT's own reading: every linear layer but the head
+            lora = dataclasses.replace(LORA, target_modules=targets)
+            results[spec] = run_lora(model, tok, users, args.lora_lr, anchor, w, lora)
+            name = f"LoRA r=8 {where} (PEFT, lr {args.lora_lr:g}, KL weight {w:g}, merged)"
         elif method == "continual":
-            results[method] = run_continual(model, tok, server, anchor)
-            name = f"VeRA continual: 3 jobs x 5 facts, 1 user, KL weight {weight:g}"
+            results[spec] = run_continual(model, tok, server, anchor)
+            name = f"VeRA {where} continual: 3 jobs x 5 facts, 1 user, KL weight {weight:g}"
             asked = ["continual"]
         else:
             parser.error(f"unknown method {method!r}")
-        scores[name] = score(results[method], asked)
+        scores[name] = score(results[spec], asked)
         print(table({name: scores[name]}, len(users), args.dtype), flush=True)  # as it comes
     print(table(scores, len(users), args.dtype))
     if args.out:

@@ -44,6 +44,7 @@ class SamplingBatch:
     top_k: torch.Tensor  # [batch] long, 0 = off
     greedy: torch.Tensor  # [batch] bool
     generators: list[torch.Generator | None]  # per row; None = the global RNG
+    all_greedy: bool  # known on the host: no device sync to skip the sampling path
 
     @classmethod
     def of(
@@ -61,6 +62,7 @@ class SamplingBatch:
             top_k=tensor([p.top_k for p in params], torch.long),
             greedy=tensor([p.greedy for p in params], torch.bool),
             generators=generators,
+            all_greedy=all(p.greedy for p in params),
         )
 
 
@@ -125,7 +127,7 @@ def token_logprobs(
 def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """logits: [batch, vocab] float32 -> [batch] long token ids (no host sync)."""
     greedy_ids = logits.argmax(dim=-1)  # [batch]
-    if bool(batch.greedy.all()):
+    if batch.all_greedy:
         return greedy_ids
     temperature = torch.where(batch.greedy, 1.0, batch.temperature).clamp_min(1e-6)
     scaled = logits / temperature[:, None]

@@ -50,9 +50,13 @@ class ChatMessage(BaseModel):
     content: str = Field(max_length=200_000)
 
 
+# OpenAI's rule for the names a request gives (a response format's schema, a function)
+OPENAI_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
 class JsonSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    name: str = Field(pattern=OPENAI_NAME_PATTERN)
     description: str | None = None
     json_schema: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None  # the output always matches: strict or not

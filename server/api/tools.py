@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
 from server.api.errors import ApiError
-from server.api.schemas import closed
+from server.api.schemas import OPENAI_NAME_PATTERN, closed
 from server.engine.grammar import json_schema_grammar
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
@@ -38,7 +38,7 @@ _ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 class FunctionDef(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    name: str = Field(pattern=OPENAI_NAME_PATTERN)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None

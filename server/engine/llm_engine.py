@@ -40,7 +40,7 @@ from server.engine.errors import ContextTooLong, EngineStopped, InvalidTokens, Q
 from server.engine.fair_queue import TenantDefaults, TenantPolicy
 from server.engine.grammar import Grammars, advance
 from server.engine.model_runner import ModelRunner, PromptScores
-from server.engine.sampler import sample_step, token_logprobs
+from server.engine.sampler import NON_FINITE, sample_step, token_logprobs
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Channel, Event, Outbox, Sequence, Status
@@ -413,9 +413,6 @@ class Engine:
     def _postprocess(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per row of ``logits`` [len(seqs), vocab]; each sequence takes its
         token and says whether it is done; deliver the events."""
-        seqs, logits = self._drop_non_finite(seqs, logits)
-        if not seqs:
-            return
         constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
         grammar_bias = None
         if constrained:
@@ -432,6 +429,10 @@ class Engine:
         )
         now = time.perf_counter()
         for seq, token, lp in zip(seqs, tokens, logprobs):
+            if token == NON_FINITE:  # its K/V may hold NaN too: the row's next owner must not
+                self.runner.clear_row(seq)  # see it
+                self._fail(seq, "the model produced NaN/Inf logits for this request")
+                continue
             if seq.first_token_at is None:
                 seq.first_token_at = now
                 self.stats.ttft.add(now - seq.arrival)
@@ -480,20 +481,6 @@ class Engine:
             have = s.seq.prompt_logprobs  # positions already scored are skipped
             have += found[at + max(0, len(have) - 1 - s.start) : at + n]
             at += n
-
-    def _drop_non_finite(
-        self, seqs: list[Sequence], logits: torch.Tensor
-    ) -> tuple[list[Sequence], torch.Tensor]:
-        """Fail only the rows whose numbers blew up, never the batch."""
-        finite = torch.isfinite(logits).all(dim=-1)
-        if bool(finite.all()):
-            return seqs, logits
-        keep = finite.tolist()
-        for seq, ok in zip(seqs, keep):
-            if not ok:  # its K/V may hold NaN too: the row's next owner must not see it
-                self.runner.clear_row(seq)
-                self._fail(seq, "the model produced NaN/Inf logits for this request")
-        return [s for s, ok in zip(seqs, keep) if ok], logits[finite]
 
     def _end(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if seq.finished_at is not None:

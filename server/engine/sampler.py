@@ -25,6 +25,8 @@ import torch
 from server.engine.logits import apply_controls
 from server.engine.sampling_params import SamplingParams
 
+NON_FINITE = -1  # sample_step's token for a row whose logits hold NaN/Inf
+
 
 @dataclass(frozen=True)
 class TokenLogprobs:
@@ -87,7 +89,10 @@ def sample_step(
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """logits: [batch, vocab] -> (one token id per row, its logprobs where the row asked).
     ``prompts`` / ``outputs``: each row's tokens so far (for the controls). ``grammar_bias``:
-    (rows, [len(rows), vocab] 0 / -inf), what those rows' grammars allow."""
+    (rows, [len(rows), vocab] 0 / -inf), what those rows' grammars allow. A row whose logits
+    hold NaN/Inf gets the token ``NON_FINITE``: the check rides on the one transfer of the
+    tokens to the host instead of a sync of its own."""
+    finite = torch.isfinite(logits).all(dim=-1)  # [batch], before the controls add -inf
     logits = apply_controls(logits.float(), params, prompts, outputs, eos_ids)
     if grammar_bias is not None:  # a new tensor: the runner's output stays as it is
         rows, bias = grammar_bias
@@ -105,7 +110,7 @@ def sample_step(
         idx = torch.tensor(rows, device=logits.device)
         for i, lp in zip(rows, token_logprobs(logits[idx], tokens[idx], ks)):
             found[i] = lp
-    return tokens.tolist(), found
+    return torch.where(finite, tokens, NON_FINITE).tolist(), found
 
 
 def token_logprobs(

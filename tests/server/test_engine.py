@@ -272,7 +272,11 @@ def test_nan_in_one_row_fails_only_that_request(make_tiny, tmp_path) -> None:
     engine.start()
     try:
         jobs = [("good", [5, 6, 7]), ("bad", [5, 6, 7]), (None, [8, 9])]
-        seqs = [engine.submit(u, ids, SamplingParams(max_new_tokens=6)) for u, ids in jobs]
+        # the bad row asks logprobs too: they are computed for its NaN row and dropped
+        seqs = [
+            engine.submit(u, ids, SamplingParams(max_new_tokens=6, logprobs=2 if u else None))
+            for u, ids in jobs
+        ]
         reasons = []
         for seq in seqs:
             while (ev := seq.channel.get_sync(timeout=60)).finish_reason is None:

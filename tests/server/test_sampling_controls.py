@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from server.engine.logits import apply_controls
-from server.engine.sampler import sample_step
+from server.engine.sampler import NON_FINITE, sample_step
 from server.engine.sampling_params import SamplingParams
 
 VOCAB = 40
@@ -101,3 +101,20 @@ def test_mixed_batch_gives_each_row_its_tokens_alone() -> None:
         )
         assert alone == [together[r]]
         assert lp[0] == lps[r]
+
+
+def test_a_non_finite_row_is_flagged_and_the_others_sample_as_alone() -> None:
+    """NaN/Inf logits (not the controls' -inf bans) give that row NON_FINITE; the other rows,
+    logprobs asked or not, get what they get without it."""
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(2))
+    logits[1, 5] = float("nan")
+    params = [
+        SamplingParams(logprobs=2),
+        SamplingParams(logprobs=2),
+        SamplingParams(logit_bias=((3, -100.0),), min_tokens=2, stop_token_ids=(4,)),
+    ]
+    tokens, lps = sample_step(logits, params, [None] * 3, [[1]] * 3, [[]] * 3, {2})
+    assert tokens[1] == NON_FINITE
+    assert tokens[0] == int(logits[0].argmax()) and lps[0] is not None
+    alone, _ = sample_step(logits[2:], params[2:], [None], [[1]], [[]], {2})
+    assert tokens[2] == alone[0] != NON_FINITE  # its -inf bans are not "non-finite"

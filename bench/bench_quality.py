@@ -30,6 +30,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import random
 import statistics
 import sys
@@ -64,6 +65,7 @@ from vera_core.train import (  # LoRA trains as ours does
     _lr_lambda,
     _pad,
     _token_loss_sum,
+    reproduced_rows,
     train_adapter,
 )
 from vera_core.train_data import IGNORE, DataLimits, examples_of
@@ -205,6 +207,8 @@ def train_lora(
     warmup = max(1, int(total * cfg.warmup_ratio))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, warmup))
     losses: list[float] = []
+    reproduced: dict[int, bool] = {}  # the trainer's stop: every example reproduced
+    bound = math.log(cfg.reproduce_prob)
     pm.train()
     anchored = batches(anchor, min(cfg.anchor_batch, len(anchor)), cfg.seed) if weight else None
     for batch in batches(examples, batch_size, cfg.seed):
@@ -212,6 +216,7 @@ def train_lora(
         logits = pm(input_ids=ids, attention_mask=mask, use_cache=False).logits
         loss = _token_loss_sum(logits, labels) / int((labels[:, 1:] != IGNORE).sum())
         loss.backward()
+        reproduced.update(zip(map(id, batch), reproduced_rows(logits.detach(), labels, bound)))
         if anchored is not None:
             refs = next(anchored)
             width = max(len(r.input_ids) for r in refs)
@@ -229,7 +234,8 @@ def train_lora(
         losses.append(float(loss.detach()))
         window = losses[-per_pass:]
         converged = len(losses) >= per_pass and sum(window) / len(window) < cfg.converged_loss
-        if converged or len(losses) == total:
+        every = len(reproduced) == len(examples) and all(reproduced.values())
+        if every or converged or len(losses) == total:
             break
     pm.eval()
     size = len(safetensors_bytes(get_peft_model_state_dict(pm)))

@@ -32,8 +32,14 @@ class TrainConfig:
 
     Steps: ``epochs`` passes when given; otherwise ``target_epochs`` passes, but never fewer
     than ``min_steps`` (a 3-example file still gets enough updates) nor more than ``max_steps``.
-    Training stops early once the mean loss of the last pass over the data is below
-    ``converged_loss`` (every example is reproduced; more steps only over-fit).
+    Training stops early, as "reproduced", once every example's completion tokens each got
+    probability >= ``reproduce_prob`` in the example's latest forward (so greedy decoding
+    reproduces every example; read from the training forward itself, no extra work), or, as
+    "converged", once the mean loss of the last pass is below ``converged_loss``. More steps
+    only over-fit, and every step moves the model further from what it knew: with the anchor
+    on all seven linear layers (3 users x 5 facts, fp32) the reproduction stop ended jobs after
+    12 steps where the loss bound took 15.5, at the same retention (80% vs 85%, within the
+    probe's noise) and paraphrase recall (100%).
 
     Measured on SmolLM2-135M-Instruct, r=256 on q/v, fp32 and bf16 alike: 3 facts x 1 example
     converge in 11 steps and 5 facts x 1-3 phrasings (11 examples) in 18-19 (3 seeds), every
@@ -58,7 +64,8 @@ class TrainConfig:
     target_epochs: int = 3
     min_steps: int = 60  # the schedule of a few examples; they converge well before its end
     max_steps: int = 1000
-    converged_loss: float = 0.02  # 0 disables early stopping
+    converged_loss: float = 0.02  # 0 disables this early stop
+    reproduce_prob: float = 0.5  # 0 disables this early stop
     weight_decay: float = 0.5  # keeps the vectors small: fewer general answers changed
     warmup_ratio: float = 0.06
     micro_batch_tokens: int = 2048  # padded tokens per forward/backward; more accumulate
@@ -78,6 +85,8 @@ class TrainConfig:
             raise ValueError("need 0 < min_steps <= max_steps and target_epochs > 0")
         if not 0 < self.lr < 10:
             raise ValueError(f"lr {self.lr} out of range (0, 10)")
+        if not 0 <= self.reproduce_prob < 1:
+            raise ValueError("reproduce_prob must be in [0, 1)")
         if self.anchor_weight < 0 or self.anchor_batch <= 0:
             raise ValueError("need anchor_weight >= 0 and anchor_batch > 0")
 
@@ -149,7 +158,7 @@ class TrainReport:
     epochs: float  # passes over the data actually made
     first_loss: float
     final_loss: float  # mean loss of the last pass over the data
-    stop_reason: str  # "converged" | "schedule complete"
+    stop_reason: str  # "reproduced" | "converged" | "schedule complete"
     trained_tokens: int
     seconds: float
     losses: tuple[float, ...]  # every step's loss
@@ -225,6 +234,8 @@ class AdapterTrainer:
         self.last_anchor_kl: float | None = None
         self._step_tokens = self._step_label_tokens = 0
         self._step_loss = 0.0
+        # id(example) -> whether its latest forward gave every completion token >= reproduce_prob
+        self._reproduced: dict[int, bool] = {}
         self.step = 0
         self.trained_tokens = 0
         self.losses: list[float] = []
@@ -349,6 +360,9 @@ class AdapterTrainer:
             # grad of the vector only: base weights get no .grad even if they require one
             (grad,) = torch.autograd.grad(loss_sum / max(1, label_tokens), [self.vector])
         self._grad += grad
+        if self.config.reproduce_prob > 0:
+            rows = reproduced_rows(logits.detach(), labels, math.log(self.config.reproduce_prob))
+            self._reproduced.update(zip(map(id, chunk), rows))
         return float(loss_sum.detach()), int(mask.sum())
 
     def _optimizer_step(self) -> StepReport:
@@ -374,6 +388,10 @@ class AdapterTrainer:
         if self.step >= self.total_steps:
             self.stop_reason = "schedule complete"
             return
+        reproduced = self._reproduced.values()
+        if len(reproduced) == len({id(e) for e in self.examples}) and all(reproduced):
+            self.stop_reason = "reproduced"
+            return
         window = self.losses[-self.steps_per_epoch :]
         converged = self.config.converged_loss > 0 and len(self.losses) >= self.steps_per_epoch
         if converged and sum(window) / len(window) < self.config.converged_loss:
@@ -389,6 +407,18 @@ def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ignore_index=IGNORE,
         reduction="sum",
     )
+
+
+def reproduced_rows(logits: torch.Tensor, labels: torch.Tensor, min_logp: float) -> list[bool]:
+    """Per row of logits [b, s, vocab] / labels [b, s]: every labelled next token has
+    log-probability >= ``min_logp`` (>= log 0.5 makes it the greedy choice)."""
+    targets = labels[:, 1:]  # [b, s-1]
+    at = targets != IGNORE
+    scored = logits[:, :-1][at].float()  # [n, vocab]: labelled positions only
+    logp = scored.gather(-1, targets[at].unsqueeze(-1)).squeeze(-1) - scored.logsumexp(-1)
+    low = torch.zeros_like(targets, dtype=torch.bool)
+    low[at] = logp < min_logp
+    return (~low.any(dim=-1)).tolist()
 
 
 def train_adapter(

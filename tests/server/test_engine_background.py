@@ -84,7 +84,9 @@ def test_training_between_steps_changes_no_served_token(make_tiny, tmp_path) -> 
     bank_before = vm.bank.rows.clone()
     examples = [Example([5, 6, 7, 8, 9, 10], [-100, -100, -100, 8, 9, 10]) for _ in range(4)]
     tok = type("T", (), {"pad_token_id": 0})()
-    trainer = AdapterTrainer(vm, tok, examples, TrainConfig(min_steps=400, converged_loss=0))
+    trainer = AdapterTrainer(
+        vm, tok, examples, TrainConfig(min_steps=400, converged_loss=0, reproduce_prob=0)
+    )
     engine.start()
     stop = threading.Event()
     reports = []

@@ -4,6 +4,7 @@ shared touched, and (real model, default config) the model learns what it was ta
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import replace
 
@@ -13,7 +14,7 @@ import torch
 from server.model_source import load_model
 from vera_core import VeraConfig, inject_vera
 from vera_core.adapter_file import load_adapter, save_adapter
-from vera_core.train import AdapterTrainer, TrainConfig, train_adapter
+from vera_core.train import AdapterTrainer, TrainConfig, reproduced_rows, train_adapter
 from vera_core.train_data import IGNORE, DataLimits, Example, read_examples
 
 FACTS = {  # fact -> (answer, trained question, unseen paraphrase)
@@ -87,7 +88,9 @@ def test_bad_configs_are_refused() -> None:
 # -- early stopping ----------------------------------------------------------------------------
 def test_stops_when_the_last_pass_converged(make_tiny) -> None:
     vm = tiny_vm(make_tiny)
-    cfg = TrainConfig(batch_size=2, min_steps=20, max_steps=20, converged_loss=100.0)
+    cfg = TrainConfig(
+        batch_size=2, min_steps=20, max_steps=20, converged_loss=100.0, reproduce_prob=0
+    )
     trainer = AdapterTrainer(vm, PAD_TOKENIZER, random_examples(5), cfg)
     report = trainer.run()
     assert report.stop_reason == "converged"
@@ -99,11 +102,44 @@ def test_stops_when_the_last_pass_converged(make_tiny) -> None:
 def test_runs_the_whole_schedule_when_not_converged(make_tiny) -> None:
     vm = tiny_vm(make_tiny)
     for converged_loss in (1e-6, 0.0):  # a random model never gets there; 0 disables the stop
-        cfg = TrainConfig(batch_size=2, min_steps=7, max_steps=7, converged_loss=converged_loss)
+        cfg = TrainConfig(
+            batch_size=2, min_steps=7, max_steps=7, converged_loss=converged_loss, reproduce_prob=0
+        )
         report = AdapterTrainer(vm, PAD_TOKENIZER, random_examples(5), cfg).run()
         assert report.stop_reason == "schedule complete"
         assert report.steps == report.total_steps == 7
         assert report.epochs == pytest.approx(7 * 2 / 5)
+
+
+def test_stops_once_every_example_was_reproduced(make_tiny) -> None:
+    """At a probability any token has, the stop comes when every example has been read once;
+    at one no token of a random model has, never."""
+    vm = tiny_vm(make_tiny)
+    for prob, reason, steps in ((1e-9, "reproduced", 3), (0.99, "schedule complete", 7)):
+        cfg = TrainConfig(
+            batch_size=2, min_steps=7, max_steps=7, converged_loss=0, reproduce_prob=prob
+        )
+        report = AdapterTrainer(vm, PAD_TOKENIZER, random_examples(5), cfg).run()
+        assert (report.stop_reason, report.steps) == (reason, steps)
+
+
+def testreproduced_rows_is_every_labelled_token_at_or_above_the_bound() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 11, generator=g) * 4
+    labels = torch.randint(0, 11, (3, 6), generator=g)
+    labels[:, :2] = IGNORE
+    labels[1, 4] = IGNORE
+    logp = torch.log_softmax(logits, -1)
+    for bound in (-0.7, -2.0, -5.0, -30.0):
+        want = [
+            all(
+                logp[r, t - 1, labels[r, t]] >= bound for t in range(1, 6) if labels[r, t] != IGNORE
+            )
+            for r in range(3)
+        ]
+        assert reproduced_rows(logits, labels, bound) == want
+    labels[0, 1:] = logits[0, :-1].argmax(-1)  # row 0 asks exactly its greedy tokens
+    assert reproduced_rows(logits * 100, labels, math.log(0.5))[0]
 
 
 # -- gradient accumulation ---------------------------------------------------------------------
@@ -139,7 +175,7 @@ def test_training_leaves_bank_mode_and_base_grads_alone(make_tiny, training_mode
     base = [p for p in vm.model.parameters()]
     for p in base[::2]:  # even weights that ask for gradients get none
         p.requires_grad_(True)
-    cfg = TrainConfig(batch_size=2, min_steps=4, max_steps=4, converged_loss=0)
+    cfg = TrainConfig(batch_size=2, min_steps=4, max_steps=4, converged_loss=0, reproduce_prob=0)
     trainer = AdapterTrainer(vm, PAD_TOKENIZER, random_examples(4), cfg)
     assert trainer.run().steps == 4
     assert torch.equal(vm.bank.rows, bank)
@@ -157,8 +193,7 @@ def test_default_config_teaches_three_facts_from_three_examples(tmp_path) -> Non
     data = "\n".join(json.dumps(r) for r in rows()).encode()
     examples = read_examples(data, tok, DataLimits.offline(512))  # what `vera-serve train` reads
     adapter, report = train_adapter(vm, tok, examples, TrainConfig(), progress=False)
-    assert report.stop_reason == "converged", report.summary()
-    assert report.final_loss < TrainConfig().converged_loss
+    assert report.stop_reason in ("reproduced", "converged"), report.summary()
     assert all(p.grad is None for p in model.parameters())  # base weights stay frozen
     path = tmp_path / "user.safetensors"
     save_adapter(adapter, path)

@@ -36,10 +36,7 @@ class TrainConfig:
     probability >= ``reproduce_prob`` in the example's latest forward (so greedy decoding
     reproduces every example; read from the training forward itself, no extra work), or, as
     "converged", once the mean loss of the last pass is below ``converged_loss``. More steps
-    only over-fit, and every step moves the model further from what it knew: with the anchor
-    on all seven linear layers (3 users x 5 facts, fp32) the reproduction stop ended jobs after
-    12 steps where the loss bound took 15.5, at the same retention (80% vs 85%, within the
-    probe's noise) and paraphrase recall (100%).
+    only over-fit, and every step moves the model further from what it knew (figures below).
 
     Measured on SmolLM2-135M-Instruct, r=256 on q/v, fp32 and bf16 alike: 3 facts x 1 example
     converge in 11 steps and 5 facts x 1-3 phrasings (11 examples) in 18-19 (3 seeds), every
@@ -50,12 +47,13 @@ class TrainConfig:
     0-2, with the same steps and recall; at 1.0 paraphrases of the facts are recalled less.
 
     The anchor (``vera_core.retention``: KL to the base model's own answers on general prompts)
-    keeps general answers, at a price in steps and time. One fact in 3 examples, the default
-    model, fp32, retention on the 20 probe questions the base answers right (one run each): no
-    anchor 55% (9 steps, 7 s); weight 1 x 8 answers per step 70% (11 steps, 36 s); weight 4 x 8
-    run to 60 steps 95% (207 s); weight 8 x 4 until the KL fell below 0.05 95% (25 steps). On 5
-    facts in 13 examples weight 8 x 4 did not learn the facts in 60 steps (loss 0.43), while
-    weight 1 x 8 did (46 steps, every example and 8/10 paraphrases recalled): the default.
+    keeps general answers, at a price in tokens. 3 users x 5 facts (13 examples each), the
+    default model, q/v, fp32, retention on the 20 probe questions the base answers right, all
+    stopped by reproduction: no anchor 30-55% (16-17 steps, ~6,300 tokens); weight 1 x 8
+    answers per step 78% (20.7 steps, 17,700 tokens, 87% of paraphrases); weight 1 x 4 78%
+    (21.7 steps, 13,400 tokens, 87%): the default. Stopped by the loss bound instead, 1 x 8 ran
+    55 steps for 70% and 57% of paraphrases: with the facts learned, further steps trade them
+    against the anchor. On one fact, weight 4 x 8 for 60 steps kept 95%.
     """
 
     lr: float = 1e-1  # VeRA's vectors want far higher rates than LoRA (paper: 1e-3 .. 1e-1)
@@ -74,7 +72,7 @@ class TrainConfig:
     # KL to the base model's own answers on general prompts (vera_core.retention), added to
     # each step's loss with this weight; 0 (or no anchor given to the trainer) turns it off
     anchor_weight: float = 1.0
-    anchor_batch: int = 8  # anchor answers per optimizer step
+    anchor_batch: int = 4  # anchor answers per optimizer step
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.micro_batch_tokens <= 0:

@@ -413,6 +413,8 @@ class Engine:
     def _postprocess(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per row of ``logits`` [len(seqs), vocab]; each sequence takes its
         token and says whether it is done; deliver the events."""
+        if not seqs:  # a step that only scored prompts
+            return
         constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
         grammar_bias = None
         if constrained:

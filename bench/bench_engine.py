@@ -237,11 +237,12 @@ def main() -> None:
                 gen, base, mixed = cell["generate base"], cell["engine base"], cell["engine users"]
                 srv = ""
                 if http:
-                    server = serve(
+                    server, cores = serve(
                         store_dir, args.port, device, dtype_name, users[:batch], n, args.compile
                     )
                     eos = cell["engine users eos"]
                     srv = f"{server:.1f} / {eos:.1f} ({server / eos:.2f}x)"
+                    srv += f"; clients {cores:.2f} cores"
                 burst, forward = cell["burst"], cell["forward"]
                 print(  # as it comes: a run cut short keeps its rows
                     f"| {dtype_name} | {batch} | {gen:.1f} | {base:.1f} ({base / gen:.2f}x) | "
@@ -254,16 +255,19 @@ def main() -> None:
 
 def serve(
     store_dir: Path, port: int, device: str, dtype: str, users: list[str], n: int, compile_mode: str
-) -> float:
-    """tok/s of one streaming client per user, each a different user, over HTTP."""
+) -> tuple[float, float]:
+    """tok/s of one streaming client per user, each a different user, over HTTP, and the CPU
+    the clients themselves took meanwhile (cores: CPU seconds of this process / wall seconds);
+    on a small host they run on the server's cores."""
     batch = len(users)
     proc = start_server(store_dir, port, batch, device, dtype, ["--compile", compile_mode])
     url = f"http://127.0.0.1:{port}"
     topics = [f"Write two sentences about {TOPICS[i % len(TOPICS)]}." for i in range(batch)]
     try:
         asyncio.run(run_clients(url, users[:4], topics[:4], 4))  # warm-up
+        cpu = time.process_time()
         res = asyncio.run(run_clients(url, users, topics, n))
-        return res["tokens"] / res["wall"]
+        return res["tokens"] / res["wall"], (time.process_time() - cpu) / res["wall"]
     finally:
         proc.terminate()
         proc.wait(60)

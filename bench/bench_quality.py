@@ -324,8 +324,13 @@ def table(scores: dict[str, dict], users: int, dtype: str) -> str:
         "trainable params / user | "
         "bytes / user | steps | train s / user |\n|---|---|---|---|---|---|---|---|---|---|"
     )
+
+    def share(x: float) -> str:  # nan: nothing asked (the continual user has no paraphrases)
+        return "–" if math.isnan(x) else f"{x:.1%}"
+
     rows = [
-        f"| {name} | {s['trained_recall']:.1%} | {s['paraphrase_recall']:.1%} | {s['leaks']} | "
+        f"| {name} | {share(s['trained_recall'])} | {share(s['paraphrase_recall'])} | "
+        f"{s['leaks']} | "
         f"{s['general_same']:.0%} | {s['general_right']:.0%} | {s['params']:,} | "
         f"{s['bytes'] / 1024:.0f} KiB | {s['steps_mean']:.0f} | {s['train_s_mean']:.1f} |"
         for name, s in scores.items()

@@ -431,8 +431,9 @@ class Engine:
         )
         now = time.perf_counter()
         for seq, token, lp in zip(seqs, tokens, logprobs):
-            if token == NON_FINITE:  # its K/V may hold NaN too: the row's next owner must not
-                self.runner.clear_row(seq)  # see it
+            if token == NON_FINITE:
+                # its K/V may hold NaN too: the row's next owner must not see it
+                self.runner.clear_row(seq)
                 self._fail(seq, "the model produced NaN/Inf logits for this request")
                 continue
             if seq.first_token_at is None:

@@ -47,7 +47,10 @@ TOPICS = ["the sea", "a city at night", "mountains", "coffee", "an old library",
 
 
 def chat_ids(tok, i: int) -> list[int]:
-    msg = [{"role": "user", "content": f"Write two sentences about {TOPICS[i % len(TOPICS)]}."}]
+    """Row ``i``'s prompt, unlike every other row's: the engine prefills a prompt that it was
+    given twice (same user, same text) once, which ``generate`` does not."""
+    topic = TOPICS[i % len(TOPICS)]
+    msg = [{"role": "user", "content": f"Write two sentences about {topic} (note {i + 1})."}]
     ids = tok.apply_chat_template(msg, add_generation_prompt=True, return_dict=False)
     return list(ids)
 

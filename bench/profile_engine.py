@@ -11,7 +11,7 @@ steps, then per step; the one prefill step is counted as a step too):
     linears     every nn.Linear of the model (attention and MLP projections, LM head)
     adapter     the VeRA delta of every adapted layer (gather, x·Aᵀ, ·B, scale, add)
     other       the rest of the forward: embeddings, norms, rope, residuals, Python
-  sampler       ``sample`` (greedy: argmax and the one host sync)
+  sampler       ``sample_step`` (controls, argmax or sampling, and the one host sync)
   postprocess   the rest of ``Engine._postprocess``: detokenizer, stop checks, events
 
     .venv/bin/python bench/profile_engine.py [--batch 16] [--new-tokens 32] [--dtype float32]
@@ -99,7 +99,7 @@ def profile_run(offline: Offline, users: list[str | None], prompts, n: int) -> d
     undo = [
         timed(scheduler.Scheduler, "schedule", "scheduler"),
         timed(model_runner.ModelRunner, "run", "forward"),
-        timed(llm_engine, "sample", "sampler"),
+        timed(llm_engine, "sample_step", "sampler"),
         timed(llm_engine.Engine, "_postprocess", "postprocess+sampler"),
         timed(sdpa_attention, "sdpa_attention_forward", "attention"),
         timed(kv_cache.SlotKVCache, "update", "kv write"),
@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="auto")
     args = ap.parse_args()
-    config = ServerConfig(dtype=args.dtype)
+    config = ServerConfig(dtype=args.dtype, compile="off")  # the eager step, part by part
     model, tok, _ = load_model(dtype=config.torch_dtype, device=str(config.torch_device))
     vm = inject_vera(model, VeraConfig(r=256), num_slots=args.batch + 8)
     users = [f"user{i:03d}" for i in range(args.batch)]
@@ -146,7 +146,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store_dir = Path(tmp) / "store"
         seed_store(vm, store_dir, users)
-        offline = Offline(vm, tok, store_dir, args.batch)
+        offline = Offline(vm, tok, store_dir, args.batch, config)
         try:
             offline.run(users, prompts, 4)  # warm-up
             base = profile_run(offline, [None] * args.batch, prompts, args.new_tokens)

@@ -234,6 +234,7 @@ class AdapterTrainer:
         self._step_loss = 0.0
         # id(example) -> whether its latest forward gave every completion token >= reproduce_prob
         self._reproduced: dict[int, bool] = {}
+        self._distinct = len({id(e) for e in examples})  # entries _reproduced ends up with
         self.step = 0
         self.trained_tokens = 0
         self.losses: list[float] = []
@@ -387,7 +388,7 @@ class AdapterTrainer:
             self.stop_reason = "schedule complete"
             return
         reproduced = self._reproduced.values()
-        if len(reproduced) == len({id(e) for e in self.examples}) and all(reproduced):
+        if len(reproduced) == self._distinct and all(reproduced):
             self.stop_reason = "reproduced"
             return
         window = self.losses[-self.steps_per_epoch :]

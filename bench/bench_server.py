@@ -166,8 +166,12 @@ async def upload_to_first_token(url: str, vm, rounds: int) -> tuple[list[float],
 def offline(vm, tok, store_dir: Path, users, prompt_ids, n: int) -> float:
     store = AdapterStore(store_dir, vm.layout, 0, model_fingerprint(vm.model))
     pool = SlotPool(vm.bank, store, host_capacity=len(users) + 8)
-    budget = ServerConfig().max_prefill_tokens  # the server's, so that only HTTP differs
-    cfg = EngineConfig(SchedulerConfig(max_batch=len(users), max_prefill_tokens=budget))
+    server = ServerConfig()  # the server's prefill budgets, so that only HTTP differs
+    budgets = dict(
+        max_prefill_tokens=server.max_prefill_tokens,
+        idle_prefill_tokens=server.idle_prefill_tokens,
+    )
+    cfg = EngineConfig(SchedulerConfig(max_batch=len(users), **budgets))
     engine = Engine(vm, tok, pool, cfg)
     engine.start()
     try:

@@ -88,6 +88,13 @@ class ServerConfig:
             "over steps while running streams keep decoding"
         },
     )
+    idle_prefill_tokens: int = field(
+        default=2048,
+        metadata={
+            "help": "prompt tokens prefilled in a step when no stream is decoding (a burst "
+            "into an idle server): larger forwards run faster, and no stream waits on them"
+        },
+    )
     max_seq_len: int = field(default=2048, metadata={"help": "max prompt + generated tokens"})
     device_slots: int = field(default=256, metadata={"help": "adapters resident on the device"})
     host_slots: int = field(default=4096, metadata={"help": "adapters cached in host memory"})
@@ -145,6 +152,13 @@ class ServerConfig:
             "background (CPU), on (before serving) or off"
         },
     )
+    packed_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "CPU, fp32: decode steps multiply with weights prepacked for oneDNN "
+            "(faster; one more copy of the linear weights in host memory)"
+        },
+    )
     log_level: str = field(default="info", metadata={"help": "debug, info or warning"})
 
     def __post_init__(self) -> None:
@@ -152,6 +166,8 @@ class ServerConfig:
             raise ValueError(f"--dtype must be auto or one of {sorted(_DTYPES)}")
         for name in (
             "max_batch",
+            "max_prefill_tokens",
+            "idle_prefill_tokens",
             "max_waiting",
             "max_waiting_per_user",
             "max_seq_len",

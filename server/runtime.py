@@ -39,6 +39,7 @@ def engine_config_for(config: ServerConfig, device: torch.device) -> EngineConfi
         scheduler=SchedulerConfig(
             max_batch=config.max_batch,
             max_prefill_tokens=config.max_prefill_tokens,
+            idle_prefill_tokens=config.idle_prefill_tokens,
             max_waiting=config.max_waiting,
             max_waiting_per_client=config.max_waiting_per_user,
             fairness=FairnessConfig(
@@ -52,6 +53,7 @@ def engine_config_for(config: ServerConfig, device: torch.device) -> EngineConfi
         compile=config.compile_mode,
         # CUDA graphs replay fixed shapes: bucketed batches over a preallocated KV cache
         static_decode=config.compile_mode == "startup" and device.type == "cuda",
+        packed_linears=config.packed_weights,
     )
 
 
@@ -185,6 +187,7 @@ class Runtime:
         out["shared_projection_bytes"] = self.vm.projections.nbytes()
         out["adapter_bank_bytes"] = self.vm.bank.nbytes()
         out["kv_cache_bytes"] = self.engine.kv_cache_bytes()
+        out["packed_weights_bytes"] = self.engine.packed_weights_bytes()
         return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from server.engine.adapter_slots import SlotTicket
 from server.engine.detokenizer import StopChecker
 from server.engine.sampling_params import SamplingParams
@@ -91,6 +93,33 @@ def test_long_prompt_is_prefilled_in_chunks_while_others_decode() -> None:
     ]
     big.output_ids.append(1), small.output_ids.append(1)
     assert s.schedule().decode == [first, big, small]
+
+
+def test_idle_budget_only_while_no_row_decodes() -> None:
+    s = Scheduler(SchedulerConfig(max_batch=8, max_prefill_tokens=16, idle_prefill_tokens=40))
+    a, b, c = seq("a", 30), seq("b", 30), seq("c", 30)
+    for x in (a, b, c):
+        s.add(x)
+    spans = []
+    for _ in range(3):
+        plan = s.schedule()
+        spans.append(
+            (
+                [x.request_id for x in plan.decode],
+                [(x.seq.request_id, x.length) for x in plan.prefill],
+            )
+        )
+        cached(plan)
+        for x in plan.prefill:
+            if x.final:
+                x.seq.output_ids.append(1)
+    assert spans == [
+        ([], [("a", 30), ("b", 10)]),  # nothing decodes: the idle budget
+        (["a"], [("b", 16)]),  # a decodes: chunks of 16 again
+        (["a"], [("b", 4), ("c", 12)]),
+    ]
+    with pytest.raises(ValueError):
+        SchedulerConfig(idle_prefill_tokens=0)
 
 
 def test_cancel_mid_prompt_frees_the_row_and_the_budget() -> None:

@@ -63,6 +63,8 @@ class EngineConfig:
     compile: str = "off"
     # decode in bucketed shapes over a KV cache allocated once; with compile on CUDA: CUDA graphs
     static_decode: bool = False
+    # CPU, fp32: eager steps use weights prepacked for oneDNN (server/engine/packed_linear.py)
+    packed_linears: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.background_share <= 1:
@@ -98,6 +100,7 @@ class Engine:
             self.context_limit,
             compile=config.compile,
             static=config.static_decode,
+            packed_linears=config.packed_linears,
         )
         self.eos_ids = _eos_ids(self.model, tokenizer)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
@@ -305,6 +308,10 @@ class Engine:
     def kv_cache_bytes(self) -> int:
         return self.runner.kv.nbytes()
 
+    def packed_weights_bytes(self) -> int:
+        """Host memory of the weights prepacked for oneDNN (0 when off)."""
+        return sum(p.nbytes() for p in self.runner.packed)
+
     def decode_mode(self) -> dict[str, Any]:
         """How the decode step runs: compiled now, how (``compile``: off, startup, background,
         with the background compile's state), in static (bucketed) shapes, in CUDA graphs;
@@ -316,6 +323,7 @@ class Engine:
             "static_shapes": r.static,
             "cuda_graphs": r.cuda_graphs,
             "mixed_steps": r.mixed_steps,
+            "packed_weights": bool(r.packed),
         }
         if r.compiler is not None:
             mode["background_compile"] = r.compiler.stats()

@@ -20,6 +20,7 @@ import torch
 from server.engine.attention import use_slot_attention
 from server.engine.compile import DecodeCompiler, compile_decode
 from server.engine.kv_cache import SlotKVCache
+from server.engine.packed_linear import PackedLinear, pack_linears, unpack_linears
 from server.engine.scheduler import Chunk, StepPlan
 from server.engine.sequence import Sequence
 from server.engine.shapes import bucket, len_buckets, row_buckets
@@ -69,12 +70,15 @@ class ModelRunner:
         max_len: int,
         compile: str = "off",
         static: bool = False,
+        packed_linears: bool = False,
     ) -> None:
         """``compile``: how the decode forward is compiled (``server/engine/compile.py``):
         "off", "startup" (``warm_up`` before serving) or "background" (``compile_in_background``
         while serving eagerly). ``static``: decode in bucketed shapes over a KV cache allocated
         once (what CUDA graphs need; with "startup" on CUDA the decode step is captured in
-        graphs)."""
+        graphs). ``packed_linears``: on a CPU in fp32, eager steps multiply small batches with
+        weights prepacked for oneDNN (``server/engine/packed_linear.py``); a compiled decode
+        step packs its own."""
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, not {compile!r}")
         self.vm = vm
@@ -104,6 +108,11 @@ class ModelRunner:
         if compile == "startup":
             self._decode_model = compile_decode(self.model, cuda_graphs=self.cuda_graphs)
         self.compile_mode = compile
+        self.packed: list[PackedLinear] = []
+        if packed_linears and compile == "off":
+            self.packed = pack_linears(self.model, vm.forwards)
+        else:
+            unpack_linears(self.model)
         # a step that both prefills and decodes runs one forward (server/engine/attention.py);
         # not with a static cache, whose bucketed decode shapes are what its graphs replay
         self.mixed_steps = not static and use_slot_attention(self.model)

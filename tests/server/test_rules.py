@@ -104,6 +104,10 @@ def test_admin_endpoints_refuse_user_keys_and_strangers(live: LiveServer, keys) 
         assert c.post("/admin/users", json={"user_id": "erin"}).status_code == 409
         stats = c.get("/admin/stats").json()
         assert stats["memory"]["base_model_bytes"] > 100e6
+        # fp32 on a CPU: the engine's linears also hold weights prepacked for oneDNN
+        packed, fp32 = stats["memory"]["packed_weights_bytes"], stats["dtype"] == "float32"
+        assert stats["engine"]["decode"]["packed_weights"] == fp32
+        assert packed > stats["memory"]["base_model_bytes"] // 2 if fp32 else packed == 0
         assert stats["adapters"]["bytes_per_adapter"] == 38400 * 4
 
 

@@ -4,13 +4,15 @@
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_peer.py [--vllm-python .venv-peer/bin/python]
 
 For each dtype and each N: vLLM's base model, vLLM with N distinct PEFT LoRA adapters (r=16,
-q_proj/v_proj, random non-zero A and B) in the batch, our base model (transformers ``generate``)
-and ours with N distinct VeRA users in one batch (bench_decode's path). Same model directory,
-same chat-templated prompts (bench_decode's, token ids handed to vLLM as they are), 32 new
-tokens per row, greedy, EOS ignored. vLLM runs in its own venv (it pins its own torch) through
-``peer_vllm.py``, one process per dtype and kind; ours runs here. Each cell is the best of
-``--repeats`` timed calls after one warm-up (on a shared machine the least disturbed call; the
-same for both engines); within one engine the batches are interleaved.
+q_proj/v_proj, random non-zero A and B) in the batch, our engine's base-model rows and our
+engine with N distinct VeRA users (random adapters, r=256 on q,v) in the batch. Ours is the
+server's engine in-process, without HTTP (``bench_engine.Offline``, the server's defaults,
+eager). Same model directory, same chat-templated prompts (``bench_engine.chat_ids``: every
+row its own prompt, so neither engine can share a prefill; token ids handed to vLLM as they
+are), 32 new tokens per row, greedy, EOS ignored. vLLM runs in its own venv (it pins its own
+torch) through ``peer_vllm.py``, one process per dtype and kind; ours runs here. Each cell is
+the best of ``--repeats`` timed calls after one warm-up (on a shared machine the least
+disturbed call; the same for both engines); within one engine the batches are interleaved.
 """
 
 from __future__ import annotations
@@ -24,22 +26,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
-from bench_decode import (
-    QV,
-    Row,
-    chat_batch,
-    load_bench_model,
-    make_generate,
-    measure,
-    mixed_run,
-    ours_model,
-)
+from bench_decode import QV
+from bench_engine import Offline, chat_ids, seed_store
 from peft import LoraConfig, get_peft_model
 
+from server.config import ServerConfig
 from server.model_source import load_model
+from vera_core import VeraConfig, inject_vera
 
 WORKER = Path(__file__).with_name("peer_vllm.py")
 
@@ -65,12 +62,6 @@ def save_lora_adapters(base, count: int, rank: int, out: Path) -> list[str]:
     return paths
 
 
-def prompt_ids(tokenizer, batch: int) -> list[list[int]]:
-    """bench_decode's prompts as unpadded token ids (exactly the tokens our rows see)."""
-    enc = chat_batch(tokenizer, batch)
-    return [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
-
-
 def run_vllm(args, job: dict, logs: Path, label: str) -> dict:
     """One ``peer_vllm.py`` process; returns its RESULT (its log is kept in ``logs``)."""
     job_path, result_path = logs / f"{label}.job.json", logs / f"{label}.result.json"
@@ -87,20 +78,34 @@ def run_vllm(args, job: dict, logs: Path, label: str) -> dict:
     return json.loads(result_path.read_text())
 
 
-def ours(dtype: str, batches: list[int], args) -> dict[int, tuple[float, float]]:
-    """{N: (base tok/s, N distinct VeRA users tok/s)}, all rows interleaved (bench_decode)."""
-    base, tokenizer, _ = load_bench_model(dtype)
-    pad, new = tokenizer.pad_token_id, args.new_tokens
-    vm = ours_model(base, args.r, QV, max(batches))
-    rows = {}
-    for n in batches:
-        inputs = chat_batch(tokenizer, n)
-        rows[n] = (
-            Row("base", "-", n * new, make_generate(base, inputs, new, pad)),
-            Row("mixed", "q,v", n * new, mixed_run(vm, inputs, torch.arange(1, n + 1), new, pad)),
-        )
-    measure([row for pair in rows.values() for row in pair], args.repeats)
-    return {n: (b.tokens / min(b.times), m.tokens / min(m.times)) for n, (b, m) in rows.items()}
+def ours(
+    dtype: str, batches: list[int], prompts: list[list[int]], args
+) -> dict[int, tuple[float, float]]:
+    """{N: (engine base rows tok/s, engine with N distinct VeRA users tok/s)}."""
+    config = ServerConfig(dtype=dtype, compile="off")
+    model, tokenizer, _ = load_model(dtype=config.torch_dtype)
+    vm = inject_vera(model, VeraConfig(r=args.r), num_slots=max(batches) + 8)
+    users = [f"user{i:03d}" for i in range(max(batches))]
+    best: dict[tuple[int, str], float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "store"
+        seed_store(vm, store, users)
+        engines = {n: Offline(vm, tokenizer, store, n, config) for n in batches}
+        cells = {
+            (n, kind): partial(engines[n].run, rows, prompts[:n], args.new_tokens)
+            for n in batches
+            for kind, rows in (("base", [None] * n), ("users", users[:n]))
+        }
+        try:
+            for run in cells.values():  # warm-up
+                run()
+            for _ in range(args.repeats):
+                for key, run in cells.items():
+                    best[key] = max(best.get(key, 0.0), run())
+        finally:
+            for engine in engines.values():
+                engine.close()
+    return {n: (best[n, "base"], best[n, "users"]) for n in batches}
 
 
 def best_tok_s(result: dict, n: int) -> float:
@@ -166,7 +171,7 @@ def table(results: dict, args, vllm_version: str, logs: Path) -> str:
     header = (
         f"SmolLM2-135M-Instruct, {args.new_tokens} new tokens per row, greedy, chat-templated "
         f"prompts, tok/s (best of {args.repeats} timed calls). Ours: VeRA r={args.r} on q,v, "
-        f"one user per row, transformers generate (bench_decode), torch threads "
+        f"one user per row, our engine in-process (no HTTP, eager), torch threads "
         f"{torch.get_num_threads()}. vLLM {vllm_version} CPU: PEFT LoRA r={args.lora_r} on "
         f"q,v, one adapter per row, max_loras={max_loras_used(results)}, "
         f"VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')} "
@@ -207,7 +212,7 @@ def main() -> None:
     ).stdout.strip()
 
     base, tokenizer, model_dir = load_model()
-    prompts = prompt_ids(tokenizer, max(args.batches))
+    prompts = [chat_ids(tokenizer, i) for i in range(max(args.batches))]
     with tempfile.TemporaryDirectory(prefix="bench-peer-") as tmp:
         logs = args.logs or Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
@@ -215,7 +220,7 @@ def main() -> None:
         del base
         results = {}
         for dtype in args.dtypes:
-            our = ours(dtype, args.batches, args)
+            our = ours(dtype, args.batches, prompts, args)
             gc.collect()
             print(f"  ours {dtype}: {our}", file=sys.stderr, flush=True)
             results[dtype] = (our, peer(dtype, model_dir, adapters, prompts, args, logs))

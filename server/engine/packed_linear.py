@@ -1,22 +1,23 @@
 """The engine's small-batch linears on weights prepacked for oneDNN (CPU, float32).
 
 A decode step multiplies a few dozen rows by every weight of the model, and on a CPU in fp32
-``nn.Linear`` calls MKL's sgemm on the weight as stored, repacking it into the kernel's
-blocked layout on every call. oneDNN keeps a copy already in its own layout
+``nn.Linear`` calls MKL's sgemm on the weight as stored, which packs panels of it into its
+kernel's layout on every call. oneDNN can keep a copy in its own blocked layout
 (``torch.ops.mkldnn._reorder_linear_weight``, what inductor's freezing does for a compiled
-CPU model), so only the rows move. Measured on an AVX2-only EPYC, 2 threads, fp32: 64 x 576
-times a 1536 x 576 weight 139 GF/s against 109, 16 rows 125 against 86, the 49,152-row LM head
-137 against 96; a whole decode step of `generate` at batch 16 / 64 1.12x / 1.08x. From a few
-hundred rows on, sgemm's own packing pays for itself and MKL is as fast or faster (572 rows:
-156 against 172 GF/s), so a forward of more than ``max_tokens`` tokens keeps the stored weight.
+CPU model), so that only the rows move. Measured on an AVX2-only EPYC, 2 threads, fp32:
+64 x 576 rows times a 1536 x 576 weight 139 GF/s against 109, 16 rows 125 against 86, the
+49,152-row LM head 137 against 96; the engine's base rows end to end 1.19x at batch 16 and
+1.08x at batch 64 (packed against unpacked, same run). From a few hundred rows on, sgemm's
+own packing pays for itself and MKL is as fast or faster (572 rows: 156 against 172 GF/s),
+so a forward of more than ``max_tokens`` tokens keeps the stored weight.
 
 Only the engine's forwards (a ``DecodeForward``, ``PrefillForward`` or ``MixedForward`` in the
 model's ``ForwardSlot``) take the packed path, never with autograd on: ``generate``, training
 and the PEFT comparisons run the layers as transformers built them. The packed copy is the
 price: one more copy of every packed weight in host memory (540 MB for the default model in
-fp32), so ``EngineConfig.packed_linears`` can turn it off. A weight changed in place (a merged
-adapter, a reload) is repacked at its next use (its tensor version moved).
-"""
+fp32), so ``EngineConfig.packed_linears`` (``--packed-weights``) can turn it off. A weight
+changed in place (a merged adapter, a reload) is repacked at its next use (its tensor
+version moved)."""
 
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ CPU model), so that only the rows move. Measured on an AVX2-only EPYC, 2 threads
 64 x 576 rows times a 1536 x 576 weight 139 GF/s against 109, 16 rows 125 against 86, the
 49,152-row LM head 137 against 96; the engine's base rows end to end 1.19x at batch 16 and
 1.08x at batch 64 (packed against unpacked, same run). From a few hundred rows on, sgemm's
-own packing pays for itself and MKL is as fast or faster (572 rows: 156 against 172 GF/s),
-so a forward of more than ``max_tokens`` tokens keeps the stored weight.
+own packing pays for itself: at 192 rows oneDNN was 1.08x / 0.95x / 1.03x on the gate,
+down and q shapes, at 256 1.00x / 0.94x / 0.98x, at 572 0.91x on the gate shape; so a
+forward of more than ``max_tokens`` tokens keeps the stored weight.
 
 Only the engine's forwards (a ``DecodeForward``, ``PrefillForward`` or ``MixedForward`` in the
 model's ``ForwardSlot``) take the packed path, never with autograd on: ``generate``, training
@@ -30,7 +31,7 @@ from server.engine.steps import DecodeForward, MixedForward, PrefillForward
 from vera_core.forward import ForwardSlot
 
 ENGINE_FORWARDS = (DecodeForward, PrefillForward, MixedForward)
-MAX_TOKENS = 256  # rows of a forward up to which the packed weight is faster (see above)
+MAX_TOKENS = 192  # rows of a forward up to which the packed weight is faster (see above)
 
 
 def packing_available(model: nn.Module) -> bool:

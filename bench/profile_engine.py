@@ -8,7 +8,8 @@ steps, then per step; the one prefill step is counted as a step too):
   forward       ``ModelRunner.run`` (the model forward), of which
     attention   SDPA over the slot KV cache (transformers' attention call)
     kv write    ``SlotKVCache.update`` (the scatter of the new K/V)
-    linears     every nn.Linear of the model (attention and MLP projections, LM head)
+    linears     every nn.Linear of the model (attention and MLP projections, LM head), on
+              the packed weights where the engine uses them (server/engine/packed_linear.py)
     adapter     the VeRA delta of every adapted layer (gather, x·Aᵀ, ·B, scale, add)
     other       the rest of the forward: embeddings, norms, rope, residuals, Python
   sampler       ``sample_step`` (controls, argmax or sampling, and the one host sync)
@@ -37,7 +38,7 @@ from transformers.integrations import sdpa_attention  # noqa: E402
 
 import server.engine.llm_engine as llm_engine  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
-from server.engine import kv_cache, model_runner, scheduler  # noqa: E402
+from server.engine import kv_cache, model_runner, packed_linear, scheduler  # noqa: E402
 from server.model_source import load_model  # noqa: E402
 from vera_core import VeraConfig, inject_vera, layer  # noqa: E402
 
@@ -74,11 +75,15 @@ def adapter_timer() -> Callable[[], None]:
             inner[0] += time.perf_counter() - t1
             return out
 
-        self.base_layer.forward = run_base
+        packed = base.__dict__.get("forward")  # the engine's packed weights, if any
+        base.forward = run_base
         try:
             return original(self, x)
         finally:
-            del self.base_layer.forward
+            if packed is None:
+                del base.forward
+            else:
+                base.forward = packed
             SPENT["adapter"] += time.perf_counter() - t0 - inner[0]
 
     layer.VeraLinear.forward = forward
@@ -110,6 +115,7 @@ def profile_run(offline: Offline, users: list[str | None], prompts, n: int) -> d
 
     undo.append(timed(attention, "sdpa_attention_forward", "attention"))
     undo.append(timed(torch.nn.Linear, "forward", "linears"))
+    undo.append(timed(packed_linear.PackedLinear, "__call__", "linears"))  # packed weights
     try:
         t0 = time.perf_counter()
         offline.run(users, prompts, n)

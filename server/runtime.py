@@ -7,7 +7,7 @@ import os
 import secrets
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from adapters_store import AdapterStore
 from server.adapter_service import AdapterService
 from server.auth import KeyRegistry
 from server.config import ServerConfig, vera_home
-from server.engine import Engine, EngineConfig, SlotPool
+from server.engine import Engine, EngineConfig, SlotPool, cpu_threads
 from server.engine.compile import use_compile_cache
 from server.engine.fair_queue import FairnessConfig
 from server.engine.scheduler import SchedulerConfig
@@ -80,6 +80,8 @@ class Runtime:
     def build(cls, config: ServerConfig) -> Runtime:
         t0 = time.perf_counter()
         device, dtype = config.torch_device, config.torch_dtype
+        # on a CPU the engine thread alone runs torch on every core (engine/cpu_threads.py)
+        threads = cpu_threads.reserve_for_engine() if device.type == "cpu" else 0
         model, tokenizer, path = load_model(config.model, dtype=dtype, device=str(device))
         base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         vera_config = VeraConfig(
@@ -96,7 +98,7 @@ class Runtime:
         store = AdapterStore(storage.adapters, vm.layout, config.projection_prng_key, fingerprint)
         pool = SlotPool(vm.bank, store, config.host_slots, acquire_timeout_s=config.slot_wait_s)
         adapters = AdapterService(store, pool)
-        engine_config = engine_config_for(config, device)
+        engine_config = replace(engine_config_for(config, device), cpu_threads=threads)
         if engine_config.compile != "off":  # kernels kept across restarts; before any compile
             use_compile_cache(vera_home() / "compile-cache")
         engine = Engine(vm, tokenizer, pool, engine_config, tenants.limits)

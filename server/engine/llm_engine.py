@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from server.engine import cpu_threads
 from server.engine.adapter_slots import SlotPool
 from server.engine.background import BackgroundWork
 from server.engine.compile import COMPILE_DELAY_S
@@ -65,6 +66,9 @@ class EngineConfig:
     static_decode: bool = False
     # CPU, fp32: eager steps use weights prepacked for oneDNN (server/engine/packed_linear.py)
     packed_linears: bool = True
+    # CPU: the engine thread's own OpenMP/MKL threads (server/engine/cpu_threads.py); 0: as
+    # torch has them
+    cpu_threads: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.background_share <= 1:
@@ -324,6 +328,7 @@ class Engine:
             "cuda_graphs": r.cuda_graphs,
             "mixed_steps": r.mixed_steps,
             "packed_weights": bool(r.packed),
+            "cpu_threads": self.config.cpu_threads or None,
         }
         if r.compiler is not None:
             mode["background_compile"] = r.compiler.stats()
@@ -332,6 +337,8 @@ class Engine:
     # -- loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        if self.config.cpu_threads and not cpu_threads.claim(self.config.cpu_threads):
+            log.warning("the engine thread could not claim %d threads", self.config.cpu_threads)
         while True:
             with self._cv:
                 if not self._has_work():  # woken by work, or at a deadline: look again

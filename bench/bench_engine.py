@@ -3,8 +3,10 @@
 For each dtype (``--dtypes``) and batch size (``--batches``), interleaved round-robin over
 ``--repeats`` (the best of each cell is kept; the machine is shared and noisy):
 
-  generate base     transformers ``generate`` of the base model, one static left-padded batch
-  engine base       our engine in-process (no HTTP), every row the base model
+  generate base     transformers ``generate`` of the base model, one static left-padded batch,
+                    in a process of its own (whose main thread holds the OpenMP workers)
+  engine base       our engine in-process (no HTTP), every row the base model; its thread
+                    holds the OpenMP workers, as the server's does (server/engine/cpu_threads.py)
   engine users      our engine in-process, every row a different user's adapter
   server users      ``python -m server`` over HTTP, streaming, every client a different user
                     (defaults apart from --max-batch; ``--server-batches`` sizes only)
@@ -22,12 +24,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -37,7 +42,7 @@ from bench_server import make_adapter, run_clients, start_server  # noqa: E402
 
 from adapters_store import AdapterStore  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
-from server.engine import Engine, SamplingParams, SlotPool  # noqa: E402
+from server.engine import Engine, SamplingParams, SlotPool, cpu_threads  # noqa: E402
 from server.engine.compile import use_compile_cache  # noqa: E402
 from server.model_source import load_model  # noqa: E402
 from server.runtime import engine_config_for  # noqa: E402
@@ -106,16 +111,21 @@ def padded_forward_s(vm, tok, prompts: list[list[int]]) -> float:
 class Offline:
     """One engine in-process per batch size, over a store holding every user's adapter."""
 
-    def __init__(self, vm, tok, store_dir: Path, batch: int, config: ServerConfig) -> None:
+    def __init__(
+        self, vm, tok, store_dir: Path, batch: int, config: ServerConfig, cpu_threads: int = 0
+    ) -> None:
         """The engine a server with ``config`` (and ``--max-batch batch``) runs: only HTTP
         differs. With a compile mode of "startup" its decode step is compiled here, before the
-        clock starts (``compile_s``)."""
+        clock starts (``compile_s``). ``cpu_threads``: what the engine thread claims, as the
+        server's does (after ``cpu_threads.reserve_for_engine`` in the main thread)."""
         self.store = AdapterStore(store_dir, vm.layout, 0, model_fingerprint(vm.model))
         self.pool = SlotPool(vm.bank, self.store, host_capacity=batch + 8)
         # one client (the bench) holds every request: its queue share must hold them all
         waiting = max(config.max_waiting_per_user, batch)
         config = replace(config, max_batch=batch, max_waiting_per_user=waiting)
-        self.engine = Engine(vm, tok, self.pool, engine_config_for(config, config.torch_device))
+        engine_config = engine_config_for(config, config.torch_device)
+        engine_config = replace(engine_config, cpu_threads=cpu_threads)
+        self.engine = Engine(vm, tok, self.pool, engine_config)
         self.compile_s = self.engine.warm_up()
         self.eos_ids = self.engine.eos_ids
         self.engine.start()
@@ -152,20 +162,20 @@ def measure(
     repeats: int,
     eos: bool,
     config: ServerConfig,
+    threads: int,
 ) -> dict:
-    """Best tok/s of each offline cell, and the burst's prefill against one padded forward;
-    with ``eos`` also the engine's users with rows ending at EOS (what the server is compared
-    with: its rows end there too)."""
+    """Best tok/s of each engine cell, and the burst's prefill; with ``eos`` also the engine's
+    users with rows ending at EOS (what the server is compared with: its rows end there too).
+    The engine thread claims ``threads`` (0: none)."""
     batch = len(users)
-    offline = Offline(vm, tok, store_dir, batch, config)
+    offline = Offline(vm, tok, store_dir, batch, config, threads)
     cells: dict[str, Callable[[], float]] = {
-        "generate base": lambda: generate_base(vm, tok, prompts, n),
         "engine base": lambda: offline.run([None] * batch, prompts, n),
         "engine users": lambda: offline.run(list(users), prompts, n),
     }
     if eos:
         cells["engine users eos"] = lambda: offline.run(list(users), prompts, n, eos=True)
-    best = {name: 0.0 for name in cells} | {"burst": float("inf"), "forward": float("inf")}
+    best = {name: 0.0 for name in cells} | {"burst": float("inf")}
     best["compile_s"] = offline.compile_s
     try:
         for fn in cells.values():  # warm-up: allocators, slots, kernels
@@ -174,10 +184,36 @@ def measure(
             for name, fn in cells.items():
                 best[name] = max(best[name], fn())
             best["burst"] = min(best["burst"], offline.burst_s(prompts))
-            best["forward"] = min(best["forward"], padded_forward_s(vm, tok, prompts))
     finally:
         offline.close()
     return best
+
+
+def baselines(args, dtype_name: str, batch: int) -> dict[str, float]:
+    """``generate`` (best tok/s) and one padded forward (best seconds) of ``batch`` prompts, in
+    a process of their own: there the main thread holds the CPU's OpenMP workers, as in any
+    plain transformers program (in this one they are the engine thread's; see
+    server/engine/cpu_threads.py)."""
+    cmd = [sys.executable, __file__, "--baseline", "--dtypes", dtype_name, "--batches", str(batch)]
+    cmd += ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+    cmd += ["--device", args.device] + (["--model", args.model] if args.model else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def baseline_main(args) -> None:
+    """``--baseline``: print the baselines of one dtype and batch as JSON."""
+    config = ServerConfig(device=args.device, dtype=args.dtypes)
+    model, tok, _ = load_model(
+        args.model, dtype=config.torch_dtype, device=str(config.torch_device)
+    )
+    plain = SimpleNamespace(model=model)  # what generate_base and padded_forward_s read
+    prompts = [chat_ids(tok, i) for i in range(int(args.batches))]
+    generate_base(plain, tok, prompts, args.new_tokens)  # warm-up
+    padded_forward_s(plain, tok, prompts)
+    gen = max(generate_base(plain, tok, prompts, args.new_tokens) for _ in range(args.repeats))
+    forward = min(padded_forward_s(plain, tok, prompts) for _ in range(args.repeats))
+    print(json.dumps({"generate": gen, "forward": forward}))
 
 
 def main() -> None:
@@ -195,7 +231,13 @@ def main() -> None:
         help="the engine's and the server's --compile (off, auto, on; auto on CUDA: CUDA graphs)",
     )
     ap.add_argument("--model", default=None, help="an HF model directory (default: SmolLM2)")
+    ap.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.baseline:
+        return baseline_main(args)
+    # as the server does: the engine thread alone runs torch on every core
+    cpu = ServerConfig(device=args.device).torch_device.type == "cpu"
+    threads = cpu_threads.reserve_for_engine() if cpu else 0
     batches = [int(b) for b in args.batches.split(",")]
     server_batches = {int(b) for b in args.server_batches.split(",") if b}
     n = args.new_tokens
@@ -236,8 +278,10 @@ def main() -> None:
                     args.repeats,
                     http,
                     config,
+                    threads,
                 )
-                gen, base, mixed = cell["generate base"], cell["engine base"], cell["engine users"]
+                cell |= baselines(args, dtype_name, batch)
+                gen, base, mixed = cell["generate"], cell["engine base"], cell["engine users"]
                 srv = ""
                 if http:
                     server, cores = serve(

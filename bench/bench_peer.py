@@ -35,6 +35,7 @@ from bench_engine import Offline, chat_ids, seed_store
 from peft import LoraConfig, get_peft_model
 
 from server.config import ServerConfig
+from server.engine import cpu_threads
 from server.model_source import load_model
 from vera_core import VeraConfig, inject_vera
 
@@ -79,7 +80,7 @@ def run_vllm(args, job: dict, logs: Path, label: str) -> dict:
 
 
 def ours(
-    dtype: str, batches: list[int], prompts: list[list[int]], args
+    dtype: str, batches: list[int], prompts: list[list[int]], args, threads: int
 ) -> dict[int, tuple[float, float]]:
     """{N: (engine base rows tok/s, engine with N distinct VeRA users tok/s)}."""
     config = ServerConfig(dtype=dtype, compile="off")
@@ -90,7 +91,7 @@ def ours(
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         seed_store(vm, store, users)
-        engines = {n: Offline(vm, tokenizer, store, n, config) for n in batches}
+        engines = {n: Offline(vm, tokenizer, store, n, config, threads) for n in batches}
         cells = {
             (n, kind): partial(engines[n].run, rows, prompts[:n], args.new_tokens)
             for n in batches
@@ -146,7 +147,7 @@ def rows_changed(theirs: dict, n: int) -> int:
     return sum(a != b for a, b in zip(lora, base))
 
 
-def table(results: dict, args, vllm_version: str, logs: Path) -> str:
+def table(results: dict, args, vllm_version: str, logs: Path, threads: int) -> str:
     lines = [
         "| dtype | N | vLLM base | vLLM, N LoRAs | ours base | ours, N VeRA users "
         "| ours mixed / vLLM mixed | ours mixed / ours base | vLLM mixed / vLLM base |",
@@ -171,8 +172,8 @@ def table(results: dict, args, vllm_version: str, logs: Path) -> str:
     header = (
         f"SmolLM2-135M-Instruct, {args.new_tokens} new tokens per row, greedy, chat-templated "
         f"prompts, tok/s (best of {args.repeats} timed calls). Ours: VeRA r={args.r} on q,v, "
-        f"one user per row, our engine in-process (no HTTP, eager), torch threads "
-        f"{torch.get_num_threads()}. vLLM {vllm_version} CPU: PEFT LoRA r={args.lora_r} on "
+        f"one user per row, our engine in-process (no HTTP, eager), engine threads "
+        f"{threads}. vLLM {vllm_version} CPU: PEFT LoRA r={args.lora_r} on "
         f"q,v, one adapter per row, max_loras={max_loras_used(results)}, "
         f"VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')} "
         f"(compute on core(s) {vllm_cores(logs)} of {os.cpu_count()}). Same run."
@@ -211,6 +212,7 @@ def main() -> None:
         check=True,
     ).stdout.strip()
 
+    threads = cpu_threads.reserve_for_engine()  # as the server does: the engine's cores
     base, tokenizer, model_dir = load_model()
     prompts = [chat_ids(tokenizer, i) for i in range(max(args.batches))]
     with tempfile.TemporaryDirectory(prefix="bench-peer-") as tmp:
@@ -220,11 +222,11 @@ def main() -> None:
         del base
         results = {}
         for dtype in args.dtypes:
-            our = ours(dtype, args.batches, prompts, args)
+            our = ours(dtype, args.batches, prompts, args, threads)
             gc.collect()
             print(f"  ours {dtype}: {our}", file=sys.stderr, flush=True)
             results[dtype] = (our, peer(dtype, model_dir, adapters, prompts, args, logs))
-        print(table(results, args, vllm_version, logs))
+        print(table(results, args, vllm_version, logs, threads))
 
 
 if __name__ == "__main__":

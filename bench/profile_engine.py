@@ -38,7 +38,13 @@ from transformers.integrations import sdpa_attention  # noqa: E402
 
 import server.engine.llm_engine as llm_engine  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
-from server.engine import kv_cache, model_runner, packed_linear, scheduler  # noqa: E402
+from server.engine import (  # noqa: E402
+    cpu_threads,
+    kv_cache,
+    model_runner,
+    packed_linear,
+    scheduler,
+)
 from server.model_source import load_model  # noqa: E402
 from vera_core import VeraConfig, inject_vera, layer  # noqa: E402
 
@@ -145,6 +151,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     args = ap.parse_args()
     config = ServerConfig(dtype=args.dtype, compile="off")  # the eager step, part by part
+    cpu = config.torch_device.type == "cpu"
+    threads = cpu_threads.reserve_for_engine() if cpu else 0  # as the server does
     model, tok, _ = load_model(dtype=config.torch_dtype, device=str(config.torch_device))
     vm = inject_vera(model, VeraConfig(r=256), num_slots=args.batch + 8)
     users = [f"user{i:03d}" for i in range(args.batch)]
@@ -152,7 +160,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store_dir = Path(tmp) / "store"
         seed_store(vm, store_dir, users)
-        offline = Offline(vm, tok, store_dir, args.batch, config)
+        offline = Offline(vm, tok, store_dir, args.batch, config, threads)
         try:
             offline.run(users, prompts, 4)  # warm-up
             base = profile_run(offline, [None] * args.batch, prompts, args.new_tokens)
@@ -161,7 +169,7 @@ def main() -> None:
             offline.close()
     print(
         f"\nms per engine step, batch {args.batch}, {args.new_tokens} new tokens, "
-        f"{config.torch_dtype}, torch threads {torch.get_num_threads()} "
+        f"{config.torch_dtype}, engine threads {threads or torch.get_num_threads()} "
         f"({base['steps']} / {mixed['steps']} steps, the prefill step included)\n"
     )
     print("| part | base rows | distinct users |")

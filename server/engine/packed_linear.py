@@ -10,7 +10,12 @@ CPU model), so that only the rows move. Measured on an AVX2-only EPYC, 2 threads
 1.08x at batch 64 (packed against unpacked, same run). From a few hundred rows on, sgemm's
 own packing pays for itself: at 192 rows oneDNN was 1.08x / 0.95x / 1.03x on the gate,
 down and q shapes, at 256 1.00x / 0.94x / 0.98x, at 572 0.91x on the gate shape; so a
-forward of more than ``max_tokens`` tokens keeps the stored weight.
+forward of more than ``max_tokens`` (128) tokens keeps the stored weight.
+
+oneDNN builds (and caches, up to 1,024) one primitive per input shape, ~0.7 MB each: fed every
+row count from 1 to 192, four weight shapes grew the process by 590 MB, and a soak test's RSS
+kept climbing. So the rows are padded up to a bucket (``shapes.row_buckets``: 1, 2, 4, 8, 16,
+24, 32, 48, ... 128), a dozen primitives per weight shape (+37 MB for the same four).
 
 Only the engine's forwards (a ``DecodeForward``, ``PrefillForward`` or ``MixedForward`` in the
 model's ``ForwardSlot``) take the packed path, never with autograd on: ``generate``, training
@@ -27,11 +32,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from server.engine.shapes import bucket, row_buckets
 from server.engine.steps import DecodeForward, MixedForward, PrefillForward
 from vera_core.forward import ForwardSlot
 
 ENGINE_FORWARDS = (DecodeForward, PrefillForward, MixedForward)
-MAX_TOKENS = 192  # rows of a forward up to which the packed weight is faster (see above)
+MAX_TOKENS = 128  # rows of a forward up to which the packed weight is faster (see above)
 
 
 def packing_available(model: nn.Module) -> bool:
@@ -51,6 +57,7 @@ class PackedLinear:
         self.linear = linear
         self.forwards = forwards
         self.max_tokens = max_tokens
+        self.buckets = row_buckets(max_tokens)  # rows are padded to one (a primitive each)
         self.original: Callable[[torch.Tensor], torch.Tensor] = linear.forward
         self.version = -1
         self.packed: torch.Tensor | None = None
@@ -72,11 +79,12 @@ class PackedLinear:
             return self.original(x)
         if self.linear.weight._version != self.version:
             self.repack()
-        bias = self.linear.bias
-        y = torch.ops.mkldnn._linear_pointwise(
-            x.reshape(tokens, x.shape[-1]), self.packed, bias, "none", [], ""
-        )  # [tokens, out]
-        return y.view(*x.shape[:-1], y.shape[-1])
+        rows = bucket(tokens, self.buckets)
+        flat = x.reshape(tokens, x.shape[-1])
+        if rows > tokens:  # zero rows up to the bucket: one cached primitive per bucket
+            flat = torch.nn.functional.pad(flat, (0, 0, 0, rows - tokens))
+        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.linear.bias, "none", [], "")
+        return y[:tokens].view(*x.shape[:-1], y.shape[-1])  # [..., out]
 
     def nbytes(self) -> int:
         p = self.packed

@@ -27,11 +27,12 @@ def model_and_slot() -> tuple[nn.Module, ForwardSlot]:
 
 
 def calls_counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many times the packed kernel runs."""
+    """How many times the packed kernel runs, then the rows of each call."""
     real, calls = torch.ops.mkldnn._linear_pointwise, [0]
 
     def counted(*args):
         calls[0] += 1
+        calls.append(args[0].shape[0])
         return real(*args)
 
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counted)
@@ -52,7 +53,7 @@ def test_engine_forwards_take_the_packed_weights(monkeypatch: pytest.MonkeyPatch
         assert calls[0] == 0
         with slot.use(decode_step(5)):
             got = model(x)
-        assert calls[0] == 2 and got.shape == plain.shape
+        assert calls == [2, 8, 8] and got.shape == plain.shape  # 5 rows padded to bucket 8
         torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-6)
     with slot.use(decode_step(5)):  # autograd on (training): the stored weights
         assert torch.equal(model(x), plain)

@@ -77,8 +77,8 @@ class ModelRunner:
         while serving eagerly). ``static``: decode in bucketed shapes over a KV cache allocated
         once (what CUDA graphs need; with "startup" on CUDA the decode step is captured in
         graphs). ``packed_linears``: on a CPU in fp32, eager steps multiply small batches with
-        weights prepacked for oneDNN (``server/engine/packed_linear.py``); a compiled decode
-        step packs its own."""
+        weights prepacked for oneDNN (``server/engine/packed_linear.py``); not with a compiled
+        decode step, which traces the plain layers."""
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, not {compile!r}")
         self.vm = vm

@@ -56,7 +56,6 @@ class PackedLinear:
     def __init__(self, linear: nn.Linear, forwards: ForwardSlot, max_tokens: int) -> None:
         self.linear = linear
         self.forwards = forwards
-        self.max_tokens = max_tokens
         self.buckets = row_buckets(max_tokens)  # rows are padded to one (a primitive each)
         self.original: Callable[[torch.Tensor], torch.Tensor] = linear.forward
         self.version = -1
@@ -71,7 +70,7 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         tokens = x.numel() // x.shape[-1]
         if (
-            tokens > self.max_tokens
+            tokens > self.buckets[-1]  # max_tokens
             or torch.is_grad_enabled()
             or not isinstance(self.forwards.current, ENGINE_FORWARDS)
             or x.dtype != torch.float32

@@ -6,14 +6,21 @@ For each dtype (``--dtypes``) and batch size (``--batches``), interleaved round-
   generate base     transformers ``generate`` of the base model, one static left-padded batch,
                     in a process of its own (whose main thread holds the OpenMP workers)
   engine base       our engine in-process (no HTTP), every row the base model; its thread
-                    holds the OpenMP workers, as the server's does (server/engine/cpu_threads.py)
-  engine users      our engine in-process, every row a different user's adapter
+                    holds the OpenMP workers, as the server's does (server/engine/cpu_threads.py).
+                    The rows' chat prompts begin with the same 28 tokens (the template's system
+                    prompt): with the server's defaults they are computed once
+                    (``--share-prefix-tokens``, server/engine/prompt_share.py)
+  engine base, not shared
+                    the same with prefix sharing off: every row computes its whole prompt, as
+                    in ``generate``
+  engine users      our engine in-process, every row a different user's adapter (nothing to
+                    share across adapters: compared with the base rows not shared)
   server users      ``python -m server`` over HTTP, streaming, every client a different user
                     (defaults apart from --max-batch; ``--server-batches`` sizes only)
 
 and a burst's prefill: the seconds from submitting ``batch`` prompts at once to the last of
-their first tokens (engine, chunked as the server's ``--max-prefill-tokens``), against one
-padded forward of the same prompts (what ``generate`` does first).
+their first tokens (engine, chunked as the server's ``--max-prefill-tokens``; shared and not),
+against one padded forward of the same prompts (what ``generate`` does first).
 
     .venv/bin/python bench/bench_engine.py [--dtypes float32,bfloat16] [--batches 16,64]
 
@@ -44,6 +51,7 @@ from adapters_store import AdapterStore  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from server.engine import Engine, SamplingParams, SlotPool, cpu_threads  # noqa: E402
 from server.engine.compile import use_compile_cache  # noqa: E402
+from server.engine.prompt_share import PromptIndex  # noqa: E402
 from server.model_source import load_model  # noqa: E402
 from server.runtime import engine_config_for  # noqa: E402
 from vera_core import VeraConfig, inject_vera, model_fingerprint  # noqa: E402
@@ -130,17 +138,34 @@ class Offline:
         self.eos_ids = self.engine.eos_ids
         self.engine.start()
 
-    def run(self, users: list[str | None], prompts: list[list[int]], n: int, eos=False) -> float:
+    def run(
+        self,
+        users: list[str | None],
+        prompts: list[list[int]],
+        n: int,
+        eos: bool = False,
+        share: bool = True,
+    ) -> float:
         """tok/s; every row generates n tokens unless ``eos`` (rows end at EOS, as the
-        server's do)."""
+        server's do). ``share``: prompts of one adapter start from a copy of the prefix they
+        share with a live one (the server's default); False: only identical prompts do (none
+        of the bench's), so every row computes its whole prompt, as ``generate`` does."""
         self.engine.eos_ids = self.eos_ids if eos else set()  # read by the next steps
+        self.share(share)
         params = SamplingParams(max_new_tokens=n)
         t0 = time.perf_counter()
         out = self.engine.generate([(u, p, params) for u, p in zip(users, prompts)])
         return sum(len(r["token_ids"]) for r in out) / (time.perf_counter() - t0)
 
-    def burst_s(self, prompts: list[list[int]]) -> float:
+    def share(self, on: bool) -> None:
+        """Prefix sharing on (the configured bound) or off for the next runs (the engine is
+        idle between runs: its index is replaced, not changed under it)."""
+        bound = self.engine.config.scheduler.share_prefix_tokens if on else 0
+        self.engine.scheduler.prompts = PromptIndex(bound)
+
+    def burst_s(self, prompts: list[list[int]], share: bool = True) -> float:
         """Seconds until every prompt of a burst has its first token."""
+        self.share(share)
         params = SamplingParams(max_new_tokens=1)
         t0 = time.perf_counter()
         self.engine.generate([(None, p, params) for p in prompts])
@@ -171,11 +196,12 @@ def measure(
     offline = Offline(vm, tok, store_dir, batch, config, threads)
     cells: dict[str, Callable[[], float]] = {
         "engine base": lambda: offline.run([None] * batch, prompts, n),
+        "engine base unshared": lambda: offline.run([None] * batch, prompts, n, share=False),
         "engine users": lambda: offline.run(list(users), prompts, n),
     }
     if eos:
         cells["engine users eos"] = lambda: offline.run(list(users), prompts, n, eos=True)
-    best = {name: 0.0 for name in cells} | {"burst": float("inf")}
+    best = {name: 0.0 for name in cells} | {"burst": float("inf"), "burst unshared": float("inf")}
     best["compile_s"] = offline.compile_s
     try:
         for fn in cells.values():  # warm-up: allocators, slots, kernels
@@ -184,6 +210,8 @@ def measure(
             for name, fn in cells.items():
                 best[name] = max(best[name], fn())
             best["burst"] = min(best["burst"], offline.burst_s(prompts))
+            unshared = offline.burst_s(prompts, share=False)
+            best["burst unshared"] = min(best["burst unshared"], unshared)
     finally:
         offline.close()
     return best
@@ -248,11 +276,12 @@ def main() -> None:
     )
     print(
         "| dtype | batch | generate base tok/s | engine base (vs generate) | "
-        "engine users (vs engine base) | server users over HTTP / engine users, rows ending "
-        "at EOS in both | "
-        "burst prefill: engine / one padded forward | engine compile (seconds) |"
+        "engine base, prefix not shared (vs generate) | "
+        "engine users (vs engine base, not shared) | server users over HTTP / engine users, "
+        "rows ending at EOS in both | "
+        "burst prefill: engine / not shared / one padded forward | engine compile (seconds) |"
     )
-    print("|---|---|---|---|---|---|---|---|", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for dtype_name in args.dtypes.split(","):
         config = ServerConfig(device=args.device, dtype=dtype_name, compile=args.compile)
         device, dtype = str(config.torch_device), config.torch_dtype
@@ -282,6 +311,7 @@ def main() -> None:
                 )
                 cell |= baselines(args, dtype_name, batch)
                 gen, base, mixed = cell["generate"], cell["engine base"], cell["engine users"]
+                alone = cell["engine base unshared"]
                 srv = ""
                 if http:
                     server, cores = serve(
@@ -293,8 +323,9 @@ def main() -> None:
                 burst, forward = cell["burst"], cell["forward"]
                 print(  # as it comes: a run cut short keeps its rows
                     f"| {dtype_name} | {batch} | {gen:.1f} | {base:.1f} ({base / gen:.2f}x) | "
-                    f"{mixed:.1f} ({mixed / base:.2f}x) | {srv} | "
-                    f"{burst:.3f} s / {forward:.3f} s ({forward / burst:.2f}x) | "
+                    f"{alone:.1f} ({alone / gen:.2f}x) | "
+                    f"{mixed:.1f} ({mixed / alone:.2f}x) | {srv} | "
+                    f"{burst:.3f} s / {cell['burst unshared']:.3f} s / {forward:.3f} s | "
                     f"{config.compile_mode} ({cell['compile_s']:.0f} s) |",
                     flush=True,
                 )

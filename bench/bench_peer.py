@@ -7,9 +7,10 @@ For each dtype and each N: vLLM's base model, vLLM with N distinct PEFT LoRA ada
 q_proj/v_proj, random non-zero A and B) in the batch, our engine's base-model rows and our
 engine with N distinct VeRA users (random adapters, r=256 on q,v) in the batch. Ours is the
 server's engine in-process, without HTTP (``bench_engine.Offline``, the server's defaults,
-eager). Same model directory, same chat-templated prompts (``bench_engine.chat_ids``: every
-row its own prompt, so neither engine can share a prefill; token ids handed to vLLM as they
-are), 32 new tokens per row, greedy, EOS ignored. vLLM runs in its own venv (it pins its own
+eager), but with prefix sharing off, as vLLM's prefix cache is. Same model directory, same
+chat-templated prompts (``bench_engine.chat_ids``: every row its own prompt, and with sharing
+off in both engines every row computes all of it; token ids handed to vLLM as they are), 32
+new tokens per row, greedy, EOS ignored. vLLM runs in its own venv (it pins its own
 torch) through ``peer_vllm.py``, one process per dtype and kind; ours runs here. Each cell is
 the best of ``--repeats`` timed calls after one warm-up (on a shared machine the least
 disturbed call; the same for both engines); within one engine the batches are interleaved.
@@ -83,7 +84,9 @@ def ours(
     dtype: str, batches: list[int], prompts: list[list[int]], args, threads: int
 ) -> dict[int, tuple[float, float]]:
     """{N: (engine base rows tok/s, engine with N distinct VeRA users tok/s)}."""
-    config = ServerConfig(dtype=dtype, compile="off")
+    # no prefix sharing: vLLM runs without its prefix cache (like for like: every row computes
+    # its whole prompt; the rows' chat prompts share their first 28 tokens)
+    config = ServerConfig(dtype=dtype, compile="off", share_prefix_tokens=0)
     model, tokenizer, _ = load_model(dtype=config.torch_dtype)
     vm = inject_vera(model, VeraConfig(r=args.r), num_slots=max(batches) + 8)
     users = [f"user{i:03d}" for i in range(max(batches))]

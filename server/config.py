@@ -95,6 +95,14 @@ class ServerConfig:
             "into an idle server): larger forwards run faster, and no stream waits on them"
         },
     )
+    share_prefix_tokens: int = field(
+        default=16,
+        metadata={
+            "help": "a prompt beginning with at least this many tokens of a live request's "
+            "prompt (same tenant, same adapter) copies their K/V instead of computing them "
+            "(0: only identical prompts)"
+        },
+    )
     max_seq_len: int = field(default=2048, metadata={"help": "max prompt + generated tokens"})
     device_slots: int = field(default=256, metadata={"help": "adapters resident on the device"})
     host_slots: int = field(default=4096, metadata={"help": "adapters cached in host memory"})
@@ -180,6 +188,8 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.share_prefix_tokens < 0:
+            raise ValueError("--share-prefix-tokens must be >= 0 (0: identical prompts only)")
         if not 0 < self.train_share <= 1:
             raise ValueError("--train-share must be in (0, 1]")
         for name in ("user_requests_per_minute", "user_tokens_per_minute", "user_max_concurrent"):

@@ -42,6 +42,7 @@ def engine_config_for(config: ServerConfig, device: torch.device) -> EngineConfi
             idle_prefill_tokens=config.idle_prefill_tokens,
             max_waiting=config.max_waiting,
             max_waiting_per_client=config.max_waiting_per_user,
+            share_prefix_tokens=config.share_prefix_tokens,
             fairness=FairnessConfig(
                 policy=config.scheduling,
                 input_weight=config.fair_input_weight,

@@ -61,6 +61,8 @@ def collect_stats(rt: Runtime) -> dict[str, Any]:
             "latency_ms": engine.stats.latency.percentiles(),
             "scheduling": rt.config.scheduling,
             "preemptions": engine.stats.preemptions,
+            "shared_prompts": engine.scheduler.forked,
+            "shared_prompt_tokens": engine.scheduler.shared_tokens,
             "rate_limited_requests": rt.tenants.limiter.refused,
         },
         "fine_tuning": {

@@ -48,6 +48,11 @@ class _RuntimeCollector:
             value=eng.stats.preemptions,
         )
         yield CounterMetricFamily(
+            "vera_shared_prompt_tokens",
+            "prompt positions copied from a live request's K/V instead of computed",
+            value=eng.scheduler.shared_tokens,
+        )
+        yield CounterMetricFamily(
             "vera_rate_limited_requests",
             "requests refused by a per-user rate limit",
             value=rt.tenants.limiter.refused,

@@ -190,7 +190,6 @@ class Engine:
         # validation, and the adapter's version check against the store (read-your-writes,
         # I/O): outside the lock
         seqs = [self._sequence(*request, loop, client, key_id) for request in requests]
-        _share_prompts(seqs)
         with self._cv:
             if self._stopping:
                 raise EngineStopped("the server is shutting down")
@@ -535,21 +534,6 @@ class Engine:
         for seq in list(self.scheduler.running) + self.scheduler.take_waiting():
             self._fail(seq, message)
         self.runner.idle()
-
-
-def _share_prompts(seqs: list[Sequence]) -> None:
-    """Link each sequence to the first one of ``seqs`` with the same user, adapter version and
-    prompt (``n`` choices, a prompt listed twice): it starts from a copy of that one's cached
-    prompt. Not when the prompt is scored (each scores its own) or a single token."""
-    first: dict[tuple, Sequence] = {}
-    for seq in seqs:
-        if seq.params.prompt_logprobs is not None or len(seq.prompt_ids) < 2:
-            continue
-        key = (seq.user_id, seq.adapter_version, tuple(seq.prompt_ids))
-        if key in first:
-            seq.parent = first[key]
-        else:
-            first[key] = seq
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -26,12 +26,15 @@ the head of its client's queue to be prefilled again (prompt and output so far) 
 next admitted. So a client flooding every row makes another wait one step, not until its own
 requests end; preempted work is recomputed, and is not charged again.
 
-Shared prompts: a sequence with a ``parent`` (the ``n`` choices of one request, or the same
-prompt listed twice) waits while that sequence's prompt is being prefilled, then takes a row
-whose first ``len(prompt) - 1`` positions are a ``RowMove`` copy of the parent's, and prefills
-only its last prompt token (whose logits give its own first token). So ``n`` choices cost one
-prompt, and each still samples on its own. If the parent cannot give its prompt (it ended, or
-was preempted), the sequence prefills alone.
+Shared prompts: a sequence whose prompt begins with at least ``share_prefix_tokens`` tokens of
+a live sequence's prompt, of the same client and adapter (its ``parent``, found by
+``prompt_share.PromptIndex`` when it is added: the ``n`` choices of one request, a system
+prompt or preamble a client sends with every request), waits while the parent's prompt is
+being prefilled up to there, then takes a row whose first ``shared`` positions are a
+``RowMove`` copy of the parent's, and prefills only the rest (at least its last prompt token,
+whose logits give its own first token). So ``n`` choices cost one prompt, a shared preamble
+is computed once, and each sequence still samples on its own. If the parent cannot give its
+positions any more (it ended, or was cancelled), the sequence prefills alone.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from typing import Protocol
 
 from server.engine.adapter_slots import SlotTicket
 from server.engine.fair_queue import FairnessConfig, FairQueue
+from server.engine.prompt_share import PromptIndex
 from server.engine.sequence import Sequence, Status
 
 
@@ -54,12 +58,17 @@ class SchedulerConfig:
     idle_prefill_tokens: int | None = None
     max_waiting: int = 1024  # queue bound; beyond it submit() is refused (HTTP 429)
     max_waiting_per_client: int = 256  # one client's share of the queue; beyond it: its 429
+    # a prompt sharing at least this many leading tokens with a live one of the same client
+    # and adapter starts from a copy of them (0: only a prompt identical to a live one)
+    share_prefix_tokens: int = 16
     fairness: FairnessConfig = FairnessConfig()
 
     def __post_init__(self) -> None:
         limits = (self.max_batch, self.max_prefill_tokens, self.max_waiting)
         if min(limits) < 1 or self.max_waiting_per_client < 1 or self.idle_budget < 1:
             raise ValueError("scheduler limits must be >= 1")
+        if self.share_prefix_tokens < 0:
+            raise ValueError("share_prefix_tokens must be >= 0")
 
     @property
     def idle_budget(self) -> int:
@@ -147,12 +156,16 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.prefilling: deque[Sequence] = deque()  # running, prompt not fully cached yet
         self._moves: list[RowMove] = []
+        self.prompts = PromptIndex(config.share_prefix_tokens)
         self.forked = 0  # sequences started from a copy of a parent's prompt
+        self.shared_tokens = 0  # prompt positions copied instead of computed
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
 
     def add(self, seq: Sequence) -> None:
+        """Queue ``seq``, linked to the live sequence whose prompt it may start from."""
+        self.prompts.link(seq, live=len(self) + 1)
         self.waiting.push(seq, {s.client for s in self.running})
 
     def schedule(self) -> StepPlan:
@@ -253,8 +266,9 @@ class Scheduler:
                 budget += self._preempt(victim, plan)
             self.waiting.pop(client)
             forked = seq.parent is not None
-            if seq.preemptions == 0:  # a recompute is not charged again; a fork computes one
-                self.waiting.charge(client, prompt_tokens=1 if forked else len(seq.prompt_ids))
+            if seq.preemptions == 0:  # a recompute is not charged again; a fork, what it computes
+                shared = seq.shared if forked else 0
+                self.waiting.charge(client, prompt_tokens=len(seq.prompt_ids) - shared)
             self._take_row(seq)
             if forked:
                 self._fork(seq)
@@ -283,24 +297,25 @@ class Scheduler:
 
     def _fork_ready(self, seq: Sequence) -> bool:
         """May ``seq`` (which has a parent) start now? Yes from a copy once the parent holds
-        the prompt's first ``len - 1`` positions; yes alone (its parent link dropped) when the
-        parent cannot give them any more; no while the parent waits or prefills."""
+        the ``shared`` positions; yes alone (its parent link dropped) when the parent cannot
+        give them any more; no while the parent waits or prefills up to there."""
         parent = seq.parent
         assert parent is not None
-        if parent.status is Status.RUNNING and parent.num_cached >= len(seq.prompt_ids) - 1:
+        if parent.status is Status.RUNNING and parent.num_cached >= seq.shared:
             return True
         if parent.status is Status.FINISHED or parent.cancelled.is_set():
-            seq.parent = None
+            seq.parent, seq.shared = None, 0
             return True
         return False
 
     def _fork(self, seq: Sequence) -> None:
-        """``seq`` (just given its row) takes its parent's cached prompt but the last token."""
+        """``seq`` (just given its row) takes its parent's first ``shared`` cached positions."""
         parent, seq.parent = seq.parent, None
         assert parent is not None
-        seq.num_cached = len(seq.prompt_ids) - 1
+        seq.num_cached = seq.shared
         self._moves.append(RowMove(parent.kv_row, seq.kv_row, seq.num_cached))
         self.forked += 1
+        self.shared_tokens += seq.shared
 
     def _unclaim(self, seq: Sequence) -> None:
         if seq.adapter_slot:

@@ -120,9 +120,11 @@ class Sequence:
     adapter_version: int | None = None
     kv_row: int = -1
     num_cached: int = 0  # tokens whose K/V are in the cache
-    # an earlier sequence of the same request with the same prompt and adapter (``n`` > 1):
-    # this one starts from a copy of its cached prompt (``scheduler``), not a prefill
+    # a live sequence of the same client and adapter whose prompt begins as this one's does
+    # (``prompt_share``): this one starts from a copy of its first ``shared`` cached positions
+    # (``scheduler``) and prefills only the rest
     parent: Sequence | None = None
+    shared: int = 0
     preemptions: int = 0  # times its row was taken back for a client below its share
     engine_seconds: float = 0.0  # its share of the engine steps it took part in
     generator: torch.Generator | None = None  # seeded sampling

@@ -17,11 +17,13 @@ _ids = iter(range(10**9))
 
 
 def seq(client: str, prompt: int = 8, new: int = 32) -> Sequence:
+    """A request of ``prompt`` tokens whose first one is its own (no prompt is shared)."""
     params = SamplingParams(max_new_tokens=new)
+    n = next(_ids)
     return Sequence(
-        request_id=f"{client}-{next(_ids)}",
+        request_id=f"{client}-{n}",
         user_id=None,
-        prompt_ids=list(range(prompt)),
+        prompt_ids=[100_000 + n, *range(prompt - 1)],
         params=params,
         channel=Channel(),
         detok=StopChecker(None, ()),

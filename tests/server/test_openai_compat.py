@@ -90,3 +90,49 @@ def test_other_users_model_is_forbidden(live: LiveServer, dana) -> None:
     key, _ = dana
     with pytest.raises(PermissionDeniedError):
         client(live, key).completions.create(model="alice", prompt="hi", max_tokens=2)
+
+
+def test_prompts_with_one_preamble_share_it_and_answer_as_alone(
+    live: LiveServer, ref_vm, dana
+) -> None:
+    """Three prompts of one request that begin with the same instructions: the preamble is
+    computed once (the admin stats and the Prometheus counter grow by what was copied), and
+    every answer is the one its prompt gets alone."""
+    key, adapter = dana
+    preamble = (
+        "You are a careful assistant. Answer in one short sentence, plainly, and do not add "
+        "any greeting or any explanation. Question: "
+    )
+    prompts = [preamble + q for q in ("What is ice?", "Where is Rome?", "Who wrote Hamlet?")]
+    ids = [list(ref_vm.tokenizer(p)["input_ids"]) for p in prompts]
+
+    def lcp(a: list[int], b: list[int]) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    # each prompt copies from the earlier one it shares most with (its last token computed)
+    copied = [min(max(lcp(ids[j], ids[i]) for i in range(j)), len(ids[j]) - 1) for j in (1, 2)]
+    assert min(copied) >= 16
+
+    def shared() -> tuple[int, float]:
+        with live.client(live.admin_token) as c:
+            stats = c.get("/admin/stats").json()["engine"]["shared_prompt_tokens"]
+            metric = next(
+                float(line.split()[-1])
+                for line in c.get("/metrics").text.splitlines()
+                if line.startswith("vera_shared_prompt_tokens_total")
+            )
+        return stats, metric
+
+    before = shared()
+    out = client(live, key).completions.create(
+        model="dana", prompt=prompts, max_tokens=6, temperature=0
+    )
+    after = shared()
+    texts = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+    want = [
+        ref_vm.tokenizer.decode(merged_greedy(ref_vm, adapter, p, 6), skip_special_tokens=True)
+        for p in ids
+    ]
+    assert texts == want
+    assert after[0] - before[0] == sum(copied)
+    assert after[1] - before[1] == sum(copied)

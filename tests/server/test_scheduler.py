@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from server.engine.adapter_slots import SlotTicket
@@ -10,13 +12,23 @@ from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import RowMove, Scheduler, SchedulerConfig, StepPlan
 from server.engine.sequence import Channel, Sequence, Status
 
+FIRST = itertools.count(1000)
 
-def seq(name: str, n: int = 4, user: str | None = None, client: str | None = None) -> Sequence:
+
+def seq(
+    name: str,
+    n: int = 4,
+    user: str | None = None,
+    client: str | None = None,
+    prompt: list[int] | None = None,
+) -> Sequence:
+    """A sequence of ``n`` prompt tokens, its first one its own (no prompt shared with another
+    sequence), unless ``prompt`` is given."""
     params = SamplingParams()
     s = Sequence(
         request_id=name,
         user_id=user,
-        prompt_ids=list(range(n)),
+        prompt_ids=prompt if prompt is not None else [next(FIRST), *range(n - 1)],
         params=params,
         channel=Channel(),
         detok=StopChecker(None, params.stop),
@@ -201,3 +213,134 @@ def test_cancelled_waiting_sequences_are_dropped() -> None:
     s.add(a)
     plan = s.schedule()
     assert plan.dropped == [a] and not s.running and not s.waiting
+
+
+PREAMBLE = list(range(500, 520))  # 20 tokens a client sends before every question
+
+
+def test_a_shared_preamble_is_copied_from_the_live_prompt_not_prefilled_again() -> None:
+    s = Scheduler(SchedulerConfig(max_batch=8, max_prefill_tokens=100, share_prefix_tokens=16))
+    a = seq("a", prompt=[*PREAMBLE, 1, 2, 3])
+    b = seq("b", prompt=[*PREAMBLE, 7, 8])
+    charged: list[int] = []
+    charge = s.waiting.charge
+    s.waiting.charge = lambda client, prompt_tokens=0, output_tokens=0: (  # type: ignore[method-assign]
+        charged.append(prompt_tokens) if prompt_tokens else None,
+        charge(client, prompt_tokens, output_tokens),
+    )
+    s.add(a)
+    s.add(b)
+    assert (b.parent, b.shared) == (a, 20)
+    plan = s.schedule()  # b waits while a's prompt is being prefilled
+    assert seqs_of(plan) == [a] and list(s.waiting) == [b]
+    cached(plan)
+    plan = s.schedule()
+    assert plan.moves == [RowMove(a.kv_row, b.kv_row, 20)]
+    assert [(c.seq, c.start, c.length, c.final) for c in plan.prefill] == [(b, 20, 2, True)]
+    assert plan.decode == [a] and (s.forked, s.shared_tokens) == (1, 20)
+    assert charged == [23, 2]  # each charged the prompt tokens it computes
+
+
+def test_a_parent_caught_mid_prompt_gives_what_it_has_cached_once_it_has_it() -> None:
+    """With chunked prefill the child starts as soon as the parent's chunks cover the shared
+    part, not when the parent's whole prompt is in."""
+    s = Scheduler(SchedulerConfig(max_batch=8, max_prefill_tokens=16, share_prefix_tokens=8))
+    a = seq("a", prompt=[*PREAMBLE, *range(6)])
+    b = seq("b", prompt=[*PREAMBLE[:10], 99, 98])
+    s.add(a)
+    s.add(b)
+    assert b.shared == 10
+    plan = s.schedule()
+    assert [(c.seq, c.start, c.length) for c in plan.prefill] == [(a, 0, 16)]
+    cached(plan)
+    plan = s.schedule()  # a's last 10 tokens, and b from a copy of a's first 10
+    assert plan.moves == [RowMove(a.kv_row, b.kv_row, 10)]
+    assert [(c.seq, c.start, c.length) for c in plan.prefill] == [(a, 16, 10), (b, 10, 2)]
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        dict(client="bob"),  # another tenant: never shared
+        dict(user="ana"),  # another adapter
+        dict(prompt=[*PREAMBLE[:15], 7, 8]),  # 15 tokens in common: below the bound
+        dict(scores=True),  # it scores its prompt: computes it all
+    ],
+    ids=["tenant", "adapter", "short", "scored"],
+)
+def test_no_copy_across_tenants_adapters_or_below_the_bound(other: dict) -> None:
+    slots = Slots(ready={"ana"})
+    s = Scheduler(SchedulerConfig(max_batch=8, share_prefix_tokens=16), slots)
+    a = seq("a", prompt=[*PREAMBLE, 1, 2])
+    b = seq(
+        "b",
+        prompt=other.get("prompt", [*PREAMBLE, 3, 4]),
+        user=other.get("user"),
+        client=other.get("client"),
+    )
+    if other.get("scores"):
+        b.params = SamplingParams(prompt_logprobs=0)
+    s.add(a)
+    s.add(b)
+    plan = s.schedule()
+    assert b.parent is None and seqs_of(plan) == [a, b] and plan.moves == []
+
+
+def test_other_adapter_version_of_the_same_user_is_not_shared() -> None:
+    s = Scheduler(SchedulerConfig(max_batch=8, share_prefix_tokens=16), Slots(ready={"ana"}))
+    a = seq("a", user="ana", prompt=[*PREAMBLE, 1])
+    b = seq("b", user="ana", prompt=[*PREAMBLE, 1])
+    a.adapter_version, b.adapter_version = 1, 2  # uploaded again in between
+    s.add(a)
+    s.add(b)
+    assert b.parent is None
+
+
+def test_identical_short_prompts_share_all_but_their_last_token() -> None:
+    s = Scheduler(SchedulerConfig(max_batch=8, share_prefix_tokens=16))
+    a, b = seq("a", prompt=[5, 6, 7]), seq("b", prompt=[5, 6, 7])
+    c = seq("c", prompt=[5, 6, 8])  # 2 in common, short and not identical: computed
+    for x in (a, b, c):
+        s.add(x)
+    assert (b.parent, b.shared) == (a, 2) and c.parent is None
+
+
+def test_share_prefix_zero_shares_only_identical_prompts() -> None:
+    s = Scheduler(SchedulerConfig(max_batch=8, share_prefix_tokens=0))
+    a = seq("a", prompt=[*PREAMBLE, 1])
+    b, c = seq("b", prompt=[*PREAMBLE, 2]), seq("c", prompt=[*PREAMBLE, 1])
+    for x in (a, b, c):
+        s.add(x)
+    assert b.parent is None and (c.parent, c.shared) == (a, 20)
+
+
+def test_the_longest_common_prefix_wins() -> None:
+    s = Scheduler(SchedulerConfig(max_batch=8, share_prefix_tokens=16))
+    a = seq("a", prompt=[*PREAMBLE, 1, 2, 3])
+    b = seq("b", prompt=[*PREAMBLE, 1, 2, 4, 5])
+    c = seq("c", prompt=[*PREAMBLE, 1, 2, 4, 6])
+    for x in (a, b, c):
+        s.add(x)
+    assert (b.parent, b.shared) == (a, 22) and (c.parent, c.shared) == (b, 23)
+
+
+def test_a_child_whose_parent_ended_prefills_alone() -> None:
+    s = Scheduler(SchedulerConfig(max_batch=8, share_prefix_tokens=16))
+    a, b = seq("a", prompt=[*PREAMBLE, 1]), seq("b", prompt=[*PREAMBLE, 2])
+    s.add(a)
+    s.add(b)
+    a.cancel()  # before its prompt was computed
+    plan = s.schedule()
+    assert plan.dropped == [a] and seqs_of(plan) == [b] and plan.moves == []
+    assert (b.parent, b.shared, b.num_cached) == (None, 0, 0)
+
+
+def test_the_index_holds_live_prompts_only() -> None:
+    """Ended sequences leave the index: its size follows what is live, not what was seen."""
+    s = Scheduler(SchedulerConfig(max_batch=4, max_prefill_tokens=10_000))
+    for i in range(2000):
+        x = seq(str(i), n=24)
+        s.add(x)
+        cached(s.schedule())
+        s.finish(x)
+    assert len(s.prompts) <= 2 * len(s) + 64 + 1

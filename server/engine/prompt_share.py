@@ -1,0 +1,95 @@
+"""Which live prompt a new one may start from: the longest shared prefix, same client and adapter.
+
+The K/V of a prompt's position depend only on the tokens up to it and on the adapter that
+computed them. So a prompt that begins with the same tokens as a live sequence's prompt (the
+``n`` choices of one request, a system prompt or few-shot preamble that a client sends with
+every request, the history of a conversation) needs those positions computed once: the
+scheduler copies them from the live sequence's KV row (a ``RowMove``) and prefills only the
+rest (``scheduler``).
+
+Sharing is only ever within one client (its tenant) and one adapter version (the user's): a
+copy never crosses tenants, so the time a prompt takes tells nobody what another tenant sends.
+
+Lookup is by the first ``min_tokens`` tokens (a dict), then the longest common prefix among the
+few most recent live prompts under that key. A prompt shorter than that is shared only with an
+identical one.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from server.engine.sequence import Sequence, Status
+
+CANDIDATES = 8  # live prompts kept per key: the most recent ones
+
+
+class PromptIndex:
+    def __init__(self, min_tokens: int) -> None:
+        """``min_tokens``: the shortest shared prefix worth a copy (0: identical prompts only)."""
+        if min_tokens < 0:
+            raise ValueError("min_tokens must be >= 0")
+        self.min_tokens = min_tokens
+        self._live: dict[tuple, deque[Sequence]] = {}
+        self._entries = 0
+
+    def link(self, seq: Sequence, live: int) -> None:
+        """Give ``seq`` the live sequence it starts from (``parent``) and how many positions it
+        copies (``shared``, at most ``len(prompt) - 1``: the last prompt token is computed for
+        its own logits), if any; then index it. ``live``: sequences waiting or running, which
+        bounds what the index holds (dead entries are swept when it grows past twice that).
+        A sequence that scores its prompt computes it all (it scores its own)."""
+        if self._entries > 2 * live + 64:
+            self._sweep()
+        prompt = seq.prompt_ids
+        key = self._key(seq)
+        if seq.params.prompt_logprobs is None and len(prompt) >= 2:
+            best, best_len = None, 0
+            for other in self._live.get(key, ()):
+                if not _alive(other):
+                    continue
+                n = _common_prefix(prompt, other.prompt_ids)
+                if n > best_len:
+                    best, best_len = other, n
+            shared = min(best_len, len(prompt) - 1)
+            if best is not None and (best_len == len(prompt) or shared >= self.min_tokens > 0):
+                seq.parent, seq.shared = best, shared
+        bucket = self._live.setdefault(key, deque(maxlen=CANDIDATES))
+        if len(bucket) == CANDIDATES:
+            self._entries -= 1
+        bucket.append(seq)
+        self._entries += 1
+
+    def __len__(self) -> int:
+        return self._entries
+
+    def _key(self, seq: Sequence) -> tuple:
+        head = seq.prompt_ids[: self.min_tokens] if self.min_tokens else seq.prompt_ids
+        return (seq.client, seq.user_id, seq.adapter_version, tuple(head))
+
+    def _sweep(self) -> None:
+        """Drop every ended sequence (and keys left empty)."""
+        for key in list(self._live):
+            bucket = deque((s for s in self._live[key] if _alive(s)), maxlen=CANDIDATES)
+            if bucket:
+                self._live[key] = bucket
+            else:
+                del self._live[key]
+        self._entries = sum(len(b) for b in self._live.values())
+
+
+def _alive(seq: Sequence) -> bool:
+    return seq.status is not Status.FINISHED and not seq.cancelled.is_set()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of ``a`` and ``b`` (binary search on slices: list
+    comparison runs in C, so a few thousand tokens cost microseconds)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -59,11 +59,15 @@ from vera_core import VeraConfig, inject_vera, model_fingerprint  # noqa: E402
 TOPICS = ["the sea", "a city at night", "mountains", "coffee", "an old library", "rain"]
 
 
-def chat_ids(tok, i: int) -> list[int]:
-    """Row ``i``'s prompt, unlike every other row's: the engine prefills a prompt that it was
+def chat_text(i: int) -> str:
+    """Row ``i``'s message, unlike every other row's: the engine prefills a prompt that it was
     given twice (same user, same text) once, which ``generate`` does not."""
-    topic = TOPICS[i % len(TOPICS)]
-    msg = [{"role": "user", "content": f"Write two sentences about {topic} (note {i + 1})."}]
+    return f"Write two sentences about {TOPICS[i % len(TOPICS)]} (note {i + 1})."
+
+
+def chat_ids(tok, i: int) -> list[int]:
+    """Row ``i``'s prompt: its message in the chat template (what the server renders)."""
+    msg = [{"role": "user", "content": chat_text(i)}]
     ids = tok.apply_chat_template(msg, add_generation_prompt=True, return_dict=False)
     return list(ids)
 
@@ -340,11 +344,11 @@ def serve(
     batch = len(users)
     proc = start_server(store_dir, port, batch, device, dtype, ["--compile", compile_mode])
     url = f"http://127.0.0.1:{port}"
-    topics = [f"Write two sentences about {TOPICS[i % len(TOPICS)]}." for i in range(batch)]
+    texts = [chat_text(i) for i in range(batch)]  # the engine's prompts, rendered there
     try:
-        asyncio.run(run_clients(url, users[:4], topics[:4], 4))  # warm-up
+        asyncio.run(run_clients(url, users[:4], texts[:4], 4))  # warm-up
         cpu = time.process_time()
-        res = asyncio.run(run_clients(url, users, topics, n))
+        res = asyncio.run(run_clients(url, users, texts, n))
         return res["tokens"] / res["wall"], (time.process_time() - cpu) / res["wall"]
     finally:
         proc.terminate()

@@ -129,9 +129,17 @@ class ModelRunner:
         """Prefill ``plan.prefill``, decode the live rows of ``plan.decode``: the sequences
         that produced logits, those logits [len(seqs), vocab] in float32, and the logits of
         the prompt positions that scoring rows asked for; None if no sequence ran.
-        The plan's row moves (compaction) come first."""
+        The plan's row moves (compaction, prompts shared from cached rows) come first, its
+        prompt copies (from rows this step computed) last."""
         if not running:
             return None
+        out = self._run(plan, running)
+        for copy in plan.copies:
+            self.kv.move_row(copy.src.kv_row, copy.dst.kv_row, copy.length)
+            copy.dst.num_cached = copy.length
+        return out
+
+    def _run(self, plan: StepPlan, running: list[Sequence]) -> StepOutput | None:
         need = max(s.num_tokens + 1 for s in running)
         # rows: this plan's (a move's source may lie past them: the row left when its sequence
         # was preempted in the same plan)

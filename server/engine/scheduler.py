@@ -118,9 +118,21 @@ class RowMove:
     length: int
 
 
+@dataclass(frozen=True)
+class PromptCopy:
+    """After the step's forward, copy the first ``length`` cached positions of ``src``'s KV row
+    into ``dst``'s, which then holds them cached: ``src`` computes them in this step. Rows are
+    read when the copy runs (a compaction of the same plan may have moved them)."""
+
+    src: Sequence
+    dst: Sequence
+    length: int
+
+
 @dataclass
 class StepPlan:
     moves: list[RowMove] = field(default_factory=list)  # before any forward, in this order
+    copies: list[PromptCopy] = field(default_factory=list)  # after the forward
     prefill: list[Chunk] = field(default_factory=list)  # prompt chunks, oldest prompt first
     decode: list[Sequence] = field(default_factory=list)  # prompt cached: one token each
     dropped: list[Sequence] = field(default_factory=list)  # cancelled while waiting
@@ -247,7 +259,8 @@ class Scheduler:
             if client is None or (below is not None and self.waiting.counters[client] > below):
                 break
             seq = self.waiting.head(client)
-            if seq.parent is not None and not self._fork_ready(seq):
+            fork = self._fork_source(seq, plan) if seq.parent is not None else None
+            if fork == "wait":
                 blocked.add(client)  # its parent's prompt is still being prefilled
                 continue
             claimed = self._claim_slot(seq, plan)
@@ -258,7 +271,7 @@ class Scheduler:
                 blocked.add(client)
                 continue
             if len(self.running) >= self.config.max_batch:
-                victim = self._victim(client, admitted, rebalanced=bool(plan.preempted))
+                victim = self._victim(client, admitted, plan)
                 if victim is None:  # no row for this client; another may take one back
                     self._unclaim(seq)
                     blocked.add(client)
@@ -271,9 +284,10 @@ class Scheduler:
                 self.waiting.charge(client, prompt_tokens=len(seq.prompt_ids) - shared)
             self._take_row(seq)
             if forked:
-                self._fork(seq)
+                self._fork(seq, plan, after=fork == "after")
             admitted.append(seq)
-            budget -= self._chunk(plan, seq, budget)
+            if fork != "after":  # a copy after the forward: its own tokens from the next step
+                budget -= self._chunk(plan, seq, budget)
         return budget
 
     def _claim_slot(self, seq: Sequence, plan: StepPlan) -> bool | None:
@@ -295,25 +309,35 @@ class Scheduler:
         seq.adapter_slot = slot
         return True
 
-    def _fork_ready(self, seq: Sequence) -> bool:
-        """May ``seq`` (which has a parent) start now? Yes from a copy once the parent holds
-        the ``shared`` positions; yes alone (its parent link dropped) when the parent cannot
-        give them any more; no while the parent waits or prefills up to there."""
+    def _fork_source(self, seq: Sequence, plan: StepPlan) -> str | None:
+        """How ``seq`` (which has a parent) may start now. "cached": the parent holds the
+        ``shared`` positions (copied before the forward); "after": the parent's chunk in this
+        plan computes them (copied after the forward, so that a parent ending at its first
+        token still gives them; ``seq`` prefills from the next step); None: alone, the parent
+        cannot give them any more (its link is dropped); "wait": not yet."""
         parent = seq.parent
         assert parent is not None
-        if parent.status is Status.RUNNING and parent.num_cached >= seq.shared:
-            return True
+        if parent.status is Status.RUNNING and not parent.cancelled.is_set():
+            if parent.num_cached >= seq.shared:
+                return "cached"
+            if any(c.seq is parent and c.start + c.length >= seq.shared for c in plan.prefill):
+                return "after"
+            return "wait"
         if parent.status is Status.FINISHED or parent.cancelled.is_set():
             seq.parent, seq.shared = None, 0
-            return True
-        return False
+            return None
+        return "wait"  # waiting (or preempted): it is prefilled again first
 
-    def _fork(self, seq: Sequence) -> None:
-        """``seq`` (just given its row) takes its parent's first ``shared`` cached positions."""
+    def _fork(self, seq: Sequence, plan: StepPlan, after: bool) -> None:
+        """``seq`` (just given its row) takes its parent's first ``shared`` positions: a move
+        before the forward, or ``after`` it (the parent computes them in this step)."""
         parent, seq.parent = seq.parent, None
         assert parent is not None
-        seq.num_cached = seq.shared
-        self._moves.append(RowMove(parent.kv_row, seq.kv_row, seq.num_cached))
+        if after:  # cached once the copy ran (the model runner counts them then)
+            plan.copies.append(PromptCopy(parent, seq, seq.shared))
+        else:
+            seq.num_cached = seq.shared
+            self._moves.append(RowMove(parent.kv_row, seq.kv_row, seq.shared))
         self.forked += 1
         self.shared_tokens += seq.shared
 
@@ -339,14 +363,15 @@ class Scheduler:
         return chunk.length
 
     # -- preemption -----------------------------------------------------------------------
-    def _victim(self, client: str, admitted: list[Sequence], rebalanced: bool) -> Sequence | None:
+    def _victim(self, client: str, admitted: list[Sequence], plan: StepPlan) -> Sequence | None:
         """With every row taken: the sequence to preempt so that ``client`` gets a row, or
         None. Only for a client below its share, from the client furthest over its share
         whose counter is not below it, never that client's last row; and only when waiting
         for a row would not do: ``client`` holds no row at all (it would wait for the flood),
         or no row over share ends within ``TURNOVER_STEPS`` (long requests; then at most one
-        such preemption per step, ``rebalanced``). Rows of short requests turn over by
-        themselves and go to the lowest counter: no recompute."""
+        such preemption per step). Rows of short requests turn over by themselves and go
+        to the lowest counter: no recompute. Never a sequence another copies from after
+        this step's forward."""
         fairness = self.config.fairness
         if fairness.policy != "fair" or not fairness.preempt:
             return None
@@ -366,13 +391,16 @@ class Scheduler:
         if not over:
             return None
         if mine > 0:
-            if rebalanced:
+            if plan.preempted:
                 return None
             ending = min(_remaining(s) for s in self.running if s.client in over)
             if ending <= TURNOVER_STEPS:
                 return None  # a row frees soon: it goes to the lowest counter, no recompute
         worst = max(over, key=lambda c: rows[c] - share[c])
-        candidates = [s for s in self.running if s.client == worst and s not in admitted]
+        sources = {c.src for c in plan.copies}
+        candidates = [
+            s for s in self.running if s.client == worst and s not in admitted and s not in sources
+        ]
         return candidates[-1] if candidates else None  # the most recently admitted
 
     def _preempt(self, seq: Sequence, plan: StepPlan) -> int:

@@ -312,15 +312,22 @@ def test_queued_base_requests_start_as_rows_free(make_tiny, tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    "kind,chunk,static", [("llama", 1024, False), ("llama", 7, False), ("gpt2", 1024, True)]
+    "kind,chunk,static,new",
+    [
+        ("llama", 1024, False, 5),
+        ("llama", 1024, False, 1),  # the first prompt is done in the step that computes it
+        ("llama", 7, False, 5),
+        ("gpt2", 1024, True, 5),
+    ],
 )
 def test_a_shared_preamble_is_computed_once_and_every_prompt_gets_its_own_tokens(
-    make_tiny, tmp_path, kind, chunk, static
+    make_tiny, tmp_path, kind, chunk, static, new
 ) -> None:
     """Prompts of one user that begin with the same 20 tokens (a system prompt sent with every
     request): the first computes them, the others copy its K/V and prefill only their own
-    tails, and every one gets the tokens it gets alone. The same preamble under the base
-    model (another adapter) is computed again."""
+    tails, and every one gets the tokens it gets alone, also when the first one ends at its
+    first token. The same preamble under the base model (another adapter) is computed
+    again."""
     vm, store, engine = build(
         make_tiny, kind, tmp_path, max_batch=4, max_prefill_tokens=chunk, static_decode=static
     )
@@ -329,7 +336,7 @@ def test_a_shared_preamble_is_computed_once_and_every_prompt_gets_its_own_tokens
     preamble = list(range(30, 50))
     tails = [[7, 8, 9], [11, 12], [13, 14, 15, 16]]
     prompts = [preamble + t for t in tails]
-    params = SamplingParams(max_new_tokens=5)
+    params = SamplingParams(max_new_tokens=new)
     prefilled = []
 
     def spy(_module, _args, kwargs) -> None:
@@ -342,11 +349,11 @@ def test_a_shared_preamble_is_computed_once_and_every_prompt_gets_its_own_tokens
     finally:
         engine.stop()
         hook.remove()
-    assert [r["token_ids"] for r in out[:3]] == [reference(vm, adapter, p, 5) for p in prompts]
-    assert out[3]["token_ids"] == reference(vm, None, prompts[0], 5)
+    assert [r["token_ids"] for r in out[:3]] == [reference(vm, adapter, p, new) for p in prompts]
+    assert out[3]["token_ids"] == reference(vm, None, prompts[0], new)
     assert (engine.scheduler.forked, engine.scheduler.shared_tokens) == (2, 40)
-    # two whole prompts (ana's first, the base one), two tails, <= 6 steps of <= 4 decode rows
-    assert sum(prefilled) <= 2 * 23 + 2 + 4 + 4 * 6, prefilled
+    # two whole prompts (ana's first, the base one), two tails, <= new + 1 steps of <= 4 rows
+    assert sum(prefilled) <= 2 * 23 + 2 + 4 + 4 * (new + 1), prefilled
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import pytest
 from server.engine.adapter_slots import SlotTicket
 from server.engine.detokenizer import StopChecker
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import RowMove, Scheduler, SchedulerConfig, StepPlan
+from server.engine.scheduler import PromptCopy, RowMove, Scheduler, SchedulerConfig, StepPlan
 from server.engine.sequence import Channel, Sequence, Status
 
 FIRST = itertools.count(1000)
@@ -78,9 +78,12 @@ def test_admits_fifo_up_to_max_batch() -> None:
 
 
 def cached(plan: StepPlan) -> None:
-    """What the model runner does with a plan: the chunks' tokens are now in the cache."""
+    """What the model runner does with a plan: the chunks' tokens are now in the cache, and
+    then the copies' positions."""
     for c in plan.prefill:
         c.seq.num_cached = c.start + c.length
+    for copy in plan.copies:
+        copy.dst.num_cached = copy.length
 
 
 def test_long_prompt_is_prefilled_in_chunks_while_others_decode() -> None:
@@ -219,6 +222,8 @@ PREAMBLE = list(range(500, 520))  # 20 tokens a client sends before every questi
 
 
 def test_a_shared_preamble_is_copied_from_the_live_prompt_not_prefilled_again() -> None:
+    """Both arrive together: the first computes the preamble, the second takes a row in the
+    same step and a copy of it after the forward, then prefills only its own tail."""
     s = Scheduler(SchedulerConfig(max_batch=8, max_prefill_tokens=100, share_prefix_tokens=16))
     a = seq("a", prompt=[*PREAMBLE, 1, 2, 3])
     b = seq("b", prompt=[*PREAMBLE, 7, 8])
@@ -231,30 +236,60 @@ def test_a_shared_preamble_is_copied_from_the_live_prompt_not_prefilled_again() 
     s.add(a)
     s.add(b)
     assert (b.parent, b.shared) == (a, 20)
-    plan = s.schedule()  # b waits while a's prompt is being prefilled
-    assert seqs_of(plan) == [a] and list(s.waiting) == [b]
+    plan = s.schedule()
+    assert seqs_of(plan) == [a] and plan.copies == [PromptCopy(a, b, 20)]
+    assert b.status is Status.RUNNING and b.num_cached == 0 and not s.waiting
     cached(plan)
     plan = s.schedule()
-    assert plan.moves == [RowMove(a.kv_row, b.kv_row, 20)]
+    assert plan.moves == [] and plan.copies == []
     assert [(c.seq, c.start, c.length, c.final) for c in plan.prefill] == [(b, 20, 2, True)]
     assert plan.decode == [a] and (s.forked, s.shared_tokens) == (1, 20)
     assert charged == [23, 2]  # each charged the prompt tokens it computes
 
 
-def test_a_parent_caught_mid_prompt_gives_what_it_has_cached_once_it_has_it() -> None:
-    """With chunked prefill the child starts as soon as the parent's chunks cover the shared
-    part, not when the parent's whole prompt is in."""
+def test_a_prompt_cached_already_is_copied_before_the_forward() -> None:
+    s = Scheduler(SchedulerConfig(max_batch=8, share_prefix_tokens=16))
+    a = seq("a", prompt=[*PREAMBLE, 1, 2, 3])
+    s.add(a)
+    cached(s.schedule())
+    b = seq("b", prompt=[*PREAMBLE, 7, 8])
+    s.add(b)
+    plan = s.schedule()
+    assert plan.moves == [RowMove(a.kv_row, b.kv_row, 20)] and plan.copies == []
+    assert [(c.seq, c.start, c.length) for c in plan.prefill] == [(b, 20, 2)]
+
+
+def test_a_parent_ending_at_its_first_token_still_gives_its_prompt() -> None:
+    """max_tokens 1 (a classifier, a scorer): the parent is done in the step that computed the
+    preamble; the copy ran after that forward, before its row was freed."""
+    s = Scheduler(SchedulerConfig(max_batch=8, share_prefix_tokens=16))
+    a = seq("a", prompt=[*PREAMBLE, 1])
+    b, c = seq("b", prompt=[*PREAMBLE, 2]), seq("c", prompt=[*PREAMBLE, 3])
+    for x in (a, b, c):
+        s.add(x)
+    plan = s.schedule()
+    assert plan.copies == [PromptCopy(a, b, 20), PromptCopy(a, c, 20)]
+    cached(plan)
+    s.finish(a)  # c, the last row, takes a's row 0 with its 20 cached positions
+    plan = s.schedule()
+    assert plan.moves == [RowMove(2, 0, 20)]
+    assert [(x.seq, x.start, x.length) for x in plan.prefill] == [(b, 20, 1), (c, 20, 1)]
+
+
+def test_a_parent_caught_mid_prompt_gives_what_it_has_cached() -> None:
+    """With chunked prefill the child starts once the parent's chunks cover the shared part,
+    not when the parent's whole prompt is in."""
     s = Scheduler(SchedulerConfig(max_batch=8, max_prefill_tokens=16, share_prefix_tokens=8))
     a = seq("a", prompt=[*PREAMBLE, *range(6)])
     b = seq("b", prompt=[*PREAMBLE[:10], 99, 98])
     s.add(a)
     s.add(b)
     assert b.shared == 10
-    plan = s.schedule()
+    plan = s.schedule()  # the budget goes to a's first 16
     assert [(c.seq, c.start, c.length) for c in plan.prefill] == [(a, 0, 16)]
     cached(plan)
-    plan = s.schedule()  # a's last 10 tokens, and b from a copy of a's first 10
-    assert plan.moves == [RowMove(a.kv_row, b.kv_row, 10)]
+    plan = s.schedule()  # a's last 10, and b from a copy of a's first 10
+    assert plan.moves == [RowMove(a.kv_row, b.kv_row, 10)] and plan.copies == []
     assert [(c.seq, c.start, c.length) for c in plan.prefill] == [(a, 16, 10), (b, 10, 2)]
 
 

@@ -112,6 +112,16 @@ class SlotKVCache:
             if buf is not None:
                 buf[dst, :, :length].copy_(buf[src, :, :length])
 
+    def copy_rows(self, src: int, dsts: list[int], length: int) -> None:
+        """Copy row ``src`` (first ``length`` positions) into every row of ``dsts`` (a prompt
+        prefix shared by several sequences): one indexed write per buffer."""
+        if len(dsts) == 1:
+            return self.move_row(src, dsts[0], length)
+        for buf in self.keys + self.values:
+            if buf is not None:
+                rows = torch.tensor(dsts, device=buf.device)
+                buf[rows, :, :length] = buf[src, :, :length]  # broadcast over the rows
+
     # -- transformers Cache contract ------------------------------------------------------
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """key/value: [batch, kv_heads, new_tokens, head_dim] -> all keys/values to attend to."""

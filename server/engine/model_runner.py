@@ -134,9 +134,12 @@ class ModelRunner:
         if not running:
             return None
         out = self._run(plan, running)
-        for copy in plan.copies:
-            self.kv.move_row(copy.src.kv_row, copy.dst.kv_row, copy.length)
+        groups: dict[tuple[int, int], list[int]] = {}  # (source row, length) -> rows
+        for copy in plan.copies:  # every source computed its part in this forward
+            groups.setdefault((copy.src.kv_row, copy.length), []).append(copy.dst.kv_row)
             copy.dst.num_cached = copy.length
+        for (src, length), dsts in groups.items():
+            self.kv.copy_rows(src, dsts, length)
         return out
 
     def _run(self, plan: StepPlan, running: list[Sequence]) -> StepOutput | None:

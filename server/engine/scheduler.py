@@ -314,7 +314,10 @@ class Scheduler:
         ``shared`` positions (copied before the forward); "after": the parent's chunk in this
         plan computes them (copied after the forward, so that a parent ending at its first
         token still gives them; ``seq`` prefills from the next step); None: alone, the parent
-        cannot give them any more (its link is dropped); "wait": not yet."""
+        cannot give them any more (its link is dropped); "wait": not yet. A parent that
+        itself takes its prefix from a copy after this forward passes on its source: the
+        sequence copies the part they have in common from there (a burst of prompts linked
+        in chains starts in one step, not one step per link)."""
         parent = seq.parent
         assert parent is not None
         if parent.status is Status.RUNNING and not parent.cancelled.is_set():
@@ -322,6 +325,10 @@ class Scheduler:
                 return "cached"
             if any(c.seq is parent and c.start + c.length >= seq.shared for c in plan.prefill):
                 return "after"
+            for copy in plan.copies:  # the parent copies its own prefix after this forward:
+                if copy.dst is parent:  # take the common part from the same source
+                    seq.parent, seq.shared = copy.src, min(seq.shared, copy.length)
+                    return "after"
             return "wait"
         if parent.status is Status.FINISHED or parent.cancelled.is_set():
             seq.parent, seq.shared = None, 0

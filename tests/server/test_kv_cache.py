@@ -35,3 +35,23 @@ def test_growth_keeps_rows_and_zero_fills_the_rest() -> None:
         assert not kv.keys[layer][:, :, 5:].any() and not kv.keys[layer][3:].any()
     kv.release_all()
     assert kv.nbytes() == 0
+
+
+def test_copy_rows_gives_several_rows_one_prefix_and_leaves_the_rest() -> None:
+    forwards = ForwardSlot()
+    kv = SlotKVCache(num_layers=2, max_rows=8, max_len=64, forwards=forwards)
+    kv.reserve(6, 16)
+    key = torch.randn(6, 2, 9, 4)
+    prompts = PrefillForward(kv_rows=list(range(6)), lens=[9] * 6, starts=[0] * 6, kv_len=9)
+    with forwards.use(prompts):
+        for layer in range(2):
+            kv.update(key, 2 * key, layer)
+    before = [k.clone() for k in kv.keys + kv.values]
+    kv.copy_rows(1, [3, 4], 5)  # rows 3 and 4 take row 1's first 5 positions
+    kv.copy_rows(0, [5], 2)  # one row: a plain move
+    for i, buf in enumerate(kv.keys + kv.values):
+        want = before[i].clone()
+        want[3, :, :5] = before[i][1, :, :5]
+        want[4, :, :5] = before[i][1, :, :5]
+        want[5, :, :2] = before[i][0, :, :2]
+        assert torch.equal(buf, want)

@@ -276,6 +276,24 @@ def test_a_parent_ending_at_its_first_token_still_gives_its_prompt() -> None:
     assert [(x.seq, x.start, x.length) for x in plan.prefill] == [(b, 20, 1), (c, 20, 1)]
 
 
+def test_a_chain_of_prompts_starts_in_one_step_from_the_first() -> None:
+    """c shares most with b, which shares its prefix with a: while b takes its copy from a
+    after the forward, c takes the part the three have in common from a too, in the same
+    step, and computes the rest itself (rather than waiting a step for b)."""
+    s = Scheduler(SchedulerConfig(max_batch=8, share_prefix_tokens=16))
+    a = seq("a", prompt=[*PREAMBLE, 1, 1, 1])
+    b = seq("b", prompt=[*PREAMBLE, 2, 5, 5])
+    c = seq("c", prompt=[*PREAMBLE, 2, 5, 6])
+    for x in (a, b, c):
+        s.add(x)
+    assert (b.parent, c.parent, c.shared) == (a, b, 22)
+    plan = s.schedule()
+    assert plan.copies == [PromptCopy(a, b, 20), PromptCopy(a, c, 20)]
+    cached(plan)
+    plan = s.schedule()
+    assert [(x.seq, x.start, x.length) for x in plan.prefill] == [(b, 20, 3), (c, 20, 3)]
+
+
 def test_a_parent_caught_mid_prompt_gives_what_it_has_cached() -> None:
     """With chunked prefill the child starts once the parent's chunks cover the shared part,
     not when the parent's whole prompt is in."""

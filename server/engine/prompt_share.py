@@ -4,8 +4,8 @@ The K/V of a prompt's position depend only on the tokens up to it and on the ada
 computed them. So a prompt that begins with the same tokens as a live sequence's prompt (the
 ``n`` choices of one request, a system prompt or few-shot preamble that a client sends with
 every request, the history of a conversation) needs those positions computed once: the
-scheduler copies them from the live sequence's KV row (a ``RowMove``) and prefills only the
-rest (``scheduler``).
+scheduler copies them from the live sequence's KV row and prefills only the rest
+(``scheduler``).
 
 Sharing is only ever within one client (its tenant) and one adapter version (the user's): a
 copy never crosses tenants, so the time a prompt takes tells nobody what another tenant sends.

@@ -29,12 +29,14 @@ requests end; preempted work is recomputed, and is not charged again.
 Shared prompts: a sequence whose prompt begins with at least ``share_prefix_tokens`` tokens of
 a live sequence's prompt, of the same client and adapter (its ``parent``, found by
 ``prompt_share.PromptIndex`` when it is added: the ``n`` choices of one request, a system
-prompt or preamble a client sends with every request), waits while the parent's prompt is
-being prefilled up to there, then takes a row whose first ``shared`` positions are a
-``RowMove`` copy of the parent's, and prefills only the rest (at least its last prompt token,
-whose logits give its own first token). So ``n`` choices cost one prompt, a shared preamble
-is computed once, and each sequence still samples on its own. If the parent cannot give its
-positions any more (it ended, or was cancelled), the sequence prefills alone.
+prompt or preamble a client sends with every request), takes a row whose first ``shared``
+positions are a copy of the parent's, and prefills only the rest (at least its last prompt
+token, whose logits give its own first token). The copy is a ``RowMove`` before the forward
+when the parent holds them cached, or a ``PromptCopy`` after the forward of the step in which
+the parent's chunk computes them (so a burst starts in one step, and a parent that ends at its
+first token still gives them); otherwise the sequence waits. So ``n`` choices cost one prompt,
+a shared preamble is computed once, and each sequence still samples on its own. If the parent
+cannot give its positions any more (it ended, or was cancelled), the sequence prefills alone.
 """
 
 from __future__ import annotations

@@ -27,9 +27,11 @@ from server.engine.scheduler import Chunk
 from server.engine.sequence import Channel, Sequence
 
 
-def prefilled(vm, tokenizer, n: int, generated: int, compile: bool) -> tuple[ModelRunner, list]:
+def prefilled(
+    vm, tokenizer, n: int, generated: int, compile: bool, packed: bool = False
+) -> tuple[ModelRunner, list]:
     """A runner whose KV cache holds n chat prompts plus ``generated`` positions per row."""
-    runner = ModelRunner(vm, n, 512, compile="startup" if compile else "off")
+    runner = ModelRunner(vm, n, 512, compile="startup" if compile else "off", packed_linears=packed)
     enc = chat_batch(tokenizer, n)
     seqs = []
     for i in range(n):
@@ -66,6 +68,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--no-compiled", action="store_true", help="eager rows only")
+    p.add_argument(
+        "--packed",
+        action="store_true",
+        help="eager rows only, on the server's prepacked weights (CPU, fp32); a compiled "
+        "runner in the same process would unpack them, so compare across runs",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,8 +84,11 @@ def main() -> None:
     variants: dict[str, Callable[[], torch.Tensor]] = {}
     compile_s: dict[str, float] = {}
     outputs: dict[str, torch.Tensor] = {}
-    for compiled in (False,) if args.no_compiled else (False, True):
-        runner, seqs = prefilled(vm, tokenizer, args.batch, args.generated, compiled)
+    eager_only = args.no_compiled or args.packed
+    for compiled in (False,) if eager_only else (False, True):
+        runner, seqs = prefilled(
+            vm, tokenizer, args.batch, args.generated, compiled, packed=args.packed
+        )
         for mixed in (False, True):
             name = f"{'compiled' if compiled else 'eager'} {'mixed' if mixed else 'base'}"
             variants[name] = decode_step(runner, seqs, mixed)

@@ -3,8 +3,10 @@ request, exactly the greedy tokens of transformers' ``generate`` on the merged m
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -92,6 +94,21 @@ def build(
         static_decode=static_decode,
     )
     return vm, store, Engine(vm, IdTokenizer(), pool, cfg)
+
+
+@contextlib.contextmanager
+def forward_tokens(vm) -> Iterator[list[int]]:
+    """The tokens of every model forward inside the block (prompt chunks and decode rows)."""
+    seen: list[int] = []
+
+    def spy(_module, _args, kwargs) -> None:
+        seen.append(int(kwargs["input_ids"].numel()))
+
+    hook = vm.model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        hook.remove()
 
 
 _COMPILE = pytest.mark.skipif(
@@ -337,18 +354,14 @@ def test_a_shared_preamble_is_computed_once_and_every_prompt_gets_its_own_tokens
     tails = [[7, 8, 9], [11, 12], [13, 14, 15, 16], [11, 12, 17]]  # the last: 22 with the 2nd
     prompts = [preamble + t for t in tails]
     params = SamplingParams(max_new_tokens=new)
-    prefilled = []
-
-    def spy(_module, _args, kwargs) -> None:
-        prefilled.append(int(kwargs["input_ids"].numel()))
-
-    hook = vm.model.register_forward_pre_hook(spy, with_kwargs=True)
     engine.start()
     try:
-        out = engine.generate([("ana", p, params) for p in prompts] + [(None, prompts[0], params)])
+        with forward_tokens(vm) as prefilled:
+            out = engine.generate(
+                [("ana", p, params) for p in prompts] + [(None, prompts[0], params)]
+            )
     finally:
         engine.stop()
-        hook.remove()
     assert [r["token_ids"] for r in out[:4]] == [reference(vm, adapter, p, new) for p in prompts]
     assert out[4]["token_ids"] == reference(vm, None, prompts[0], new)
     assert engine.scheduler.forked == 3 and 60 <= engine.scheduler.shared_tokens <= 62
@@ -374,20 +387,14 @@ def test_choices_share_one_prefilled_prompt_and_sample_alone(
     greedy = SamplingParams(max_new_tokens=6)
     seeded = [SamplingParams(max_new_tokens=6, temperature=1.0, seed=s) for s in (1, 2)]
     chosen = [greedy, greedy, *seeded]  # two greedy choices, two seeded ones
-    prefilled = []
-
-    def spy(_module, _args, kwargs) -> None:
-        prefilled.append(int(kwargs["input_ids"].numel()))
-
-    hook = vm.model.register_forward_pre_hook(spy, with_kwargs=True)
     engine.start()
     try:
-        together = engine.generate([("ana", prompt, p) for p in chosen])
+        with forward_tokens(vm) as prefilled:
+            together = engine.generate([("ana", prompt, p) for p in chosen])
         tokens_together = sum(prefilled)
         alone = [engine.generate([("ana", prompt, p)])[0] for p in seeded]
     finally:
         engine.stop()
-        hook.remove()
     assert engine.scheduler.forked == 3
     want = reference(vm, adapter, prompt, 6)
     assert [r["token_ids"] for r in together[:2]] == [want, want]

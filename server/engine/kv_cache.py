@@ -117,10 +117,12 @@ class SlotKVCache:
         prefix shared by several sequences): one indexed write per buffer."""
         if len(dsts) == 1:
             return self.move_row(src, dsts[0], length)
-        for buf in self.keys + self.values:
-            if buf is not None:
-                rows = torch.tensor(dsts, device=buf.device)
-                buf[rows, :, :length] = buf[src, :, :length]  # broadcast over the rows
+        buffers = [buf for buf in self.keys + self.values if buf is not None]
+        if not buffers:
+            return
+        rows = torch.tensor(dsts, device=buffers[0].device)  # one index for every buffer
+        for buf in buffers:
+            buf[rows, :, :length] = buf[src, :, :length]  # broadcast over the rows
 
     # -- transformers Cache contract ------------------------------------------------------
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):

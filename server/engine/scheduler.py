@@ -282,8 +282,7 @@ class Scheduler:
             self.waiting.pop(client)
             forked = seq.parent is not None
             if seq.preemptions == 0:  # a recompute is not charged again; a fork, what it computes
-                shared = seq.shared if forked else 0
-                self.waiting.charge(client, prompt_tokens=len(seq.prompt_ids) - shared)
+                self.waiting.charge(client, prompt_tokens=len(seq.prompt_ids) - seq.shared)
             self._take_row(seq)
             if forked:
                 self._fork(seq, plan, after=fork == "after")

@@ -103,6 +103,14 @@ class ServerConfig:
             "(0: only identical prompts)"
         },
     )
+    prefix_cache_mb: int = field(
+        default=512,
+        metadata={
+            "help": "memory (MiB) for the K/V of finished requests, kept for prompts that "
+            "begin with them (a conversation's next turn; same tenant, same adapter) and "
+            "restored instead of computed (0: none kept; none either with --share-prefix-tokens 0)"
+        },
+    )
     max_seq_len: int = field(default=2048, metadata={"help": "max prompt + generated tokens"})
     device_slots: int = field(default=256, metadata={"help": "adapters resident on the device"})
     host_slots: int = field(default=4096, metadata={"help": "adapters cached in host memory"})
@@ -188,6 +196,8 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.prefix_cache_mb < 0:
+            raise ValueError("--prefix-cache-mb must be >= 0")
         if self.share_prefix_tokens < 0:
             raise ValueError("--share-prefix-tokens must be >= 0 (0: identical prompts only)")
         if not 0 < self.train_share <= 1:

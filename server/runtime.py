@@ -43,6 +43,7 @@ def engine_config_for(config: ServerConfig, device: torch.device) -> EngineConfi
             max_waiting=config.max_waiting,
             max_waiting_per_client=config.max_waiting_per_user,
             share_prefix_tokens=config.share_prefix_tokens,
+            prefix_cache_bytes=config.prefix_cache_mb << 20,
             fairness=FairnessConfig(
                 policy=config.scheduling,
                 input_weight=config.fair_input_weight,

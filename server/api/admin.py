@@ -63,6 +63,7 @@ def collect_stats(rt: Runtime) -> dict[str, Any]:
             "preemptions": engine.stats.preemptions,
             "shared_prompts": engine.scheduler.forked,
             "shared_prompt_tokens": engine.scheduler.shared_tokens,
+            "prefix_cache": engine.scheduler.prefixes.stats(),
             "rate_limited_requests": rt.tenants.limiter.refused,
         },
         "fine_tuning": {

@@ -49,8 +49,18 @@ class _RuntimeCollector:
         )
         yield CounterMetricFamily(
             "vera_shared_prompt_tokens",
-            "prompt positions copied from a live request's K/V instead of computed",
+            "prompt positions copied from a live request's or the prefix cache's K/V instead "
+            "of computed",
             value=eng.scheduler.shared_tokens,
+        )
+        cache = eng.scheduler.prefixes.stats()
+        yield GaugeMetricFamily(
+            "vera_prefix_cache_bytes", "K/V of finished requests kept", value=cache["bytes"]
+        )
+        yield CounterMetricFamily(
+            "vera_prefix_cache_hit_tokens",
+            "prompt positions restored from the prefix cache",
+            value=cache["hit_tokens"],
         )
         yield CounterMetricFamily(
             "vera_rate_limited_requests",

@@ -124,6 +124,26 @@ class SlotKVCache:
         for buf in buffers:
             buf[rows, :, :length] = buf[src, :, :length]  # broadcast over the rows
 
+    def read_row(self, row: int, length: int) -> torch.Tensor | None:
+        """A copy of row ``row``'s first ``length`` positions: every layer's keys, then every
+        layer's values, [2 * layers, kv_heads, length, head_dim]; None if nothing is held."""
+        buffers = [buf for buf in self.keys + self.values if buf is not None]
+        if len(buffers) < 2 * self.num_layers:
+            return None
+        return torch.stack([buf[row, :, :length] for buf in buffers])
+
+    def write_row(self, row: int, kv: torch.Tensor, length: int) -> None:
+        """Write ``kv`` (what ``read_row`` gave, at least ``length`` positions) into row
+        ``row``'s first ``length`` positions; allocates the buffers if none are yet."""
+        if self.keys[0] is None:
+            shape = (self._rows_cap, kv.shape[1], self._len_cap, kv.shape[3])
+            for bufs in (self.keys, self.values):
+                for i in range(self.num_layers):
+                    bufs[i] = _zeros(shape, kv.dtype, kv.device)
+        for buf, part in zip(self.keys + self.values, kv):
+            assert buf is not None
+            buf[row, :, :length].copy_(part[:, :length])
+
     # -- transformers Cache contract ------------------------------------------------------
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """key/value: [batch, kv_heads, new_tokens, head_dim] -> all keys/values to attend to."""

@@ -508,6 +508,8 @@ class Engine:
                 self._outbox.push(seq.channel, Event(text=tail))
         prompt_logprobs = seq.take_prompt_logprobs() if reason != "error" else None
         if seq.status is Status.RUNNING:
+            if reason in ("stop", "length"):  # its K/V are whole: the next turn may begin so
+                self.scheduler.retain(seq, self.runner.kv)
             self.scheduler.finish(seq)  # unpins its adapter slot, frees its KV row
         seq.status = Status.FINISHED
         seq.finished_at = time.perf_counter()

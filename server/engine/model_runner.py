@@ -129,8 +129,9 @@ class ModelRunner:
         """Prefill ``plan.prefill``, decode the live rows of ``plan.decode``: the sequences
         that produced logits, those logits [len(seqs), vocab] in float32, and the logits of
         the prompt positions that scoring rows asked for; None if no sequence ran.
-        The plan's row moves (compaction, prompts shared from cached rows) come first, its
-        prompt copies (from rows this step computed) last."""
+        The plan's row moves (compaction, prompts shared from cached rows) come first, then
+        its restores (prompt prefixes kept from finished requests), its prompt copies (from
+        rows this step computed) last."""
         if not running:
             return None
         out = self._run(plan, running)
@@ -151,6 +152,8 @@ class ModelRunner:
         for move in plan.moves:
             if move.length:  # a row admitted in this plan holds nothing to copy yet
                 self.kv.move_row(move.src, move.dst, move.length)
+        for restore in plan.restores:  # prompt prefixes from the prefix cache
+            self.kv.write_row(restore.dst.kv_row, restore.entry.kv, restore.length)
         live = [s for s in plan.decode if not s.cancelled.is_set()]
         if plan.prefill and live and self.mixed_steps:
             return self.mixed(plan.prefill, live)

@@ -11,25 +11,29 @@ Sharing is only ever within one client (its tenant) and one adapter version (the
 copy never crosses tenants, so the time a prompt takes tells nobody what another tenant sends.
 
 Lookup is by the first ``min_tokens`` tokens (a dict), then the longest common prefix among the
-few most recent live prompts under that key. A prompt shorter than that is shared only with an
-identical one.
+few most recent live prompts under that key, and the finished requests' K/V kept under it
+(``prefix_cache.PrefixCache``: the turns of a conversation). A prompt shorter than that is
+shared only with an identical live one.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
+from server.engine.prefix_cache import CachedPrefix, PrefixCache
 from server.engine.sequence import Sequence, Status
 
 CANDIDATES = 8  # live prompts kept per key: the most recent ones
 
 
 class PromptIndex:
-    def __init__(self, min_tokens: int) -> None:
-        """``min_tokens``: the shortest shared prefix worth a copy (0: identical prompts only)."""
+    def __init__(self, min_tokens: int, cache: PrefixCache | None = None) -> None:
+        """``min_tokens``: the shortest shared prefix worth a copy (0: identical prompts only).
+        ``cache``: finished requests' K/V, searched with the live prompts."""
         if min_tokens < 0:
             raise ValueError("min_tokens must be >= 0")
         self.min_tokens = min_tokens
+        self.cache = cache
         self._live: dict[tuple, deque[Sequence]] = {}
         self._entries = 0
 
@@ -41,31 +45,53 @@ class PromptIndex:
         A sequence that scores its prompt computes it all (it scores its own)."""
         if self._entries > 2 * live + 64:
             self._sweep()
-        prompt = seq.prompt_ids
-        key = self._key(seq)
-        if seq.params.prompt_logprobs is None and len(prompt) >= 2:
-            best, best_len = None, 0
-            for other in self._live.get(key, ()):
-                if not _alive(other):
-                    continue
-                n = _common_prefix(prompt, other.prompt_ids)
-                if n > best_len:
-                    best, best_len = other, n
-            shared = min(best_len, len(prompt) - 1)
-            if best is not None and (best_len == len(prompt) or shared >= self.min_tokens > 0):
-                seq.parent, seq.shared = best, shared
+        key = self.key(seq)
+        self._find(seq, key)
         bucket = self._live.setdefault(key, deque(maxlen=CANDIDATES))
         if len(bucket) == CANDIDATES:
             self._entries -= 1
         bucket.append(seq)
         self._entries += 1
 
+    def relink(self, seq: Sequence) -> None:
+        """``seq``'s parent ended before giving its positions: look again (its K/V may be in
+        the cache now, or a running prompt may give them; not one queued after it, which
+        would wait for it)."""
+        seq.parent, seq.shared = None, 0
+        self._find(seq, self.key(seq), running_only=True)
+
     def __len__(self) -> int:
         return self._entries
 
-    def _key(self, seq: Sequence) -> tuple:
+    def key(self, seq: Sequence) -> tuple:
+        """Where ``seq``'s prompt is looked up: (client, user, adapter version, first tokens)."""
         head = seq.prompt_ids[: self.min_tokens] if self.min_tokens else seq.prompt_ids
         return (seq.client, seq.user_id, seq.adapter_version, tuple(head))
+
+    def _find(self, seq: Sequence, key: tuple, running_only: bool = False) -> None:
+        """Set ``seq.parent`` and ``seq.shared`` to the source with the longest common prefix:
+        a live prompt (an identical one even below ``min_tokens``) or a cached context."""
+        prompt = seq.prompt_ids
+        if seq.params.prompt_logprobs is not None or len(prompt) < 2:
+            return
+        best: Sequence | CachedPrefix | None = None
+        best_len = 0
+        for other in self._live.get(key, ()):
+            if other is seq or not _alive(other):
+                continue
+            if not running_only or other.status is Status.RUNNING:
+                n = _common_prefix(prompt, other.prompt_ids)
+                if n > best_len:
+                    best, best_len = other, n
+        identical = best_len == len(prompt)
+        if self.cache is not None and self.min_tokens:
+            for entry in self.cache.candidates(key):
+                n = _common_prefix(prompt, entry.token_ids)
+                if n > best_len and min(n, len(prompt) - 1) > min(best_len, len(prompt) - 1):
+                    best, best_len = entry, n
+        shared = min(best_len, len(prompt) - 1)
+        if best is not None and (identical or shared >= self.min_tokens > 0):
+            seq.parent, seq.shared = best, shared
 
     def _sweep(self) -> None:
         """Drop every ended sequence (and keys left empty)."""

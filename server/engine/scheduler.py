@@ -36,7 +36,12 @@ when the parent holds them cached, or a ``PromptCopy`` after the forward of the 
 the parent's chunk computes them (so a burst starts in one step, and a parent that ends at its
 first token still gives them); otherwise the sequence waits. So ``n`` choices cost one prompt,
 a shared preamble is computed once, and each sequence still samples on its own. If the parent
-cannot give its positions any more (it ended, or was cancelled), the sequence prefills alone.
+cannot give its positions any more (it ended, or was cancelled), the sequence looks again.
+
+Finished contexts: when a sequence ends, the engine asks ``retain`` to keep what its row holds
+(prompt and output) in the ``PrefixCache`` (at most ``prefix_cache_bytes``); a later prompt of
+the same client and adapter that begins with it (the next turn of a conversation) takes those
+positions with a ``Restore`` before the forward, and prefills only the new tokens.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from typing import Protocol
 
 from server.engine.adapter_slots import SlotTicket
 from server.engine.fair_queue import FairnessConfig, FairQueue
+from server.engine.prefix_cache import CachedPrefix, PrefixCache, RowReader
 from server.engine.prompt_share import PromptIndex
 from server.engine.sequence import Sequence, Status
 
@@ -63,14 +69,17 @@ class SchedulerConfig:
     # a prompt sharing at least this many leading tokens with a live one of the same client
     # and adapter starts from a copy of them (0: only a prompt identical to a live one)
     share_prefix_tokens: int = 16
+    # K/V of finished requests kept for prompts that begin with them (a conversation's next
+    # turn), per engine; 0: none kept
+    prefix_cache_bytes: int = 512 << 20
     fairness: FairnessConfig = FairnessConfig()
 
     def __post_init__(self) -> None:
         limits = (self.max_batch, self.max_prefill_tokens, self.max_waiting)
         if min(limits) < 1 or self.max_waiting_per_client < 1 or self.idle_budget < 1:
             raise ValueError("scheduler limits must be >= 1")
-        if self.share_prefix_tokens < 0:
-            raise ValueError("share_prefix_tokens must be >= 0")
+        if self.share_prefix_tokens < 0 or self.prefix_cache_bytes < 0:
+            raise ValueError("share_prefix_tokens and prefix_cache_bytes must be >= 0")
 
     @property
     def idle_budget(self) -> int:
@@ -131,9 +140,20 @@ class PromptCopy:
     length: int
 
 
+@dataclass(frozen=True)
+class Restore:
+    """Before the forward (after the moves), write ``entry``'s first ``length`` positions into
+    ``dst``'s KV row (read when the restore runs)."""
+
+    entry: CachedPrefix
+    dst: Sequence
+    length: int
+
+
 @dataclass
 class StepPlan:
     moves: list[RowMove] = field(default_factory=list)  # before any forward, in this order
+    restores: list[Restore] = field(default_factory=list)  # after the moves
     copies: list[PromptCopy] = field(default_factory=list)  # after the forward
     prefill: list[Chunk] = field(default_factory=list)  # prompt chunks, oldest prompt first
     decode: list[Sequence] = field(default_factory=list)  # prompt cached: one token each
@@ -170,7 +190,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.prefilling: deque[Sequence] = deque()  # running, prompt not fully cached yet
         self._moves: list[RowMove] = []
-        self.prompts = PromptIndex(config.share_prefix_tokens)
+        self.prefixes = PrefixCache(config.prefix_cache_bytes, config.share_prefix_tokens)
+        self.prompts = PromptIndex(config.share_prefix_tokens, self.prefixes)
         self.forked = 0  # sequences started from a copy of a parent's prompt
         self.shared_tokens = 0  # prompt positions copied instead of computed
 
@@ -216,6 +237,16 @@ class Scheduler:
                 self.waiting.charge(chunk.seq.client, output_tokens=1)
         plan.moves, self._moves = self._moves, []
         return plan
+
+    def retain(self, seq: Sequence, kv: RowReader) -> None:
+        """Keep the K/V of ``seq`` (running, at its normal end; before ``finish``) for prompts
+        that begin with its context. Its data may still sit in another row: rows are given
+        to others at once, the copies run with the next plan."""
+        row = seq.kv_row
+        for move in reversed(self._moves):  # where its data is until the moves run
+            if move.dst == row:
+                row = move.src
+        self.prefixes.retain(seq, self.prompts.key(seq), kv, row)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a running sequence and unpin its adapter slot; the last running sequence
@@ -312,16 +343,21 @@ class Scheduler:
 
     def _fork_source(self, seq: Sequence, plan: StepPlan) -> str | None:
         """How ``seq`` (which has a parent) may start now. "cached": the parent holds the
-        ``shared`` positions (copied before the forward); "after": the parent's chunk in this
-        plan computes them (copied after the forward, so that a parent ending at its first
-        token still gives them; ``seq`` prefills from the next step); None: alone, the parent
-        cannot give them any more (its link is dropped); "wait": not yet. A parent that
-        itself takes its prefix from a copy after this forward passes on its source: the
-        sequence copies the part they have in common from there (a burst of prompts linked
-        in chains starts in one step, not one step per link)."""
+        ``shared`` positions (copied before the forward), or they are in the prefix cache
+        (restored before it); "after": the parent's chunk in this plan computes them (copied
+        after the forward, so that a parent ending at its first token still gives them;
+        ``seq`` prefills from the next step); None: alone (no source left); "wait": not yet.
+        A parent that itself takes its prefix from a copy after this forward passes on its
+        source: the sequence copies the part they have in common from there (a burst of
+        prompts linked in chains starts in one step, not one step per link). A parent that
+        cannot give its positions any more (ended, cancelled, evicted) is looked for again:
+        an ended one's context is usually in the cache now."""
         parent = seq.parent
         assert parent is not None
-        if parent.status is Status.RUNNING and not parent.cancelled.is_set():
+        if isinstance(parent, CachedPrefix):
+            if parent.alive:
+                return "cached"
+        elif parent.status is Status.RUNNING and not parent.cancelled.is_set():
             if parent.num_cached >= seq.shared:
                 return "cached"
             if any(c.seq is parent and c.start + c.length >= seq.shared for c in plan.prefill):
@@ -331,17 +367,22 @@ class Scheduler:
                     seq.parent, seq.shared = copy.src, min(seq.shared, copy.length)
                     return "after"
             return "wait"
-        if parent.status is Status.FINISHED or parent.cancelled.is_set():
-            seq.parent, seq.shared = None, 0
-            return None
-        return "wait"  # waiting (or preempted): it is prefilled again first
+        elif parent.status is not Status.FINISHED and not parent.cancelled.is_set():
+            return "wait"  # waiting (or preempted): it is prefilled again first
+        self.prompts.relink(seq)  # only running prompts and cached contexts: no loop
+        return None if seq.parent is None else self._fork_source(seq, plan)
 
     def _fork(self, seq: Sequence, plan: StepPlan, after: bool) -> None:
         """``seq`` (just given its row) takes its parent's first ``shared`` positions: a move
-        before the forward, or ``after`` it (the parent computes them in this step)."""
+        before the forward, a restore from the prefix cache, or ``after`` the forward (the
+        parent computes them in this step)."""
         parent, seq.parent = seq.parent, None
         assert parent is not None
-        if after:  # cached once the copy ran (the model runner counts them then)
+        if isinstance(parent, CachedPrefix):
+            seq.num_cached = seq.shared
+            plan.restores.append(Restore(parent, seq, seq.shared))
+            self.prefixes.restored(parent, seq.shared)
+        elif after:  # cached once the copy ran (the model runner counts them then)
             plan.copies.append(PromptCopy(parent, seq, seq.shared))
         else:
             seq.num_cached = seq.shared

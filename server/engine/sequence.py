@@ -9,7 +9,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +17,9 @@ from server.engine.adapter_slots import SlotTicket
 from server.engine.detokenizer import StopChecker
 from server.engine.sampler import TokenLogprobs
 from server.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from server.engine.prefix_cache import CachedPrefix
 
 
 class Status(enum.Enum):
@@ -120,10 +123,10 @@ class Sequence:
     adapter_version: int | None = None
     kv_row: int = -1
     num_cached: int = 0  # tokens whose K/V are in the cache
-    # a live sequence of the same client and adapter whose prompt begins as this one's does
-    # (``prompt_share``): this one starts from a copy of its first ``shared`` cached positions
-    # (``scheduler``) and prefills only the rest
-    parent: Sequence | None = None
+    # a live sequence of the same client and adapter whose prompt begins as this one's does,
+    # or a finished one's cached K/V (``prompt_share``): this one starts from a copy of its
+    # first ``shared`` positions (``scheduler``) and prefills only the rest
+    parent: Sequence | CachedPrefix | None = None
     shared: int = 0
     preemptions: int = 0  # times its row was taken back for a client below its share
     engine_seconds: float = 0.0  # its share of the engine steps it took part in

@@ -370,6 +370,47 @@ def test_a_shared_preamble_is_computed_once_and_every_prompt_gets_its_own_tokens
 
 
 @pytest.mark.parametrize(
+    "kind,chunk,static", [("llama", 1024, False), ("llama", 5, False), ("gpt2", 1024, True)]
+)
+def test_a_conversation_prefills_only_each_turns_new_tokens(
+    make_tiny, tmp_path, kind, chunk, static
+) -> None:
+    """Three turns of one user's conversation, each sent alone after the previous one ended:
+    turn k's prompt is turn k-1's prompt, its answer and a new message. Each turn restores the
+    K/V the previous one left in the prefix cache, prefills only what is new, and gets the
+    tokens ``generate`` gives the whole prompt; the cache ends holding the last turn only."""
+    vm, store, engine = build(
+        make_tiny, kind, tmp_path, max_batch=2, max_prefill_tokens=chunk, static_decode=static
+    )
+    adapter = random_adapter(vm, 7)
+    store.put("ana", adapter)
+    new = 4
+    prompt = list(range(30, 50))
+    messages = [[7, 8, 9], [11, 12, 13, 14]]
+    engine.start()
+    try:
+        answers, prefilled = [], []
+        for turn in range(3):
+            with forward_tokens(vm) as seen:
+                (out,) = engine.generate([("ana", prompt, SamplingParams(max_new_tokens=new))])
+            answers.append((prompt, out["token_ids"]))
+            prefilled.append(sum(seen) - (new - 1))  # the decode steps take one token each
+            if turn < 2:
+                prompt = prompt + out["token_ids"] + messages[turn]
+            # between turns another request takes the row (a static cache keeps its buffers)
+            engine.generate([(None, list(range(60, 95)), SamplingParams(max_new_tokens=1))])
+    finally:
+        engine.stop()
+    assert [a for _, a in answers] == [reference(vm, adapter, p, new) for p, _ in answers]
+    # turn 1 whole; then each turn's own message and the last answer token (never cached)
+    assert prefilled == [20, 1 + 3, 1 + 4]
+    cache = engine.scheduler.prefixes.stats()
+    # ana's turns 2 and 3; the base model's prompt, sent again, all but its last token
+    assert cache["hits"] == 4 and cache["hit_tokens"] == (20 + 3) + (27 + 3) + 2 * 34
+    assert cache["entries"] == 2 and cache["retained"] == 4  # ana's last turn, the base prompt
+
+
+@pytest.mark.parametrize(
     "kind,chunk,static", [("llama", 1024, False), ("llama", 4, False), ("gpt2", 1024, True)]
 )
 def test_choices_share_one_prefilled_prompt_and_sample_alone(

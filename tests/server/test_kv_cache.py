@@ -55,3 +55,27 @@ def test_copy_rows_gives_several_rows_one_prefix_and_leaves_the_rest() -> None:
         want[4, :, :5] = before[i][1, :, :5]
         want[5, :, :2] = before[i][0, :, :2]
         assert torch.equal(buf, want)
+
+
+def test_a_row_read_out_is_written_back_into_another_cache_even_an_empty_one() -> None:
+    """``read_row`` copies (a later write to the row leaves it alone); ``write_row`` fills
+    exactly the positions asked, and allocates the buffers of a cache released meanwhile."""
+    forwards = ForwardSlot()
+    kv = SlotKVCache(num_layers=2, max_rows=8, max_len=64, forwards=forwards)
+    kv.reserve(2, 16)
+    key = torch.randn(2, 3, 9, 4)
+    with forwards.use(PrefillForward(kv_rows=[0, 1], lens=[9, 9], starts=[0, 0], kv_len=9)):
+        for layer in range(2):
+            kv.update(key + layer, 2 * key - layer, layer)
+    saved = kv.read_row(1, 7)
+    assert saved is not None and saved.shape == (4, 3, 7, 4)
+    kv.keys[0][1].zero_()  # type: ignore[index]
+    assert torch.equal(saved[0], key[1, :, :7]) and torch.equal(saved[3], 2 * key[1, :, :7] - 1)
+    kv.release_all()
+    assert kv.read_row(0, 7) is None
+    kv.reserve(3, 8)
+    kv.write_row(2, saved, 5)
+    for i, buf in enumerate(kv.keys + kv.values):
+        assert buf is not None and buf.shape == (4, 3, 64, 4)  # capped at max_len
+        assert torch.equal(buf[2, :, :5], saved[i, :, :5])
+        assert not buf[2, :, 5:].any() and not buf[:2].any() and not buf[3:].any()

@@ -136,3 +136,45 @@ def test_prompts_with_one_preamble_share_it_and_answer_as_alone(
     assert texts == want
     assert after[0] - before[0] == sum(copied)
     assert after[1] - before[1] == sum(copied)
+
+
+def test_a_conversations_next_turn_restores_its_history(live: LiveServer, ref_vm, dana) -> None:
+    """Turn 2 of a chat sends turn 1's messages, the reply and a new message: the history's
+    K/V come from the prefix cache (at least turn 1's whole prompt), and the answer is the one
+    the whole prompt gets computed from scratch."""
+    key, adapter = dana
+    oa = client(live, key)
+    msgs = [{"role": "user", "content": "Name a colour you like, and say why."}]
+    first = oa.chat.completions.create(model="dana", messages=msgs, max_tokens=8, temperature=0)
+    msgs += [
+        {"role": "assistant", "content": first.choices[0].message.content or ""},
+        {"role": "user", "content": "And another one?"},
+    ]
+
+    def restored() -> tuple[int, float]:
+        with live.client(live.admin_token) as c:
+            stats = c.get("/admin/stats").json()["engine"]["prefix_cache"]["hit_tokens"]
+            metric = next(
+                float(line.split()[-1])
+                for line in c.get("/metrics").text.splitlines()
+                if line.startswith("vera_prefix_cache_hit_tokens_total")
+            )
+        return stats, metric
+
+    def chat_ids(messages: list[dict]) -> list[int]:
+        return list(
+            ref_vm.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
+
+    before = restored()
+    second = oa.chat.completions.create(model="dana", messages=msgs, max_tokens=8, temperature=0)
+    after = restored()
+    want = merged_greedy(ref_vm, adapter, chat_ids(msgs), 8)
+    assert second.choices[0].message.content == ref_vm.tokenizer.decode(
+        want, skip_special_tokens=True
+    )
+    turn1 = len(chat_ids(msgs[:1]))
+    assert turn1 <= after[0] - before[0] < len(chat_ids(msgs))
+    assert after[1] - before[1] == after[0] - before[0]

@@ -5,11 +5,19 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 
 from server.engine.adapter_slots import SlotTicket
 from server.engine.detokenizer import StopChecker
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import PromptCopy, RowMove, Scheduler, SchedulerConfig, StepPlan
+from server.engine.scheduler import (
+    PromptCopy,
+    Restore,
+    RowMove,
+    Scheduler,
+    SchedulerConfig,
+    StepPlan,
+)
 from server.engine.sequence import Channel, Sequence, Status
 
 FIRST = itertools.count(1000)
@@ -397,3 +405,136 @@ def test_the_index_holds_live_prompts_only() -> None:
         cached(s.schedule())
         s.finish(x)
     assert len(s.prompts) <= 2 * len(s) + 64 + 1
+
+
+class Rows:
+    """A KV cache by hand: row r's position p holds r * 1000 + p (one layer, one head)."""
+
+    def read_row(self, row: int, length: int) -> torch.Tensor:
+        return (row * 1000 + torch.arange(length, dtype=torch.float32)).view(1, 1, length, 1)
+
+
+def ended(s: Scheduler, x: Sequence, output: list[int]) -> None:
+    """``x`` decoded ``output`` (all but the last token cached) and ended normally."""
+    x.output_ids = list(output)
+    x.num_cached = len(x.prompt_ids) + len(output) - 1
+    s.retain(x, Rows())
+    s.finish(x)
+
+
+def test_the_next_turn_restores_the_finished_context_and_prefills_only_its_new_tokens() -> None:
+    """A conversation: turn 2 sends turn 1's prompt, its answer and a new message. The K/V
+    turn 1 left are written into the new row before the forward; only the rest is computed
+    and charged."""
+    s = Scheduler(SchedulerConfig(max_batch=8, share_prefix_tokens=16))
+    t1 = seq("t1", prompt=[*PREAMBLE, 1, 2])
+    s.add(t1)
+    cached(s.schedule())
+    ended(s, t1, [40, 41, 42])  # 22 prompt + 2 output positions cached
+    (entry,) = s.prefixes.candidates(s.prompts.key(t1))
+    assert entry.token_ids == [*PREAMBLE, 1, 2, 40, 41] and entry.kv.shape == (1, 1, 24, 1)
+    assert entry.kv[0, 0, :, 0].tolist() == list(range(24))  # read from t1's row 0
+    charged: list[int] = []
+    charge = s.waiting.charge
+    s.waiting.charge = lambda client, prompt_tokens=0, output_tokens=0: (  # type: ignore[method-assign]
+        charged.append(prompt_tokens) if prompt_tokens else None,
+        charge(client, prompt_tokens, output_tokens),
+    )
+    t2 = seq("t2", prompt=[*PREAMBLE, 1, 2, 40, 41, 42, 7, 8])
+    s.add(t2)
+    assert (t2.parent, t2.shared) == (entry, 24)
+    plan = s.schedule()
+    assert plan.restores == [Restore(entry, t2, 24)] and plan.moves == []
+    assert [(c.seq, c.start, c.length) for c in plan.prefill] == [(t2, 24, 3)]
+    assert charged == [3] and s.prefixes.stats()["hit_tokens"] == 24
+
+
+def test_a_later_turn_supersedes_the_earlier_one_and_memory_is_bounded() -> None:
+    """The cache keeps a conversation once (its latest turn), and over its byte bound drops
+    the least recently used context of the client holding the most."""
+    per_position = 4  # bytes: one float per position in Rows
+    s = Scheduler(SchedulerConfig(share_prefix_tokens=16, prefix_cache_bytes=60 * per_position))
+    t1 = seq("t1", prompt=[*PREAMBLE, 1])
+    s.add(t1)
+    cached(s.schedule())
+    ended(s, t1, [5, 6])
+    t2 = seq("t2", prompt=[*PREAMBLE, 1, 5, 6, 9])
+    s.add(t2)
+    cached(s.schedule())
+    ended(s, t2, [3, 4])
+    assert [e.token_ids for e in s.prefixes.candidates(s.prompts.key(t2))] == [
+        [*PREAMBLE, 1, 5, 6, 9, 3]
+    ]
+    assert s.prefixes.nbytes == 25 * per_position
+    other = [seq(f"bob{i}", client="bob", prompt=[500 + i, *PREAMBLE, i]) for i in range(2)]
+    for x in other:  # 23 positions each: with the second, 71 > 60, bob holding 46, ana 25
+        s.add(x)
+        cached(s.schedule())
+        ended(s, x, [1, 2])
+    assert s.prefixes.candidates(s.prompts.key(t2)), "bob's traffic evicted ana's context"
+    assert not s.prefixes.candidates(s.prompts.key(other[0]))  # bob's least recent went
+    assert s.prefixes.candidates(s.prompts.key(other[1]))
+    assert s.prefixes.nbytes == 48 * per_position and s.prefixes.stats()["evicted"] == 1
+
+
+def test_the_cache_never_crosses_tenants_or_adapter_versions() -> None:
+    s = Scheduler(SchedulerConfig(max_batch=8, share_prefix_tokens=16), Slots(ready={"ana"}))
+    a = seq("a", user="ana", prompt=[*PREAMBLE, 1])
+    a.adapter_version = 1
+    s.add(a)
+    cached(s.schedule())
+    ended(s, a, [2, 3])
+    b = seq("b", user="ana", prompt=[*PREAMBLE, 1, 2, 3])
+    b.adapter_version = 2  # uploaded again since
+    c = seq("c", user="ana", client="mallory", prompt=[*PREAMBLE, 1, 2, 3])
+    c.adapter_version = 1
+    d = seq("d", user="ana", prompt=[*PREAMBLE, 1, 2, 3])
+    d.adapter_version = 1
+    for x in (b, c, d):
+        s.add(x)
+    assert b.parent is None and c.parent is None and d.shared == 22
+
+
+def test_a_child_whose_parent_ended_takes_the_parents_context_from_the_cache() -> None:
+    """The parent ends (max_tokens reached) before the child got a row: the child restores
+    the parent's K/V from the cache instead of computing its preamble."""
+    s = Scheduler(SchedulerConfig(max_batch=1, share_prefix_tokens=16))
+    a, b = seq("a", prompt=[*PREAMBLE, 1]), seq("b", prompt=[*PREAMBLE, 2])
+    s.add(a)
+    s.add(b)
+    assert b.parent is a
+    cached(s.schedule())  # one row: b waits
+    ended(s, a, [9])
+    plan = s.schedule()
+    assert [(r.dst, r.length) for r in plan.restores] == [(b, 20)]
+    assert [(c.seq, c.start, c.length) for c in plan.prefill] == [(b, 20, 1)]
+
+
+def test_an_evicted_context_is_computed_again() -> None:
+    s = Scheduler(SchedulerConfig(max_batch=8, share_prefix_tokens=16))
+    a = seq("a", prompt=[*PREAMBLE, 1])
+    s.add(a)
+    cached(s.schedule())
+    ended(s, a, [2])
+    b = seq("b", prompt=[*PREAMBLE, 1, 2, 3])
+    s.add(b)
+    assert b.shared == 21
+    s.prefixes.clear()
+    plan = s.schedule()
+    assert plan.restores == [] and [(c.start, c.length) for c in plan.prefill] == [(0, 23)]
+
+
+def test_retain_reads_the_row_that_still_holds_the_data() -> None:
+    """Rows are handed over at once and copied with the next plan: a sequence that took a
+    freed row and ends in the same step still has its K/V in its old row."""
+    s = Scheduler(SchedulerConfig(max_batch=8, share_prefix_tokens=16))
+    a, b = seq("a", prompt=[*PREAMBLE, 1]), seq("b", prompt=[*PREAMBLE[::-1], 2])
+    s.add(a)
+    s.add(b)
+    cached(s.schedule())
+    a.output_ids = [3]
+    s.finish(a)  # b takes row 0; its data moves there with the next plan
+    assert b.kv_row == 0
+    ended(s, b, [4, 5])
+    (entry,) = s.prefixes.candidates(s.prompts.key(b))
+    assert entry.kv[0, 0, :, 0].tolist() == [1000.0 + p for p in range(22)]  # row 1's

@@ -18,6 +18,10 @@ For each dtype (``--dtypes``) and batch size (``--batches``), interleaved round-
   server users      ``python -m server`` over HTTP, streaming, every client a different user
                     (defaults apart from --max-batch; ``--server-batches`` sizes only)
 
+Every run starts with an empty prefix cache (server/engine/prefix_cache.py; the server runs with
+``--prefix-cache-mb 0``): the rows' prompts are the same in every run, and ``generate``
+keeps nothing between calls. bench_conversation.py measures the cache.
+
 and a burst's prefill: the seconds from submitting ``batch`` prompts at once to the last of
 their first tokens (engine, chunked as the server's ``--max-prefill-tokens``; shared and not),
 against one padded forward of the same prompts (what ``generate`` does first).
@@ -156,6 +160,7 @@ class Offline:
         of the bench's), so every row computes its whole prompt, as ``generate`` does."""
         self.engine.eos_ids = self.eos_ids if eos else set()  # read by the next steps
         self.share(share)
+        self.engine.scheduler.prefixes.clear()  # no run starts from an earlier one's K/V
         params = SamplingParams(max_new_tokens=n)
         t0 = time.perf_counter()
         out = self.engine.generate([(u, p, params) for u, p in zip(users, prompts)])
@@ -164,12 +169,14 @@ class Offline:
     def share(self, on: bool) -> None:
         """Prefix sharing on (the configured bound) or off for the next runs (the engine is
         idle between runs: its index is replaced, not changed under it)."""
-        bound = self.engine.config.scheduler.share_prefix_tokens if on else 0
-        self.engine.scheduler.prompts = PromptIndex(bound)
+        scheduler = self.engine.scheduler
+        bound = scheduler.config.share_prefix_tokens if on else 0
+        scheduler.prompts = PromptIndex(bound, scheduler.prefixes if on else None)
 
     def burst_s(self, prompts: list[list[int]], share: bool = True) -> float:
         """Seconds until every prompt of a burst has its first token."""
         self.share(share)
+        self.engine.scheduler.prefixes.clear()
         params = SamplingParams(max_new_tokens=1)
         t0 = time.perf_counter()
         self.engine.generate([(None, p, params) for p in prompts])
@@ -342,7 +349,9 @@ def serve(
     the clients themselves took meanwhile (cores: CPU seconds of this process / wall seconds);
     on a small host they run on the server's cores."""
     batch = len(users)
-    proc = start_server(store_dir, port, batch, device, dtype, ["--compile", compile_mode])
+    # the warm-up sends the timed prompts: no retained K/V, as in the engine cells
+    extra = ["--compile", compile_mode, "--prefix-cache-mb", "0"]
+    proc = start_server(store_dir, port, batch, device, dtype, extra)
     url = f"http://127.0.0.1:{port}"
     texts = [chat_text(i) for i in range(batch)]  # the engine's prompts, rendered there
     try:

@@ -191,6 +191,7 @@ class Runtime:
         out["shared_projection_bytes"] = self.vm.projections.nbytes()
         out["adapter_bank_bytes"] = self.vm.bank.nbytes()
         out["kv_cache_bytes"] = self.engine.kv_cache_bytes()
+        out["prefix_cache_bytes"] = self.engine.scheduler.prefixes.nbytes
         out["packed_weights_bytes"] = self.engine.packed_weights_bytes()
         return out
 

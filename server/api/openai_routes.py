@@ -50,11 +50,6 @@ def _user_for_model(rt: Runtime, model: str, who: Principal) -> str | None:
     return model
 
 
-def _usage(ev: Event) -> dict[str, int]:
-    u = ev.usage or {"prompt_tokens": 0, "completion_tokens": 0}
-    return {**u, "total_tokens": u["prompt_tokens"] + u["completion_tokens"]}
-
-
 def _finish(ev: Event) -> str:
     return "length" if ev.finish_reason == "length" else "stop"
 
@@ -103,15 +98,20 @@ def _params(
     return [dataclasses.replace(params, seed=params.seed + j) for j in range(n)]
 
 
-def _usage_of(finals: list[Event], n: int) -> dict[str, int]:
-    """Each prompt counted once (its ``n`` choices share it), every choice's tokens."""
-    usage = [_usage(ev) for ev in finals]
+def _usage_of(finals: list[Event], n: int) -> dict[str, Any]:
+    """Each prompt counted once (its ``n`` choices share it), every choice's tokens; OpenAI's
+    ``prompt_tokens_details.cached_tokens``: the prompt tokens not computed (copied from a
+    live prompt or restored from the prefix cache), for each prompt's first choice."""
+    usage = [ev.usage or {"prompt_tokens": 0, "completion_tokens": 0} for ev in finals]
     prompt = sum(u["prompt_tokens"] for u in usage[::n])
     completion = sum(u["completion_tokens"] for u in usage)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {
+            "cached_tokens": sum(u.get("cached_tokens", 0) for u in usage[::n])
+        },
     }
 
 

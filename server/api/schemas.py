@@ -163,6 +163,8 @@ class GenerateRequest(BaseModel):
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+    # prompt tokens whose K/V were copied (from a live prompt or the prefix cache), not computed
+    cached_tokens: int = 0
 
 
 class TopLogprob(BaseModel):

@@ -522,6 +522,7 @@ class Engine:
                 usage={
                     "prompt_tokens": len(seq.prompt_ids),
                     "completion_tokens": len(seq.output_ids),
+                    "cached_tokens": seq.shared,  # copied or restored, not computed
                 },
                 timing=seq.timing(),
                 prompt_logprobs=prompt_logprobs,

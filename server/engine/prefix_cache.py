@@ -12,10 +12,11 @@ Sharing follows the live rule: never across clients (tenants) or adapter version
 tenant sent cannot shorten, and so reveal itself in, another's timing.
 
 Memory is bounded by ``max_bytes``. An entry whose tokens begin another entry of the same key
-is superseded by it (a conversation's earlier turn); beyond ``CANDIDATES`` entries per key the
-least recently used goes; over the byte bound, the least recently used entry of the client
-holding the most bytes goes, so one tenant's traffic cannot flush the others' cache while it
-holds more than they do.
+is superseded by it (a conversation's earlier turn); beyond ``PER_KEY`` entries per key (the
+conversations of one user that open alike, e.g. with one system prompt: a lookup compares the
+new prompt with each) the least recently used goes; over the byte bound, the least recently
+used entry of the client holding the most bytes goes, so one tenant's traffic cannot flush the
+others' cache while it holds more than they do.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 
 from server.engine.sequence import Sequence
 
-CANDIDATES = 8  # entries kept per key (the live index keeps as many live prompts)
+PER_KEY = 64  # entries kept per key (a lookup's binary searches: ~1 ms at 2,000 tokens)
 
 
 class RowReader(Protocol):
@@ -68,6 +69,7 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.min_tokens = min_tokens
         self.nbytes = 0
+        self.entries = 0  # counters, not views of the dicts: read from other threads (stats)
         self._by_key: dict[Hashable, list[CachedPrefix]] = {}
         self._by_client: Counter[str] = Counter()  # bytes per client
         self._tick = count(1)
@@ -81,16 +83,19 @@ class PrefixCache:
         return self.max_bytes > 0 and self.min_tokens > 0
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self._by_key.values())
+        return self.entries
 
     def candidates(self, key: Hashable) -> list[CachedPrefix]:
         return self._by_key.get(key, [])
 
     def retain(self, seq: Sequence, key: Hashable, kv: RowReader, row: int) -> CachedPrefix | None:
         """Keep the K/V of ``seq``'s context that KV row ``row`` holds (it just ended), unless
-        it is too short, too large, or already held by an entry it begins."""
+        it is too short, too large, or already held by an entry it begins, or ``seq`` scored
+        its prompt (scoring requests, e.g. an evaluation's thousands of choices, compute their
+        own prompts and would only churn the cache)."""
         n = seq.num_cached
-        if not self.enabled or n < self.min_tokens or row < 0:
+        scored = seq.params.prompt_logprobs is not None
+        if not self.enabled or n < self.min_tokens or row < 0 or scored:
             return None
         tokens = seq.context_ids()[:n]
         entries = self._by_key.get(key, [])
@@ -107,10 +112,11 @@ class PrefixCache:
         for old in [e for e in entries if tokens[: len(e.token_ids)] == e.token_ids]:
             self._drop(old)  # superseded: the new entry begins with all of it
         entries = self._by_key.setdefault(key, [])
-        if len(entries) == CANDIDATES:
+        if len(entries) == PER_KEY:
             self._drop(min(entries, key=lambda e: e.used))
             self.evicted += 1
         entries.append(entry)
+        self.entries += 1
         self.nbytes += entry.nbytes
         self._by_client[entry.client] += entry.nbytes
         self.retained += 1
@@ -130,8 +136,9 @@ class PrefixCache:
                 self._drop(entry)
 
     def stats(self) -> dict[str, int]:
+        """Safe from any thread (plain counters)."""
         return {
-            "entries": len(self),
+            "entries": self.entries,
             "bytes": self.nbytes,
             "max_bytes": self.max_bytes,
             "retained": self.retained,
@@ -153,6 +160,7 @@ class PrefixCache:
         if not entries:
             del self._by_key[entry.key]
         entry.alive = False
+        self.entries -= 1
         self.nbytes -= entry.nbytes
         self._by_client[entry.client] -= entry.nbytes
         if not self._by_client[entry.client]:

@@ -80,14 +80,14 @@ class PromptIndex:
             if other is seq or not _alive(other):
                 continue
             if not running_only or other.status is Status.RUNNING:
-                n = _common_prefix(prompt, other.prompt_ids)
+                n = _longer_prefix(prompt, other.prompt_ids, best_len)
                 if n > best_len:
                     best, best_len = other, n
         identical = best_len == len(prompt)
         if self.cache is not None and self.min_tokens:
-            for entry in self.cache.candidates(key):
-                n = _common_prefix(prompt, entry.token_ids)
-                if n > best_len and min(n, len(prompt) - 1) > min(best_len, len(prompt) - 1):
+            for entry in self.cache.candidates(key):  # only one that shares more is useful:
+                n = _longer_prefix(prompt, entry.token_ids, min(best_len, len(prompt) - 1))
+                if n > best_len:
                     best, best_len = entry, n
         shared = min(best_len, len(prompt) - 1)
         if best is not None and (identical or shared >= self.min_tokens > 0):
@@ -108,10 +108,20 @@ def _alive(seq: Sequence) -> bool:
     return seq.status is not Status.FINISHED and not seq.cancelled.is_set()
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of ``a`` and ``b`` (binary search on slices: list
-    comparison runs in C, so a few thousand tokens cost microseconds)."""
-    lo, hi = 0, min(len(a), len(b))
+def _longer_prefix(a: list[int], b: list[int], than: int) -> int:
+    """Length of the longest common prefix of ``a`` and ``b`` if it is longer than ``than``,
+    else 0: one comparison of ``than + 1`` tokens rules most candidates out."""
+    k = than + 1
+    if min(len(a), len(b)) < k or a[:k] != b[:k]:
+        return 0
+    return _common_prefix(a, b, k)
+
+
+def _common_prefix(a: list[int], b: list[int], lo: int = 0) -> int:
+    """Length of the longest common prefix of ``a`` and ``b``, known to be at least ``lo``
+    (binary search on slices: list comparison runs in C, so a few thousand tokens cost
+    microseconds)."""
+    hi = min(len(a), len(b))
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if a[:mid] == b[:mid]:

@@ -461,7 +461,7 @@ class Scheduler:
             plan.decode.remove(seq)
         self._release_row(seq)
         seq.status = Status.WAITING
-        seq.num_cached = 0
+        seq.num_cached = seq.shared = 0  # prefilled again, all of it
         seq.preemptions += 1
         self.waiting.push_front(seq)
         plan.preempted.append(seq)

@@ -140,8 +140,9 @@ def test_prompts_with_one_preamble_share_it_and_answer_as_alone(
 
 def test_a_conversations_next_turn_restores_its_history(live: LiveServer, ref_vm, dana) -> None:
     """Turn 2 of a chat sends turn 1's messages, the reply and a new message: the history's
-    K/V come from the prefix cache (at least turn 1's whole prompt), and the answer is the one
-    the whole prompt gets computed from scratch."""
+    K/V come from the prefix cache (at least turn 1's whole prompt; the usage says how many in
+    ``prompt_tokens_details.cached_tokens``, as OpenAI's does), and the answer is the one the
+    whole prompt gets computed from scratch."""
     key, adapter = dana
     oa = client(live, key)
     msgs = [{"role": "user", "content": "Name a colour you like, and say why."}]
@@ -178,3 +179,7 @@ def test_a_conversations_next_turn_restores_its_history(live: LiveServer, ref_vm
     turn1 = len(chat_ids(msgs[:1]))
     assert turn1 <= after[0] - before[0] < len(chat_ids(msgs))
     assert after[1] - before[1] == after[0] - before[0]
+    details = second.usage.prompt_tokens_details if second.usage else None
+    assert details is not None and details.cached_tokens == after[0] - before[0]
+    assert first.usage and first.usage.prompt_tokens_details  # at most a system prompt
+    assert (first.usage.prompt_tokens_details.cached_tokens or 0) < turn1 - 8  # of earlier chats

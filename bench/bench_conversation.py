@@ -5,7 +5,8 @@ engine without it and against transformers ``generate``, same run, same dtype.
 together (one batch), once every user has turn t-1's answer; its prompt is the chat template
 over the system prompt, the earlier messages, the answers as text, and a new message (what an
 OpenAI-style client sends). Each system builds its histories from its own answers (greedy, so
-the same text up to near-ties), every answer ``--new-tokens`` long (EOS suppressed).
+the same text up to near-ties), every answer ``--new-tokens`` long (EOS masked until then, as
+``generate``'s ``min_new_tokens`` does).
 
   generate          transformers ``generate`` of the base model: each turn one left-padded
                     batch, whole prompts (in a process of its own, as in bench_engine.py)
@@ -142,14 +143,14 @@ def engine_runs(args, threads: int) -> dict[str, dict]:
         args.model, dtype=config.torch_dtype, device=str(config.torch_device)
     )
     vm = inject_vera(model, VeraConfig(r=256), num_slots=8)
-    params = SamplingParams(max_new_tokens=args.new_tokens)
+    # EOS masked until n tokens, as generate's min_new_tokens does (same answers, same length)
+    params = SamplingParams(max_new_tokens=args.new_tokens, min_tokens=args.new_tokens)
     best: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         seed_store(vm, Path(tmp) / "store", [])
         offline = Offline(vm, tok, Path(tmp) / "store", args.users, config, threads)
         engine, cache = offline.engine, offline.engine.scheduler.prefixes
         bound = cache.max_bytes
-        engine.eos_ids = set()  # every answer n tokens, as generate's
 
         def turn(prompts: list[list[int]]) -> list[list[int]]:
             return [r["token_ids"] for r in engine.generate([(None, p, params) for p in prompts])]

@@ -21,7 +21,7 @@ from server.engine.attention import use_slot_attention
 from server.engine.compile import DecodeCompiler, compile_decode
 from server.engine.kv_cache import SlotKVCache
 from server.engine.packed_linear import PackedLinear, pack_linears, unpack_linears
-from server.engine.scheduler import Chunk, StepPlan
+from server.engine.scheduler import Chunk, Restore, RowMove, StepPlan
 from server.engine.sequence import Sequence
 from server.engine.shapes import bucket, len_buckets, row_buckets
 from server.engine.steps import ChunkSpan, DecodeForward, MixedForward, PrefillForward
@@ -129,9 +129,9 @@ class ModelRunner:
         """Prefill ``plan.prefill``, decode the live rows of ``plan.decode``: the sequences
         that produced logits, those logits [len(seqs), vocab] in float32, and the logits of
         the prompt positions that scoring rows asked for; None if no sequence ran.
-        The plan's row moves (compaction, prompts shared from cached rows) come first, then
-        its restores (prompt prefixes kept from finished requests), its prompt copies (from
-        rows this step computed) last."""
+        The plan's row writes (compaction, prompts shared from cached rows, prefixes restored
+        from the prefix cache) come first, its prompt copies (from rows this step computed)
+        last."""
         if not running:
             return None
         out = self._run(plan, running)
@@ -147,13 +147,14 @@ class ModelRunner:
         need = max(s.num_tokens + 1 for s in running)
         # rows: this plan's (a move's source may lie past them: the row left when its sequence
         # was preempted in the same plan)
-        rows = max([len(running)] + [m.src + 1 for m in plan.moves if m.length])
+        moves = [m for m in plan.moves if isinstance(m, RowMove)]
+        rows = max([len(running)] + [m.src + 1 for m in moves if m.length])
         self.kv.reserve(rows, min(need, self.max_len))
-        for move in plan.moves:
-            if move.length:  # a row admitted in this plan holds nothing to copy yet
+        for move in plan.moves:  # in order: a move may copy on what a restore wrote
+            if isinstance(move, Restore):  # a prompt prefix from the prefix cache
+                self.kv.write_row(move.row, move.entry.kv, move.length)
+            elif move.length:  # a row admitted in this plan holds nothing to copy yet
                 self.kv.move_row(move.src, move.dst, move.length)
-        for restore in plan.restores:  # prompt prefixes from the prefix cache
-            self.kv.write_row(restore.dst.kv_row, restore.entry.kv, restore.length)
         live = [s for s in plan.decode if not s.cancelled.is_set()]
         if plan.prefill and live and self.mixed_steps:
             return self.mixed(plan.prefill, live)

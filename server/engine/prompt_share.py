@@ -40,8 +40,9 @@ class PromptIndex:
     def link(self, seq: Sequence, live: int) -> None:
         """Give ``seq`` the live sequence or cached context it starts from (``parent``) and how
         many positions it copies (``shared``, at most ``len(prompt) - 1``: the last prompt
-        token is computed for its own logits), if any; then index it. ``live``: sequences waiting or running, which
-        bounds what the index holds (dead entries are swept when it grows past twice that).
+        token is computed for its own logits), if any; then index it. ``live``: sequences
+        waiting or running, which bounds what the index holds (dead entries are swept when it
+        grows past twice that).
         A sequence that scores its prompt computes it all (it scores its own)."""
         if self._entries > 2 * live + 64:
             self._sweep()

@@ -41,7 +41,8 @@ cannot give its positions any more (it ended, or was cancelled), the sequence lo
 Finished contexts: when a sequence ends, the engine asks ``retain`` to keep what its row holds
 (prompt and output) in the ``PrefixCache`` (at most ``prefix_cache_bytes``); a later prompt of
 the same client and adapter that begins with it (the next turn of a conversation) takes those
-positions with a ``Restore`` before the forward, and prefills only the new tokens.
+positions with a ``Restore`` (a row write of the plan, ordered with its moves), and prefills
+only the new tokens.
 """
 
 from __future__ import annotations
@@ -142,18 +143,19 @@ class PromptCopy:
 
 @dataclass(frozen=True)
 class Restore:
-    """Before the forward (after the moves), write ``entry``'s first ``length`` positions into
-    ``dst``'s KV row (read when the restore runs)."""
+    """Write ``entry``'s first ``length`` positions (a finished request's K/V, from the prefix
+    cache) into KV row ``row``: one of the plan's row writes, in their order (a later move may
+    copy the row on, to a sequence sharing the prefix or to compact the rows)."""
 
     entry: CachedPrefix
-    dst: Sequence
+    row: int
     length: int
 
 
 @dataclass
 class StepPlan:
-    moves: list[RowMove] = field(default_factory=list)  # before any forward, in this order
-    restores: list[Restore] = field(default_factory=list)  # after the moves
+    # row writes before any forward, in this order: moves, and restores from the prefix cache
+    moves: list[RowMove | Restore] = field(default_factory=list)
     copies: list[PromptCopy] = field(default_factory=list)  # after the forward
     prefill: list[Chunk] = field(default_factory=list)  # prompt chunks, oldest prompt first
     decode: list[Sequence] = field(default_factory=list)  # prompt cached: one token each
@@ -189,7 +191,7 @@ class Scheduler:
         self.waiting = FairQueue(config.fairness, weight)
         self.running: list[Sequence] = []
         self.prefilling: deque[Sequence] = deque()  # running, prompt not fully cached yet
-        self._moves: list[RowMove] = []
+        self._moves: list[RowMove | Restore] = []
         self.prefixes = PrefixCache(config.prefix_cache_bytes, config.share_prefix_tokens)
         self.prompts = PromptIndex(config.share_prefix_tokens, self.prefixes)
         self.forked = 0  # sequences started from a copy of a parent's prompt
@@ -243,8 +245,8 @@ class Scheduler:
         that begin with its context. Its data may still sit in another row: rows are given
         to others at once, the copies run with the next plan."""
         row = seq.kv_row
-        for move in reversed(self._moves):  # where its data is until the moves run
-            if move.dst == row:
+        for move in reversed(self._moves):  # where its data is until the moves run (only
+            if isinstance(move, RowMove) and move.dst == row:  # compaction moves by now)
                 row = move.src
         self.prefixes.retain(seq, self.prompts.key(seq), kv, row)
 
@@ -380,7 +382,7 @@ class Scheduler:
         assert parent is not None
         if isinstance(parent, CachedPrefix):
             seq.num_cached = seq.shared
-            plan.restores.append(Restore(parent, seq, seq.shared))
+            self._moves.append(Restore(parent, seq.kv_row, seq.shared))
             self.prefixes.restored(parent, seq.shared)
         elif after:  # cached once the copy ran (the model runner counts them then)
             plan.copies.append(PromptCopy(parent, seq, seq.shared))

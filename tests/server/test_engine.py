@@ -410,6 +410,34 @@ def test_a_conversation_prefills_only_each_turns_new_tokens(
     assert cache["entries"] == 2 and cache["retained"] == 4  # ana's last turn, the base prompt
 
 
+@pytest.mark.parametrize("kind,static", [("llama", False), ("gpt2", True)])
+def test_a_prompt_copying_from_one_restored_in_the_same_step_gets_the_restored_positions(
+    make_tiny, tmp_path, kind, static
+) -> None:
+    """After a first request ended, two arrive together that begin with its context: the first
+    restores it from the prefix cache, the second (sharing no more with the cache than with the
+    first) copies the first's row in the same step. The restore must be written before that
+    copy reads the row."""
+    vm, store, engine = build(make_tiny, kind, tmp_path, max_batch=3, static_decode=static)
+    adapter = random_adapter(vm, 9)
+    store.put("ana", adapter)
+    prompt, new = list(range(30, 50)), 4
+    engine.start()
+    try:
+        (first,) = engine.generate([("ana", prompt, SamplingParams(max_new_tokens=new))])
+        context = prompt + first["token_ids"][:-1]  # what the cache holds of it
+        other = (first["token_ids"][-1] + 1) % 50
+        prompts = [context + [first["token_ids"][-1], 7, 8], context + [other, 9]]
+        # a request in between takes row 0 (a static cache keeps its buffers)
+        engine.generate([(None, list(range(60, 95)), SamplingParams(max_new_tokens=1))])
+        params = SamplingParams(max_new_tokens=new)
+        out = engine.generate([("ana", p, params) for p in prompts])
+    finally:
+        engine.stop()
+    assert [r["token_ids"] for r in out] == [reference(vm, adapter, p, new) for p in prompts]
+    assert engine.scheduler.prefixes.hits == 1 and engine.scheduler.forked == 2
+
+
 @pytest.mark.parametrize(
     "kind,chunk,static", [("llama", 1024, False), ("llama", 4, False), ("gpt2", 1024, True)]
 )

@@ -9,6 +9,7 @@ import torch
 
 from server.engine.adapter_slots import SlotTicket
 from server.engine.detokenizer import StopChecker
+from server.engine.prefix_cache import CachedPrefix
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import (
     PromptCopy,
@@ -444,7 +445,7 @@ def test_the_next_turn_restores_the_finished_context_and_prefills_only_its_new_t
     s.add(t2)
     assert (t2.parent, t2.shared) == (entry, 24)
     plan = s.schedule()
-    assert plan.restores == [Restore(entry, t2, 24)] and plan.moves == []
+    assert plan.moves == [Restore(entry, t2.kv_row, 24)]
     assert [(c.seq, c.start, c.length) for c in plan.prefill] == [(t2, 24, 3)]
     assert charged == [3] and s.prefixes.stats()["hit_tokens"] == 24
 
@@ -505,8 +506,9 @@ def test_a_child_whose_parent_ended_takes_the_parents_context_from_the_cache() -
     assert b.parent is a
     cached(s.schedule())  # one row: b waits
     ended(s, a, [9])
+    (entry,) = s.prefixes.candidates(s.prompts.key(a))
     plan = s.schedule()
-    assert [(r.dst, r.length) for r in plan.restores] == [(b, 20)]
+    assert plan.moves == [Restore(entry, b.kv_row, 20)]
     assert [(c.seq, c.start, c.length) for c in plan.prefill] == [(b, 20, 1)]
 
 
@@ -521,7 +523,7 @@ def test_an_evicted_context_is_computed_again() -> None:
     assert b.shared == 21
     s.prefixes.clear()
     plan = s.schedule()
-    assert plan.restores == [] and [(c.start, c.length) for c in plan.prefill] == [(0, 23)]
+    assert plan.moves == [] and [(c.start, c.length) for c in plan.prefill] == [(0, 23)]
 
 
 def test_retain_reads_the_row_that_still_holds_the_data() -> None:
@@ -538,3 +540,21 @@ def test_retain_reads_the_row_that_still_holds_the_data() -> None:
     ended(s, b, [4, 5])
     (entry,) = s.prefixes.candidates(s.prompts.key(b))
     assert entry.kv[0, 0, :, 0].tolist() == [1000.0 + p for p in range(22)]  # row 1's
+
+
+def test_a_restore_comes_before_the_move_that_copies_it_on() -> None:
+    """p restores a cached context and c, sharing as much with p as with the cache, copies
+    p's row in the same plan: the restore is written first."""
+    s = Scheduler(SchedulerConfig(max_batch=8, share_prefix_tokens=16))
+    t1 = seq("t1", prompt=[*PREAMBLE, 1])
+    s.add(t1)
+    cached(s.schedule())
+    ended(s, t1, [2, 3])  # the cache holds PREAMBLE + [1, 2]
+    p = seq("p", prompt=[*PREAMBLE, 1, 2, 3, 4])
+    c = seq("c", prompt=[*PREAMBLE, 1, 2, 9])
+    for x in (p, c):
+        s.add(x)
+    entry = p.parent
+    assert isinstance(entry, CachedPrefix) and (c.parent, c.shared) == (p, 22)
+    plan = s.schedule()
+    assert plan.moves == [Restore(entry, 0, 22), RowMove(0, 1, 22)]

@@ -53,14 +53,10 @@ class _RuntimeCollector:
             "of computed",
             value=eng.scheduler.shared_tokens,
         )
-        cache = eng.scheduler.prefixes.stats()
-        yield GaugeMetricFamily(
-            "vera_prefix_cache_bytes", "K/V of finished requests kept", value=cache["bytes"]
-        )
-        yield CounterMetricFamily(
+        yield CounterMetricFamily(  # its bytes: vera_prefix_cache_bytes, with the memory
             "vera_prefix_cache_hit_tokens",
             "prompt positions restored from the prefix cache",
-            value=cache["hit_tokens"],
+            value=eng.scheduler.prefixes.hit_tokens,
         )
         yield CounterMetricFamily(
             "vera_rate_limited_requests",

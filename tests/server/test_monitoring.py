@@ -180,6 +180,14 @@ def test_dashboard_asks_only_for_exposed_metrics(busy: BusyServer, prometheus: s
     assert not silent, f"panels without data: {silent}"
 
 
+def test_every_metric_family_is_exposed_once(busy: BusyServer) -> None:
+    """A name exposed twice makes the scrape invalid (Prometheus drops the duplicates)."""
+    text = httpx.get(f"{busy.live.url}/metrics", timeout=10).text
+    names = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert {"vera_prefix_cache_bytes", "vera_prefix_cache_hit_tokens_total"} <= set(names)
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
 def test_metrics_carry_no_per_user_labels(busy: BusyServer) -> None:
     labels = {k for family in exposition(busy.live.url) for s in family.samples for k in s.labels}
     assert labels <= BOUNDED_LABELS, labels

@@ -31,14 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine import TOPICS, Offline, seed_store, sync  # noqa: E402
+from bench_engine import TOPICS, Offline, engine_threads, generate_padded, seed_store  # noqa: E402
 
 from server.config import ServerConfig  # noqa: E402
-from server.engine import SamplingParams, cpu_threads  # noqa: E402
+from server.engine import SamplingParams  # noqa: E402
 from server.model_source import load_model  # noqa: E402
 from vera_core import VeraConfig, inject_vera  # noqa: E402
 
@@ -75,25 +73,6 @@ class Conversations:
             msgs += [{"role": "assistant", "content": text}, {"role": "user", "content": follow}]
 
 
-def generate_turn(model, tok, prompts: list[list[int]], n: int) -> list[list[int]]:
-    """One turn through ``generate``: a left-padded batch, greedy, n tokens per row."""
-    width = max(map(len, prompts))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        out = model.generate(
-            ids.to(model.device),
-            attention_mask=mask.to(model.device),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            pad_token_id=pad,
-        )
-    sync(model.device)
-    return out[:, width:].tolist()
-
-
 def run_conversations(tok, users: int, turns: int, n: int, one_turn) -> dict:
     """Seconds of every turn, the answers' tokens and the prompt tokens sent."""
     conv = Conversations(tok, users)
@@ -115,7 +94,7 @@ def baseline_main(args) -> None:
     model, tok, _ = load_model(
         args.model, dtype=config.torch_dtype, device=str(config.torch_device)
     )
-    turn = lambda prompts: generate_turn(model, tok, prompts, args.new_tokens)  # noqa: E731
+    turn = lambda prompts: generate_padded(model, tok, prompts, args.new_tokens)  # noqa: E731
     run_conversations(tok, args.users, 1, args.new_tokens, turn)  # warm-up
     runs = [
         run_conversations(tok, args.users, args.turns, args.new_tokens, turn)
@@ -187,9 +166,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.baseline:
         return baseline_main(args)
-    cpu = ServerConfig(device=args.device).torch_device.type == "cpu"
-    threads = cpu_threads.reserve_for_engine() if cpu else 0
-    runs = engine_runs(args, threads)
+    runs = engine_runs(args, engine_threads(args.device))
     runs["generate"] = baseline(args) | {"computed": None}
     print(
         f"\n{args.users} conversations x {args.turns} turns, {args.new_tokens} tokens per "

@@ -90,25 +90,38 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def generate_base(vm, tok, prompts: list[list[int]], n: int) -> float:
-    """tok/s of one static batch through ``generate`` (left-padded, greedy, n tokens each)."""
+def generate_padded(model, tok, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """Each prompt's n new tokens from one static batch through ``generate`` (left-padded,
+    greedy, EOS masked until n tokens)."""
     width = max(map(len, prompts))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    device = vm.model.device
-    t0 = time.perf_counter()
     with torch.no_grad():
-        out = vm.model.generate(
-            ids.to(device),
-            attention_mask=mask.to(device),
+        out = model.generate(
+            ids.to(model.device),
+            attention_mask=mask.to(model.device),
             max_new_tokens=n,
             min_new_tokens=n,
             do_sample=False,
             pad_token_id=pad,
         )
-    sync(device)
-    return (out.shape[1] - width) * len(prompts) / (time.perf_counter() - t0)
+    sync(model.device)
+    return out[:, width:].tolist()
+
+
+def generate_base(vm, tok, prompts: list[list[int]], n: int) -> float:
+    """tok/s of one static batch through ``generate`` (``generate_padded``)."""
+    t0 = time.perf_counter()
+    out = generate_padded(vm.model, tok, prompts, n)
+    return sum(map(len, out)) / (time.perf_counter() - t0)
+
+
+def engine_threads(device: str) -> int:
+    """As the server does: the engine thread alone runs torch on every core (the main thread
+    made single-threaded now); the threads it claims, 0 off the CPU."""
+    cpu = ServerConfig(device=device).torch_device.type == "cpu"
+    return cpu_threads.reserve_for_engine() if cpu else 0
 
 
 def padded_forward_s(vm, tok, prompts: list[list[int]]) -> float:
@@ -160,23 +173,23 @@ class Offline:
         of the bench's), so every row computes its whole prompt, as ``generate`` does."""
         self.engine.eos_ids = self.eos_ids if eos else set()  # read by the next steps
         self.share(share)
-        self.engine.scheduler.prefixes.clear()  # no run starts from an earlier one's K/V
         params = SamplingParams(max_new_tokens=n)
         t0 = time.perf_counter()
         out = self.engine.generate([(u, p, params) for u, p in zip(users, prompts)])
         return sum(len(r["token_ids"]) for r in out) / (time.perf_counter() - t0)
 
     def share(self, on: bool) -> None:
-        """Prefix sharing on (the configured bound) or off for the next runs (the engine is
+        """Prefix sharing on (the configured bound) or off for the next run, which starts
+        with an empty prefix cache: no run starts from an earlier one's K/V (the engine is
         idle between runs: its index is replaced, not changed under it)."""
         scheduler = self.engine.scheduler
         bound = scheduler.config.share_prefix_tokens if on else 0
         scheduler.prompts = PromptIndex(bound, scheduler.prefixes if on else None)
+        scheduler.prefixes.clear()
 
     def burst_s(self, prompts: list[list[int]], share: bool = True) -> float:
         """Seconds until every prompt of a burst has its first token."""
         self.share(share)
-        self.engine.scheduler.prefixes.clear()
         params = SamplingParams(max_new_tokens=1)
         t0 = time.perf_counter()
         self.engine.generate([(None, p, params) for p in prompts])
@@ -274,9 +287,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.baseline:
         return baseline_main(args)
-    # as the server does: the engine thread alone runs torch on every core
-    cpu = ServerConfig(device=args.device).torch_device.type == "cpu"
-    threads = cpu_threads.reserve_for_engine() if cpu else 0
+    threads = engine_threads(args.device)
     batches = [int(b) for b in args.batches.split(",")]
     server_batches = {int(b) for b in args.server_batches.split(",") if b}
     n = args.new_tokens

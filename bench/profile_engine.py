@@ -33,13 +33,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine import Offline, chat_ids, seed_store  # noqa: E402
+from bench_engine import Offline, chat_ids, engine_threads, seed_store  # noqa: E402
 from transformers.integrations import sdpa_attention  # noqa: E402
 
 import server.engine.llm_engine as llm_engine  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from server.engine import (  # noqa: E402
-    cpu_threads,
     kv_cache,
     model_runner,
     packed_linear,
@@ -151,8 +150,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     args = ap.parse_args()
     config = ServerConfig(dtype=args.dtype, compile="off")  # the eager step, part by part
-    cpu = config.torch_device.type == "cpu"
-    threads = cpu_threads.reserve_for_engine() if cpu else 0  # as the server does
+    threads = engine_threads(config.device)
     model, tok, _ = load_model(dtype=config.torch_dtype, device=str(config.torch_device))
     vm = inject_vera(model, VeraConfig(r=256), num_slots=args.batch + 8)
     users = [f"user{i:03d}" for i in range(args.batch)]

@@ -135,23 +135,26 @@ class SlotKVCache:
     def write_row(self, row: int, kv: torch.Tensor, length: int) -> None:
         """Write ``kv`` (what ``read_row`` gave, at least ``length`` positions) into row
         ``row``'s first ``length`` positions; allocates the buffers if none are yet."""
-        if self.keys[0] is None:
-            shape = (self._rows_cap, kv.shape[1], self._len_cap, kv.shape[3])
-            for bufs in (self.keys, self.values):
-                for i in range(self.num_layers):
-                    bufs[i] = _zeros(shape, kv.dtype, kv.device)
+        for layer in range(self.num_layers):
+            if self.keys[layer] is None:
+                self._allocate(layer, kv[0])
         for buf, part in zip(self.keys + self.values, kv):
             assert buf is not None
             buf[row, :, :length].copy_(part[:, :length])
+
+    def _allocate(self, layer: int, like: torch.Tensor) -> None:
+        """A layer's buffers at the current capacity, with the heads, head size, dtype and
+        device of ``like`` ([..., kv_heads, positions, head_dim])."""
+        shape = (self._rows_cap, like.shape[-3], self._len_cap, like.shape[-1])
+        self.keys[layer] = _zeros(shape, like.dtype, like.device)
+        self.values[layer] = _zeros(shape, like.dtype, like.device)
 
     # -- transformers Cache contract ------------------------------------------------------
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """key/value: [batch, kv_heads, new_tokens, head_dim] -> all keys/values to attend to."""
         step = self.forwards.current
         if self.keys[layer_idx] is None:
-            shape = (self._rows_cap, key.shape[1], self._len_cap, key.shape[3])
-            self.keys[layer_idx] = _zeros(shape, key.dtype, key.device)
-            self.values[layer_idx] = _zeros(shape, key.dtype, key.device)
+            self._allocate(layer_idx, key)
         kbuf, vbuf = self.keys[layer_idx], self.values[layer_idx]
         assert kbuf is not None and vbuf is not None
         if isinstance(step, PrefillForward):

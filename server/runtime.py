@@ -24,6 +24,7 @@ from server.engine.fair_queue import FairnessConfig
 from server.engine.scheduler import SchedulerConfig
 from server.finetune.service import FineTuningService
 from server.finetune.worker import FineTuneConfig, JobWorker
+from server.heap import HeapReleaser
 from server.model_source import load_model
 from server.storage import Storage, open_storage
 from server.tenants import Limits, Tenants, UsageMeter
@@ -73,6 +74,7 @@ class Runtime:
     fine_tuning: FineTuningService
     tenants: Tenants  # limits, rate limiter, usage meter
     base_model_bytes: int
+    heap: HeapReleaser  # gives freed heap back to the OS when the engine is idle
 
     @property
     def users(self) -> KeyRegistry:
@@ -127,6 +129,7 @@ class Runtime:
             fine_tuning=fine_tuning,
             tenants=tenants,
             base_model_bytes=base_bytes,
+            heap=HeapReleaser(idle=lambda: engine.running() == 0 and engine.queue_depth() == 0),
         )
         rt._log_startup(path, time.perf_counter() - t0)
         return rt
@@ -172,8 +175,10 @@ class Runtime:
         self.tenants.start()
         self.engine.start()
         self.fine_tuning.worker.start()
+        self.heap.start()
 
     def shutdown(self) -> None:
+        self.heap.stop()
         self.fine_tuning.worker.stop()  # a running job goes back to the queue
         self.engine.stop()
         self.tenants.stop()  # after the engine: the last requests' usage is flushed

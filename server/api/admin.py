@@ -43,6 +43,7 @@ def collect_stats(rt: Runtime) -> dict[str, Any]:
         "dtype": str(rt.config.torch_dtype).removeprefix("torch."),
         "store": {"location": rt.storage.description, "reachable": pool["disk"]["reachable"]},
         "memory": rt.memory(),
+        "heap": rt.heap.stats(),
         "adapters": {
             "stored": pool["disk"]["adapters"],
             "num_params_per_adapter": rt.vm.layout.num_params,

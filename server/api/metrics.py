@@ -83,6 +83,16 @@ class _RuntimeCollector:
                 yield CounterMetricFamily(
                     f"vera_adapter_{key}", f"adapter slot {key}", value=pool[key]
                 )
+        heap = rt.heap.stats()
+        if heap["available"]:
+            yield GaugeMetricFamily(
+                "vera_heap_free_bytes", "free memory malloc holds", value=heap["free_bytes"]
+            )
+            yield CounterMetricFamily(
+                "vera_heap_released_bytes",
+                "RSS given back to the OS by trimming the heap while idle",
+                value=heap["released_bytes"],
+            )
         for key, value in rt.memory().items():
             if key != "kv_cache_bytes":  # already a family above: names must be unique
                 yield GaugeMetricFamily(f"vera_{key}", key.replace("_", " "), value=value)

@@ -327,6 +327,7 @@ class Engine:
             "cuda_graphs": r.cuda_graphs,
             "mixed_steps": r.mixed_steps,
             "packed_weights": bool(r.packed),
+            "padded_rows": bool(r.padded),  # bf16 on oneDNN: rows padded to a token bucket
             "cpu_threads": self.config.cpu_threads or None,
         }
         if r.compiler is not None:

@@ -20,7 +20,7 @@ import torch
 from server.engine.attention import use_slot_attention
 from server.engine.compile import DecodeCompiler, compile_decode
 from server.engine.kv_cache import SlotKVCache
-from server.engine.packed_linear import PackedLinear, pack_linears, unpack_linears
+from server.engine.packed_linear import PackedLinear, PaddedLinear, engine_linears
 from server.engine.scheduler import Chunk, Restore, RowMove, StepPlan
 from server.engine.sequence import Sequence
 from server.engine.shapes import bucket, len_buckets, row_buckets
@@ -78,7 +78,8 @@ class ModelRunner:
         once (what CUDA graphs need; with "startup" on CUDA the decode step is captured in
         graphs). ``packed_linears``: on a CPU in fp32, eager steps multiply small batches with
         weights prepacked for oneDNN (``server/engine/packed_linear.py``); not with a compiled
-        decode step, which traces the plain layers."""
+        decode step, which traces the plain layers. In bf16 on a CPU, engine forwards pad their
+        rows to a token bucket (the same module), whatever ``packed_linears``."""
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, not {compile!r}")
         self.vm = vm
@@ -108,11 +109,9 @@ class ModelRunner:
         if compile == "startup":
             self._decode_model = compile_decode(self.model, cuda_graphs=self.cuda_graphs)
         self.compile_mode = compile
-        self.packed: list[PackedLinear] = []
-        if packed_linears and compile == "off":
-            self.packed = pack_linears(self.model, vm.forwards)
-        else:
-            unpack_linears(self.model)
+        linears = engine_linears(self.model, vm.forwards, pack=packed_linears and compile == "off")
+        self.packed = [p for p in linears if isinstance(p, PackedLinear)]
+        self.padded = [p for p in linears if isinstance(p, PaddedLinear)]
         # a step that both prefills and decodes runs one forward (server/engine/attention.py);
         # not with a static cache, whose bucketed decode shapes are what its graphs replay
         self.mixed_steps = not static and use_slot_attention(self.model)

@@ -1,4 +1,5 @@
-"""The engine's small-batch linears on weights prepacked for oneDNN (CPU, float32).
+"""The engine's linears on oneDNN: weights prepacked for small batches (CPU, float32), and a
+bounded number of row counts (CPU, float32 and bfloat16).
 
 A decode step multiplies a few dozen rows by every weight of the model, and on a CPU in fp32
 ``nn.Linear`` calls MKL's sgemm on the weight as stored, which packs panels of it into its
@@ -23,7 +24,16 @@ and the PEFT comparisons run the layers as transformers built them. The packed c
 price: one more copy of every packed weight in host memory (540 MB for the default model in
 fp32), so ``EngineConfig.packed_linears`` (``--packed-weights``) can turn it off. A weight
 changed in place (a merged adapter, a reload) is repacked at its next use (its tensor
-version moved)."""
+version moved).
+
+In bfloat16 on a CPU with native bf16 math (AVX512-BF16, AMX) every ``nn.Linear`` already runs
+on oneDNN, at every row count, so the same cache grows with every prompt length: the default
+model fed every length from 9 to 199 grew by 670 MB (a primitive per length and weight shape,
+~0.7 MB each), up to the cache's 1,024 entries, after which lengths evict each other and pay
+creation again. ``PaddedLinear`` pads the rows of every engine forward to ``token_bucket``
+(eight sizes per doubling beyond 128, at most 12.5% more rows): the same run grew by 95 MB.
+No copy of the weights. It stays out of a compiled decode step (dynamo traces the layer as
+built; its row counts are batch sizes, bounded by ``--max-batch``)."""
 
 from __future__ import annotations
 
@@ -32,7 +42,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from server.engine.shapes import bucket, row_buckets
+from server.engine.shapes import bucket, row_buckets, token_bucket
 from server.engine.steps import DecodeForward, MixedForward, PrefillForward
 from vera_core.forward import ForwardSlot
 
@@ -94,6 +104,62 @@ class PackedLinear:
             del self.linear.forward  # the class's forward again
 
 
+def padding_wanted(model: nn.Module) -> bool:
+    """Whether the model's linears run on oneDNN at every row count: bf16 on a CPU with
+    native bf16 math (elsewhere bf16 runs on torch's own kernels, which cache nothing)."""
+    param = next(model.parameters())
+    return (
+        param.device.type == "cpu"
+        and param.dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    )
+
+
+class PaddedLinear:
+    """One ``nn.Linear`` whose engine forwards run with their rows padded to a token bucket."""
+
+    def __init__(self, linear: nn.Linear, forwards: ForwardSlot) -> None:
+        self.linear = linear
+        self.forwards = forwards
+        self.original: Callable[[torch.Tensor], torch.Tensor] = linear.forward
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        if (
+            torch.compiler.is_compiling()  # a compiled decode traces the plain layer
+            or torch.is_grad_enabled()
+            or not isinstance(self.forwards.current, ENGINE_FORWARDS)
+        ):
+            return self.original(x)
+        tokens = x.numel() // x.shape[-1]
+        rows = token_bucket(tokens)
+        if rows == tokens:
+            return self.original(x)
+        flat = torch.nn.functional.pad(x.reshape(tokens, x.shape[-1]), (0, 0, 0, rows - tokens))
+        y = self.original(flat)  # [rows, out]
+        return y[:tokens].view(*x.shape[:-1], y.shape[-1])  # [..., out]
+
+
+def engine_linears(
+    model: nn.Module, forwards: ForwardSlot, pack: bool, max_tokens: int = MAX_TOKENS
+) -> list[PackedLinear] | list[PaddedLinear]:
+    """The linears engine forwards run through, installed on ``model``: packed weights in
+    fp32 when ``pack`` (``pack_linears``), padded rows in bf16 where oneDNN runs bf16; [] and
+    the layers as built otherwise."""
+    if pack and packing_available(model):
+        return pack_linears(model, forwards, max_tokens)  # reuses an earlier engine's packing
+    unpack_linears(model)
+    if not padding_wanted(model):
+        return []
+    padded = []
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            p = PaddedLinear(module, forwards)
+            module.forward = p  # type: ignore[method-assign, assignment]
+            padded.append(p)
+    return padded
+
+
 def pack_linears(
     model: nn.Module, forwards: ForwardSlot, max_tokens: int = MAX_TOKENS
 ) -> list[PackedLinear]:
@@ -114,7 +180,7 @@ def pack_linears(
 
 
 def unpack_linears(model: nn.Module) -> None:
-    """Undo ``pack_linears`` (an engine that compiles its decode step traces plain layers)."""
+    """Undo ``pack_linears`` or ``engine_linears``: every layer as built."""
     for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), PackedLinear):
+        if isinstance(module.__dict__.get("forward"), PackedLinear | PaddedLinear):
             del module.forward

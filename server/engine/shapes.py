@@ -22,6 +22,16 @@ def row_buckets(max_rows: int) -> list[int]:
     return [*out, max_rows]
 
 
+def token_bucket(n: int) -> int:
+    """A forward's token count rounded up to one of a few sizes: as ``row_buckets`` up to 128
+    (1, 2, 4, 8, then every 8 up to 32, every 16 up to 128), then eight sizes per doubling
+    (144, 160, ... 256, 288, ... 512, ...): at most 12.5% more rows, ~8 sizes per octave."""
+    if n <= 8:
+        return 1 << max(0, n - 1).bit_length()
+    step = 8 if n <= 32 else 16 if n <= 128 else 1 << ((n - 1).bit_length() - 4)
+    return -(-n // step) * step
+
+
 def len_buckets(max_len: int) -> list[int]:
     """Powers of two from ``MIN_LEN_BUCKET``; max_len last."""
     out: list[int] = []

@@ -166,6 +166,9 @@ def test_default_dtype_is_shown_and_serves(tmp_path) -> None:
             # bf16 on CPU compiles the decode step in the background; fp32 stays eager
             decode = stats["engine"]["decode"]
             assert decode["compile"] == ("background" if want == "bfloat16" else "off"), decode
+            # bf16 on oneDNN: the engine's linears pad their rows to a bounded set of sizes
+            padded = want == "bfloat16" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            assert decode["padded_rows"] == padded, decode
             octet = {"Content-Type": "application/octet-stream"}
             assert c.put("/users/ada/adapter", content=body, headers=octet).status_code == 201
             r = c.post("/generate", json={"user_id": "ada", "prompt": "Hi", "max_new_tokens": 8})

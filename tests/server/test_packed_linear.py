@@ -1,4 +1,5 @@
-"""Packed oneDNN linears: used by engine forwards only, equal to nn.Linear up to rounding."""
+"""The engine's oneDNN linears: packed weights (fp32) and padded rows (bf16), used by engine
+forwards only, equal to nn.Linear up to rounding."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from server.engine.packed_linear import pack_linears, packing_available, unpack_linears
+from server.engine.packed_linear import (
+    PackedLinear,
+    PaddedLinear,
+    engine_linears,
+    pack_linears,
+    packing_available,
+    padding_wanted,
+    unpack_linears,
+)
 from server.engine.steps import DecodeForward
 from vera_core.forward import Forward, ForwardSlot
 
@@ -95,3 +104,67 @@ def test_only_fp32_on_cpu() -> None:
     model, slot = model_and_slot()
     assert packing_available(model)
     assert pack_linears(model.to(torch.bfloat16), slot) == []
+
+
+bf16_on_onednn = pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+    reason="bf16 runs on oneDNN on AVX512-BF16/AMX",
+)
+
+
+def linear_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The rows of every nn.Linear's multiply, in call order."""
+    real, rows = torch.nn.functional.linear, []
+
+    def counted(x, weight, bias=None):
+        rows.append(x.numel() // x.shape[-1])
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counted)
+    return rows
+
+
+def test_engine_linears_pick_by_dtype() -> None:
+    model, slot = model_and_slot()
+    assert all(isinstance(p, PackedLinear) for p in engine_linears(model, slot, pack=True))
+    assert engine_linears(model, slot, pack=False) == []  # fp32 unpacked: the layers as built
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    padded = engine_linears(model.to(torch.bfloat16), slot, pack=True)
+    assert len(padded) == (2 if padding_wanted(model) else 0)
+    assert all(isinstance(p, PaddedLinear) for p in padded)
+
+
+@bf16_on_onednn
+def test_bf16_engine_forwards_pad_their_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, slot = model_and_slot()
+    model = model.to(torch.bfloat16)
+    engine_linears(model, slot, pack=True)
+    rows = linear_rows(monkeypatch)
+    x = torch.randn(130, 1, 24, dtype=torch.bfloat16)
+    with torch.no_grad():
+        plain = model(x)
+        assert rows == [130, 130]  # no engine forward: as built
+        with slot.use(decode_step(130)):
+            got = model(x)
+        assert rows[2:] == [144, 144] and got.shape == plain.shape  # 130 rows -> bucket 144
+        torch.testing.assert_close(got, plain)
+        with slot.use(decode_step(5)):
+            model(x[:5])
+        assert rows[4:] == [8, 8]
+    with slot.use(decode_step(5)):  # autograd on (training): as built
+        model(x[:5])
+    assert rows[6:] == [5, 5]
+
+
+@bf16_on_onednn
+def test_a_compiled_decode_traces_the_layers_as_built() -> None:
+    model, slot = model_and_slot()
+    model = model.to(torch.bfloat16)
+    engine_linears(model, slot, pack=True)
+    compiled = torch.compile(model, dynamic=True)
+    with torch.no_grad():
+        for n in (3, 5):
+            x = torch.randn(n, 1, 24, dtype=torch.bfloat16)
+            want = model(x)
+            with slot.use(decode_step(n)):
+                torch.testing.assert_close(compiled(x), want)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.engine.shapes import MIN_LEN_BUCKET, bucket, len_buckets, row_buckets
+from server.engine.shapes import MIN_LEN_BUCKET, bucket, len_buckets, row_buckets, token_bucket
 
 
 def test_row_buckets_cover_every_batch_with_few_shapes() -> None:
@@ -22,3 +22,13 @@ def test_len_buckets_double_up_to_the_context() -> None:
     assert len_buckets(96) == [96] and len_buckets(MIN_LEN_BUCKET) == [MIN_LEN_BUCKET]
     buckets = len_buckets(3000)
     assert buckets[-1] == 3000 and bucket(2049, buckets) == 3000 and bucket(1, buckets) == 128
+
+
+def test_token_buckets_are_few_and_waste_at_most_an_eighth() -> None:
+    sizes = {token_bucket(n) for n in range(1, 4097)}
+    assert len(sizes) == 53 and max(sizes) == 4096
+    assert all(token_bucket(n) == bucket(n, row_buckets(128)) for n in range(1, 129))
+    assert [token_bucket(n) for n in (129, 144, 145, 257, 1000, 4097)] == [
+        *(144, 144, 160, 288, 1024, 4608)
+    ]
+    assert all(n <= token_bucket(n) <= n * 1.125 for n in range(129, 20000))

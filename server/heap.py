@@ -19,12 +19,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import psutil
+
+from server.periodic import Periodic
 
 log = logging.getLogger(__name__)
 CHECK_S = 1.0  # how often the releaser looks
@@ -68,25 +69,19 @@ class HeapReleaser:
         self.released_bytes = 0  # RSS given back by all trims together
         self.last_trim_at: float | None = None  # unix time
         self.last_trim_ms: float | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticks = Periodic("vera-heap", check_s, self._tick)
+        self._failed = False
 
     @property
     def available(self) -> bool:
         return self._libc is not None
 
     def start(self) -> None:
-        if self._thread is not None or not self.available:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="vera-heap", daemon=True)
-        self._thread.start()
+        if self.available:
+            self._ticks.start()
 
     def stop(self) -> None:
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            self._stop.set()
-            thread.join()
+        self._ticks.stop()
 
     def release(self) -> int:
         """Trim now; the RSS it gave back (bytes, 0 when nothing or not available)."""
@@ -112,13 +107,14 @@ class HeapReleaser:
         log.debug("heap trimmed: %.1f MiB back in %.1f ms", freed / 2**20, self.last_trim_ms)
         return True
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.check_s):
-            try:
-                self.check()
-            except Exception:  # a diagnostic must never take the server down
-                log.exception("heap release failed; not trying again")
-                return
+    def _tick(self) -> None:
+        if self._failed:
+            return
+        try:
+            self.check()
+        except Exception:  # releasing memory must never take the server down
+            self._failed = True
+            log.exception("heap release failed; not trying again")
 
     def stats(self) -> dict[str, Any]:
         """What the allocator holds (``mallinfo2``) and what the trims gave back."""

@@ -34,6 +34,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from server.api.auth import Principal, principal, require_admin
 from server.api.schemas import error_responses
+from server.periodic import Periodic
 
 log = logging.getLogger("vera-serve")
 router = APIRouter()
@@ -94,22 +95,14 @@ class StatsHistory:
         self.source = f"{socket.gethostname()}:{os.getpid()}"
         self._rows: deque[Row] = deque(maxlen=int(window_s / interval_s))
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticks = Periodic("vera-stats-history", interval_s, self.sample, at_start=True)
         self._failing = False  # log a failure once, not every interval
 
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="vera-stats-history", daemon=True)
-        self._thread.start()
+        self._ticks.start()
 
     def stop(self) -> None:
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            self._stop.set()
-            thread.join()
+        self._ticks.stop()
 
     def sample(self) -> bool:
         """Take one sample now; False if reading the stats failed (nothing recorded)."""
@@ -138,11 +131,6 @@ class StatsHistory:
             "window_s": self.window_s,
             "columns": {name: [r[i] for r in rows] for i, name in enumerate(names)},
         }
-
-    def _run(self) -> None:
-        self.sample()
-        while not self._stop.wait(self.interval_s):
-            self.sample()
 
 
 @router.get("/admin/history", responses=error_responses(401, 403, 422))

@@ -362,7 +362,9 @@ def serve(
     batch = len(users)
     # the warm-up sends the timed prompts: no retained K/V, as in the engine cells
     extra = ["--compile", compile_mode, "--prefix-cache-mb", "0"]
-    proc = start_server(store_dir, port, batch, device, dtype, extra)
+    # --compile on compiles before listening: minutes on a small CPU with an empty cache
+    timeout_s = 120.0 if compile_mode == "off" else 1800.0
+    proc = start_server(store_dir, port, batch, device, dtype, extra, timeout_s=timeout_s)
     url = f"http://127.0.0.1:{port}"
     texts = [chat_text(i) for i in range(batch)]  # the engine's prompts, rendered there
     try:

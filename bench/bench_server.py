@@ -71,9 +71,16 @@ def make_adapter(vm, seed: int) -> Adapter:
 
 
 def start_server(
-    store: Path, port: int, clients: int, device: str, dtype: str, extra: list[str] | None = None
+    store: Path,
+    port: int,
+    clients: int,
+    device: str,
+    dtype: str,
+    extra: list[str] | None = None,
+    timeout_s: float = 120.0,
 ) -> subprocess.Popen:
-    """``python -m server`` on ``store`` (``extra``: more flags), once /health answers."""
+    """``python -m server`` on ``store`` (``extra``: more flags), once /health answers (within
+    ``timeout_s``: a server that compiles at startup listens only once it has compiled)."""
     cmd = [
         sys.executable,
         "-m",
@@ -95,7 +102,8 @@ def start_server(
         *(extra or []),
     ]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    for _ in range(600):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode} before answering")
         try:
@@ -104,7 +112,7 @@ def start_server(
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("server did not start")
+    raise RuntimeError(f"server did not start within {timeout_s:.0f} s")
 
 
 async def one_client(

@@ -41,6 +41,7 @@ built; its row counts are batch sizes, bounded by ``--max-batch``)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -51,6 +52,37 @@ from vera_core.forward import ForwardSlot
 
 ENGINE_FORWARDS = (DecodeForward, PrefillForward, MixedForward)
 MAX_TOKENS = 128  # rows of a forward up to which the packed weight is faster (see above)
+W = TypeVar("W")
+
+
+def _in_engine_forward(forwards: ForwardSlot) -> bool:
+    """An engine step's forward with autograd off: not ``generate``, training or a PEFT
+    comparison, which run the layers as built."""
+    return not torch.is_grad_enabled() and isinstance(forwards.current, ENGINE_FORWARDS)
+
+
+def _on_rows(
+    x: torch.Tensor, rows: int, multiply: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:  # [..., in] -> [..., out]
+    """``multiply`` of x's tokens as one [rows, in] matrix, zero rows added up to ``rows``
+    (one cached oneDNN primitive per row count)."""
+    tokens = x.numel() // x.shape[-1]
+    flat = x.reshape(tokens, x.shape[-1])
+    if rows > tokens:
+        flat = torch.nn.functional.pad(flat, (0, 0, 0, rows - tokens))
+    y = multiply(flat)  # [rows, out]
+    return y[:tokens].view(*x.shape[:-1], y.shape[-1])
+
+
+def _wrap_linears(model: nn.Module, wrap: Callable[[nn.Linear], W]) -> list[W]:
+    """Every ``nn.Linear`` of ``model`` forwards through ``wrap(layer)``; the wrappers."""
+    wrappers = []
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            w = wrap(module)
+            module.forward = w  # type: ignore[method-assign, assignment]
+            wrappers.append(w)
+    return wrappers
 
 
 def packing_available(model: nn.Module) -> bool:
@@ -84,27 +116,22 @@ class PackedLinear:
         tokens = x.numel() // x.shape[-1]
         if (
             tokens > self.buckets[-1]  # max_tokens
-            or torch.is_grad_enabled()
-            or not isinstance(self.forwards.current, ENGINE_FORWARDS)
             or x.dtype != torch.float32
+            or not _in_engine_forward(self.forwards)
         ):
             return self.original(x)
         if self.linear.weight._version != self.version:
             self.repack()
-        rows = bucket(tokens, self.buckets)
-        flat = x.reshape(tokens, x.shape[-1])
-        if rows > tokens:  # zero rows up to the bucket: one cached primitive per bucket
-            flat = torch.nn.functional.pad(flat, (0, 0, 0, rows - tokens))
-        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.linear.bias, "none", [], "")
-        return y[:tokens].view(*x.shape[:-1], y.shape[-1])  # [..., out]
+        return _on_rows(x, bucket(tokens, self.buckets), self._multiply)
+
+    def _multiply(self, flat: torch.Tensor) -> torch.Tensor:  # [rows, in] -> [rows, out]
+        return torch.ops.mkldnn._linear_pointwise(
+            flat, self.packed, self.linear.bias, "none", [], ""
+        )
 
     def nbytes(self) -> int:
         p = self.packed
         return 0 if p is None else p.numel() * p.element_size()  # an opaque oneDNN tensor
-
-    def remove(self) -> None:
-        if self.linear.__dict__.get("forward") is self:
-            del self.linear.forward  # the class's forward again
 
 
 def padding_wanted(model: nn.Module) -> bool:
@@ -130,17 +157,12 @@ class PaddedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         if (
             torch.compiler.is_compiling()  # a compiled decode traces the plain layer
-            or torch.is_grad_enabled()
-            or not isinstance(self.forwards.current, ENGINE_FORWARDS)
+            or not _in_engine_forward(self.forwards)
         ):
             return self.original(x)
         tokens = x.numel() // x.shape[-1]
         rows = token_bucket(tokens)
-        if rows == tokens:
-            return self.original(x)
-        flat = torch.nn.functional.pad(x.reshape(tokens, x.shape[-1]), (0, 0, 0, rows - tokens))
-        y = self.original(flat)  # [rows, out]
-        return y[:tokens].view(*x.shape[:-1], y.shape[-1])  # [..., out]
+        return self.original(x) if rows == tokens else _on_rows(x, rows, self.original)
 
 
 def engine_linears(
@@ -154,32 +176,22 @@ def engine_linears(
     unpack_linears(model)
     if not padding_wanted(model):
         return []
-    padded = []
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            p = PaddedLinear(module, forwards)
-            module.forward = p  # type: ignore[method-assign, assignment]
-            padded.append(p)
-    return padded
+    return _wrap_linears(model, lambda layer: PaddedLinear(layer, forwards))
 
 
 def pack_linears(
     model: nn.Module, forwards: ForwardSlot, max_tokens: int = MAX_TOKENS
 ) -> list[PackedLinear]:
     """Give every ``nn.Linear`` of ``model`` a packed weight its engine forwards use; [] when
-    ``packing_available`` is false. ``remove()`` on each undoes it."""
+    ``packing_available`` is false. ``unpack_linears`` undoes it."""
     if not packing_available(model):
         return []
-    packed = []
-    for module in model.modules():
-        if type(module) is not nn.Linear:
-            continue
-        p = module.__dict__.get("forward")  # packed already (an earlier engine on this model)
-        if not isinstance(p, PackedLinear):
-            p = PackedLinear(module, forwards, max_tokens)
-            module.forward = p  # type: ignore[method-assign, assignment]
-        packed.append(p)
-    return packed
+
+    def packed(layer: nn.Linear) -> PackedLinear:
+        p = layer.__dict__.get("forward")  # packed already (an earlier engine on this model)
+        return p if isinstance(p, PackedLinear) else PackedLinear(layer, forwards, max_tokens)
+
+    return _wrap_linears(model, packed)
 
 
 def unpack_linears(model: nn.Module) -> None:
